@@ -1,0 +1,1125 @@
+#!/usr/bin/env python3
+"""hepop: a HEP capture server that stores everything as plain Apache Parquet.
+
+VoIP platforms (Kamailio, OpenSIPS, FreeSWITCH, Asterisk, heplify, captagent) mirror SIP messages, RTCP
+reports, logs and QoS data as HEP/EEP packets (versions 1, 2 and 3) over UDP or TCP.  hepop receives them,
+batches them in memory per HEP payload type and writes them to Parquet files in a time-partitioned tree
+that any tool (DuckDB, ClickHouse, pandas, polars) can open::
+
+    HEP agents --UDP/TCP--> selectors loop --> decode (v1/v2/v3) --> per-type batch buffers
+                                                                          | flush: rows, bytes or age
+                                                                          v
+                      metadata.json <-- atomic write <-- writer thread: Parquet file in YYYY-MM-DD/HH-MM/
+
+    PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/metadata.json
+    PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-MM/NNNNNNNNNN.parquet
+
+One process, one module, read top to bottom: configuration, the HEP protocol, SIP fields, storage, the
+server (sockets, the loop, signals, counters) and main().  The event loop owns the sockets and the batch
+buffers; a full batch is handed to the writer thread, so Parquet encoding and fsync never stall reception.
+
+A file becomes visible only once it is complete: it is written under a temporary name, fsynced, renamed
+and its folder fsynced, and only then listed in metadata.json (written the same way).  On start, whatever
+a crash left behind is finished or removed, so no half-written file is ever visible and no row is
+counted twice.
+
+Run it with ``python3 hepop.py`` (UDP and TCP on 0.0.0.0:9069, files under ./data); ``--help`` lists
+every setting, each also readable from the environment variable of the same name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import hmac
+import json
+import logging
+import os
+import queue
+import re
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import zlib
+from typing import Callable, NamedTuple, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("hepop")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A setting that does not parse; the message names the setting."""
+
+
+def parse_port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError("must be a port number from 1 to 65535")
+    return port
+
+
+def parse_bytes(text: str) -> int:
+    """A byte count: a whole number, optionally with a binary suffix K, M or G (32M = 33554432)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError("must be a byte count such as 1048576 or 32M")
+    return int(match.group(1)) * 1024 ** " KMG".index(match.group(2).upper() or " ")
+
+
+def parse_positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be a whole number of at least 1")
+    return value
+
+
+def parse_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1e6:
+        raise ValueError("must be a number of seconds greater than 0")
+    return value
+
+
+def parse_writer_id(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", text) or text in (".", ".."):
+        raise ValueError("must be a folder name made of letters, digits, '.', '_' and '-'")
+    return text
+
+
+def parse_log_level(text: str) -> str:
+    level = text.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+    return level
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One configuration setting: environment variable NAME, flag --name, parser, default, help."""
+    name: str
+    parse: Callable[[str], object]
+    default: Callable[[dict], str]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.lower().replace("_", "-")
+
+
+SETTINGS = (
+    Setting("PORT", parse_port, lambda s: "9069", "HEP port, UDP and TCP"),
+    Setting("HOST", str, lambda s: "0.0.0.0", "address to listen on; '::' takes IPv6 and IPv4"),
+    Setting("HTTP_PORT", parse_port, lambda s: str(s["port"] + 1),
+            "HTTP port of the query API (default PORT+1; the query API is not served yet)"),
+    Setting("PARQUET_DIR", os.path.abspath, lambda s: "./data", "root folder of the Parquet tree"),
+    Setting("WRITER_ID", parse_writer_id, lambda s: socket.gethostname() or "hepop",
+            "this server's folder under PARQUET_DIR (default: the host name)"),
+    Setting("RCVBUF_BYTES", parse_bytes, lambda s: "32M",
+            "UDP receive buffer to ask the kernel for (SO_RCVBUFFORCE when privileged)"),
+    Setting("UDP_BATCH", parse_positive_int, lambda s: "256", "datagrams read per wake-up of the loop"),
+    Setting("FLUSH_ROWS", parse_positive_int, lambda s: "20000", "write a type's batch at this many rows"),
+    Setting("FLUSH_BYTES", parse_bytes, lambda s: "16M", "write a type's batch at this many payload bytes"),
+    Setting("FLUSH_INTERVAL_S", parse_seconds, lambda s: "1.0", "write a batch once its oldest row is this old"),
+    Setting("MAX_PENDING_BYTES", parse_bytes, lambda s: "256M",
+            "bytes buffered and not yet written before new packets are dropped as buffer_full"),
+    Setting("MAX_TCP_CONNECTIONS", parse_positive_int, lambda s: "4096", "concurrent TCP agents accepted"),
+    Setting("HEP_AUTH_KEY", str, lambda s: "",
+            "when set, only HEP3 packets whose chunk 14 equals it are kept (never written to disk)"),
+    Setting("STATS_INTERVAL_S", parse_seconds, lambda s: "60", "log the counters this often while non-zero"),
+    Setting("LOG_LEVEL", parse_log_level, lambda s: "INFO", "DEBUG, INFO, WARNING or ERROR"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    port: int
+    host: str
+    http_port: int
+    parquet_dir: str
+    writer_id: str
+    rcvbuf_bytes: int
+    udp_batch: int
+    flush_rows: int
+    flush_bytes: int
+    flush_interval_s: float
+    max_pending_bytes: int
+    max_tcp_connections: int
+    hep_auth_key: str
+    stats_interval_s: float
+    log_level: str
+
+    @classmethod
+    def load(cls, argv: list[str], environ: dict[str, str]) -> "Config":
+        """Settings from --flags, else the environment, else the defaults; raises ConfigError."""
+        flags = vars(argument_parser().parse_args(argv))
+        values: dict[str, object] = {}
+        for setting in SETTINGS:
+            key = setting.name.lower()
+            text = flags.get(key)
+            if text is None:
+                text = environ.get(setting.name)
+            if text is None:
+                text = setting.default(values)
+            try:
+                values[key] = setting.parse(text)
+            except ValueError as exc:
+                raise ConfigError(f"{setting.name}={text!r}: {exc}") from None
+        return cls(**values)
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hepop", description="HEP capture server writing Apache Parquet.",
+        epilog="Every setting is also read from the environment variable named in capitals; a flag wins.")
+    parser.add_argument("--version", action="version", version=f"hepop {__version__}")
+    for setting in SETTINGS:
+        default = {"HTTP_PORT": "PORT+1", "WRITER_ID": "host name"}.get(setting.name) or setting.default({})
+        parser.add_argument(setting.flag, dest=setting.name.lower(), metavar=setting.name,
+                            help=f"{setting.help} [env {setting.name}, default {default or 'unset'}]")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HEP protocol: decoding versions 1, 2 and 3, and TCP stream framing.  Pure code, no I/O.
+# ---------------------------------------------------------------------------------------------------------
+
+class HepError(ValueError):
+    """A packet that cannot be decoded; `reason` names the counter it is dropped under."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class HepPacket(NamedTuple):
+    version: int
+    time_us: Optional[int]          # capture time in microseconds since the epoch; None when not sent
+    ip_family: int
+    protocol: int
+    src_ip: Optional[str]
+    dst_ip: Optional[str]
+    src_port: int
+    dst_port: int
+    proto_type: int
+    capture_id: int
+    node_name: Optional[str]
+    correlation_id: Optional[str]
+    vlan: Optional[int]
+    auth_key: Optional[bytes]       # checked by the server, never stored
+    payload: bytes
+
+
+HEP3_MAGIC = b"HEP3"
+MAX_INFLATED_BYTES = 1 << 20       # bound for compressed payloads (chunk 16)
+_CHUNK_HEADER = struct.Struct("!HHH")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_V2_TIME = struct.Struct("<IIH")    # HEPv2 time block as real senders write it: little-endian
+_PORTS = struct.Struct("!HH")
+_FIXED_CHUNK_BODY = {1: 1, 2: 1, 3: 4, 4: 4, 5: 16, 6: 16, 7: 2, 8: 2, 9: 4, 10: 4, 11: 1, 12: 4, 13: 2,
+                     18: 2}
+
+
+def decode(buf: bytes) -> HepPacket:
+    """Decode one HEP message (a UDP datagram or one TCP frame) of any version."""
+    if buf[:4] == HEP3_MAGIC:
+        return _decode_v3(buf)
+    if buf[:1] in (b"\x01", b"\x02"):
+        return _decode_v1_v2(buf)
+    raise HepError("unknown_version")
+
+
+def _decode_v3(buf: bytes) -> HepPacket:
+    size = len(buf)
+    if size < 6:
+        raise HepError("short")
+    if _U16.unpack_from(buf, 4)[0] != size:
+        raise HepError("length_mismatch")
+    family = protocol = src_port = dst_port = proto_type = capture_id = 0
+    src_ip = dst_ip = node_name = correlation_id = vlan = auth_key = seconds = None
+    useconds = 0
+    payload = b""
+    pos = 6
+    while pos < size:
+        if size - pos < 6:
+            raise HepError("truncated_chunk")
+        vendor, kind, length = _CHUNK_HEADER.unpack_from(buf, pos)
+        end = pos + length
+        if length < 6 or end > size:
+            raise HepError("bad_chunk_length")
+        start = pos + 6
+        pos = end
+        if vendor != 0:
+            continue
+        fixed = _FIXED_CHUNK_BODY.get(kind)
+        if fixed is not None and length - 6 != fixed:
+            raise HepError(f"bad_chunk_{kind}")
+        if kind == 15:
+            payload = buf[start:end]
+        elif kind == 1:
+            family = buf[start]
+        elif kind == 2:
+            protocol = buf[start]
+        elif kind == 3:
+            src_ip = socket.inet_ntop(socket.AF_INET, buf[start:end])
+        elif kind == 4:
+            dst_ip = socket.inet_ntop(socket.AF_INET, buf[start:end])
+        elif kind == 5:
+            src_ip = socket.inet_ntop(socket.AF_INET6, buf[start:end])
+        elif kind == 6:
+            dst_ip = socket.inet_ntop(socket.AF_INET6, buf[start:end])
+        elif kind == 7:
+            src_port = _U16.unpack_from(buf, start)[0]
+        elif kind == 8:
+            dst_port = _U16.unpack_from(buf, start)[0]
+        elif kind == 9:
+            seconds = _U32.unpack_from(buf, start)[0]
+        elif kind == 10:
+            useconds = _U32.unpack_from(buf, start)[0]
+        elif kind == 11:
+            proto_type = buf[start]
+        elif kind == 12:
+            capture_id = _U32.unpack_from(buf, start)[0]
+        elif kind == 14:
+            auth_key = bytes(buf[start:end])
+        elif kind == 16:
+            payload = inflate(buf[start:end])
+        elif kind == 17:
+            correlation_id = buf[start:end].decode("utf-8", "replace")
+        elif kind == 18:
+            vlan = _U16.unpack_from(buf, start)[0]
+        elif kind == 19:
+            node_name = buf[start:end].rstrip(b"\x00").decode("utf-8", "replace")
+        # 13 (keep-alive), 20-24 (MACs, ethertype, TCP flags, TOS), 32-41 (QoS tags) and unknown
+        # types are accepted and not stored.
+    time_us = None if seconds is None else seconds * 1_000_000 + useconds
+    return HepPacket(3, time_us, family, protocol, src_ip, dst_ip, src_port, dst_port, proto_type,
+                     capture_id, node_name, correlation_id, vlan, auth_key, bytes(payload))
+
+
+def _decode_v1_v2(buf: bytes) -> HepPacket:
+    """HEPv1/v2: a fixed header without magic or length; the header-length byte is not trusted."""
+    version = buf[0]
+    if len(buf) < 8:
+        raise HepError("short")
+    family, protocol = buf[2], buf[3]
+    if family == socket.AF_INET:
+        address_size, address_family = 4, socket.AF_INET
+    elif family == 10:
+        address_size, address_family = 16, socket.AF_INET6
+    else:
+        raise HepError("bad_family")
+    addresses_end = 8 + 2 * address_size
+    header_end = addresses_end + (12 if version == 2 else 0)
+    if len(buf) < header_end:
+        raise HepError("short")
+    src_port, dst_port = _PORTS.unpack_from(buf, 4)
+    src_ip = socket.inet_ntop(address_family, buf[8:8 + address_size])
+    dst_ip = socket.inet_ntop(address_family, buf[8 + address_size:addresses_end])
+    time_us, capture_id = None, 0
+    if version == 2:
+        seconds, useconds, capture_id = _V2_TIME.unpack_from(buf, addresses_end)
+        time_us = seconds * 1_000_000 + useconds
+    return HepPacket(version, time_us, family, protocol, src_ip, dst_ip, src_port, dst_port, 1,
+                     capture_id, None, None, None, None, bytes(buf[header_end:]))
+
+
+def inflate(data: bytes) -> bytes:
+    """Inflate a compressed payload (zlib, gzip or raw deflate), refusing more than MAX_INFLATED_BYTES."""
+    wbits = 47 if data[:1] in (b"\x78", b"\x1f") else -15   # 47: zlib or gzip by header; -15: raw
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(data, MAX_INFLATED_BYTES)
+    except zlib.error:
+        raise HepError("bad_compressed_payload") from None
+    if inflater.unconsumed_tail:
+        raise HepError("compressed_payload_too_large")
+    if not inflater.eof:
+        raise HepError("bad_compressed_payload")
+    return out
+
+
+class HepStream:
+    """Cuts a TCP byte stream into HEP3 frames, however the bytes are split or glued.
+
+    Frames are found by their magic and length alone.  Bytes that are not part of a frame are skipped
+    up to the next "HEP3" and counted in `garbage_bytes`.  When the caller rejects a frame it was given
+    (reject()), only that frame's magic is dropped and the search restarts inside it, so a frame whose
+    length field lies never swallows the good frames behind it.
+    """
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._pos = 0
+        self._last_frame_size = 0
+        self.garbage_bytes = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_frame(self) -> Optional[bytes]:
+        """The next complete frame, or None until more bytes arrive."""
+        buf, pos = self._buf, self._pos
+        while len(buf) - pos >= 6:
+            if buf[pos:pos + 4] != HEP3_MAGIC:
+                found = buf.find(HEP3_MAGIC, pos)
+                skip_to = found if found >= 0 else max(pos, len(buf) - 3)
+                self.garbage_bytes += skip_to - pos
+                pos = skip_to
+                continue
+            length = (buf[pos + 4] << 8) | buf[pos + 5]
+            if length < 6:
+                self.garbage_bytes += 4
+                pos += 4
+                continue
+            if len(buf) - pos < length:
+                break
+            self._pos = pos + length
+            self._last_frame_size = length
+            return bytes(buf[pos:pos + length])
+        self._pos = pos
+        return None
+
+    def reject(self) -> None:
+        """Give back the frame last returned, less its magic, to be searched for frames again."""
+        self._pos -= self._last_frame_size - 4
+        self.garbage_bytes += 4
+        self._last_frame_size = 0
+
+    def finish(self) -> list[bytes]:
+        """At end of stream: the complete frames left, giving up on a frame that will never complete."""
+        frames = []
+        while True:
+            frame = self.next_frame()
+            if frame is not None:
+                frames.append(frame)
+            elif len(self._buf) - self._pos >= 4:
+                self.garbage_bytes += 4
+                self._pos += 4
+            else:
+                self.garbage_bytes += len(self._buf) - self._pos
+                self._buf.clear()
+                self._pos = 0
+                return frames
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SIP fields: extracted with RE2 over a whole batch at flush, not per packet in Python.
+# ---------------------------------------------------------------------------------------------------------
+
+_URI_USER = r"(?:sips?:(?P<{0}>[^@;?>\s:]+)(?::[^@\s>]*)?@|tel:(?P<{0}_tel>[^;?>\s]+))"
+SIP_PATTERNS = {
+    "sip_method": r"^(?P<sip_method>[A-Z][A-Za-z_-]*) \S+ SIP/2\.0",
+    "sip_status": r"^SIP/2\.0 (?P<sip_status>[1-6][0-9][0-9])",
+    "call_id": r"(?mi)^(?:Call-ID|i)[ \t]*:[ \t]*(?P<call_id>[^\r\n]+)",
+    "from_user": r"(?mi)^(?:From|f)[ \t]*:[^\r\n]*?" + _URI_USER.format("from_user"),
+    "to_user": r"(?mi)^(?:To|t)[ \t]*:[^\r\n]*?" + _URI_USER.format("to_user"),
+    "ruri_user": r"^[A-Z][A-Za-z_-]* " + _URI_USER.format("ruri_user"),
+    "cseq": r"(?mi)^CSeq[ \t]*:[ \t]*(?P<cseq>[^\r\n]+)",
+    "user_agent": r"(?mi)^(?:User-Agent|Server)[ \t]*:[ \t]*(?P<user_agent>[^\r\n]+)",
+}
+
+
+def extract_sip_fields(payload: pa.Array) -> dict[str, pa.Array]:
+    """The SIP columns of a batch of payload strings; null where a message lacks the field."""
+    columns = {}
+    for name, pattern in SIP_PATTERNS.items():
+        groups = pc.extract_regex(payload, pattern)
+        values = groups.field(name)
+        if f"{name}_tel" in pattern:
+            values = pc.if_else(pc.equal(values, ""), groups.field(f"{name}_tel"), values)
+        values = pc.utf8_rtrim_whitespace(values)
+        values = pc.if_else(pc.equal(values, ""), None, values)
+        columns[name] = values.cast(pa.uint16()) if name == "sip_status" else values
+    return columns
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Storage: schemas, Parquet files written atomically, and metadata.json per HEP type.
+# ---------------------------------------------------------------------------------------------------------
+
+TIME_TYPE = pa.timestamp("us", tz="UTC")
+BASE_FIELDS = [
+    pa.field("time", TIME_TYPE, nullable=False),
+    pa.field("src_ip", pa.string()),
+    pa.field("dst_ip", pa.string()),
+    pa.field("src_port", pa.uint16()),
+    pa.field("dst_port", pa.uint16()),
+    pa.field("ip_family", pa.uint8()),
+    pa.field("protocol", pa.uint8()),
+    pa.field("proto_type", pa.uint8()),
+    pa.field("capture_id", pa.uint32()),
+    pa.field("node_name", pa.string()),
+    pa.field("correlation_id", pa.string()),
+    pa.field("vlan", pa.uint16()),
+]
+SIP_FIELDS = [pa.field(name, pa.uint16() if name == "sip_status" else pa.string()) for name in SIP_PATTERNS]
+PAYLOAD_FIELDS = [
+    pa.field("payload_raw", pa.binary()),   # the exact bytes, only where the payload is not valid UTF-8
+    pa.field("payload", pa.string()),       # the payload as text (invalid bytes shown as U+FFFD)
+]
+SIP_TYPE = 1
+FOLDER_SPAN_US = 600 * 1_000_000            # raw files go to 10-minute folders
+ROW_GROUP_BYTES = 32 << 20
+TEMP_SUFFIX = ".tmp"
+
+
+def table_schema(proto_type: int) -> pa.Schema:
+    """Every file of a type has this one schema; SIP tables carry the extracted SIP columns."""
+    return pa.schema(BASE_FIELDS + (SIP_FIELDS if proto_type == SIP_TYPE else []) + PAYLOAD_FIELDS)
+
+
+def build_table(proto_type: int, times: list[int], packets: list[HepPacket]) -> pa.Table:
+    """One Arrow table from a batch of decoded packets of one type (times already checked)."""
+    columns = dict(zip(HepPacket._fields, zip(*packets)))
+    arrays = {"time": pa.array(times, pa.int64()).cast(TIME_TYPE)}
+    for field in BASE_FIELDS[1:]:
+        arrays[field.name] = pa.array(columns[field.name], field.type)
+    raw = pa.array(columns["payload"], pa.binary())
+    try:
+        text = raw.cast(pa.string())
+        raw = pa.nulls(len(raw), pa.binary())
+    except pa.ArrowInvalid:
+        text = pa.array([p.decode("utf-8", "replace") for p in columns["payload"]], pa.string())
+        raw = pa.array([None if "\ufffd" not in t or p.decode("utf-8", "ignore") == t else p
+                        for p, t in zip(columns["payload"], text.to_pylist())], pa.binary())
+    if proto_type == SIP_TYPE:
+        arrays.update(extract_sip_fields(text))
+    arrays["payload_raw"] = raw
+    arrays["payload"] = text
+    return pa.Table.from_pydict(arrays, schema=table_schema(proto_type))
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: str, write: Callable[[object], None]) -> None:
+    """Write a file under a temporary name, fsync it, rename it into place and fsync its folder."""
+    temp = path + TEMP_SUFFIX
+    with open(temp, "wb") as out:
+        write(out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def make_dirs(path: str) -> None:
+    """Create a folder and its missing parents, fsyncing each parent so the new entries are durable."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for folder in reversed(missing):
+        os.makedirs(folder, exist_ok=True)
+        fsync_dir(os.path.dirname(folder))
+
+
+def folder_of(time_us: int) -> str:
+    """The UTC 10-minute folder, YYYY-MM-DD/HH-MM, of a capture time."""
+    start = datetime.datetime.fromtimestamp(time_us // FOLDER_SPAN_US * 600, datetime.timezone.utc)
+    return start.strftime("%Y-%m-%d/%H-%M")
+
+
+def split_by_folder(table: pa.Table) -> list[tuple[int, pa.Table]]:
+    """(folder start in us, rows) for each 10-minute folder that a batch's capture times fall in."""
+    buckets = pc.divide(table.column("time").cast(pa.int64()), FOLDER_SPAN_US)
+    low, high = pc.min_max(buckets).values()
+    if low == high:
+        return [(low.as_py() * FOLDER_SPAN_US, table)]
+    return [(bucket * FOLDER_SPAN_US, table.filter(pc.equal(buckets, bucket)))
+            for bucket in sorted(pc.unique(buckets).to_pylist())]
+
+
+def describe_file(path: str) -> dict:
+    """Row count and time range of a Parquet file, read from the file itself (raises if unreadable)."""
+    times = pq.read_table(path, columns=["time"]).column("time").cast(pa.int64())
+    low, high = pc.min_max(times).values()
+    return {"size_bytes": os.path.getsize(path), "row_count": len(times),
+            "min_time": (low.as_py() or 0) * 1000, "max_time": (high.as_py() or 0) * 1000}
+
+
+class TypeStore:
+    """The files of one HEP type: writes them atomically and keeps metadata.json equal to the tree.
+
+    metadata.json is the truth about which files exist; a file is visible to readers only once listed.
+    Paths in it are relative to PARQUET_DIR so the tree can be moved.  Sequence numbers never repeat.
+    """
+
+    def __init__(self, root: str, writer_id: str, proto_type: int):
+        self.root = root
+        self.proto_type = proto_type
+        self.dir = os.path.join(root, writer_id, "dbs", "hep-0", f"hep_{proto_type}-0")
+        self.metadata_path = os.path.join(self.dir, "metadata.json")
+        self.schema = table_schema(proto_type)
+        self.lock = threading.Lock()
+        self.files: dict[str, dict] = {}
+        self.sequence = 0
+        make_dirs(self.dir)
+        self.recover()
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def write(self, table: pa.Table) -> list[dict]:
+        """Write a batch as one file per 10-minute folder, then list the new files in metadata."""
+        entries = []
+        with self.lock:
+            for folder_start_us, part in split_by_folder(table):
+                entries.append(self._write_file(folder_start_us, part))
+            self._save_metadata()
+        return entries
+
+    def _write_file(self, folder_start_us: int, table: pa.Table) -> dict:
+        self.sequence += 1
+        folder = os.path.join(self.dir, folder_of(folder_start_us))
+        make_dirs(folder)
+        path = os.path.join(folder, f"{self.sequence:010d}.parquet")
+        rows_per_group = max(1024, ROW_GROUP_BYTES * len(table) // max(1, table.nbytes))
+        write_atomically(path, lambda out: pq.write_table(
+            table, out, compression="zstd", row_group_size=rows_per_group))
+        times = table.column("time").cast(pa.int64())
+        low, high = pc.min_max(times).values()
+        entry = {"id": self.sequence, "path": os.path.relpath(path, self.root),
+                 "size_bytes": os.path.getsize(path), "row_count": len(table),
+                 "chunk_time": folder_start_us * 1000, "min_time": low.as_py() * 1000,
+                 "max_time": high.as_py() * 1000, "range": "10m", "type": "raw"}
+        self.files[entry["path"]] = entry
+        log.debug("wrote %s (%d rows, %d bytes)", entry["path"], entry["row_count"], entry["size_bytes"])
+        return entry
+
+    def _save_metadata(self) -> None:
+        files = sorted(self.files.values(), key=lambda entry: entry["id"])
+        metadata = {
+            "type": self.proto_type,
+            "parquet_size_bytes": sum(entry["size_bytes"] for entry in files),
+            "row_count": sum(entry["row_count"] for entry in files),
+            "min_time": min((entry["min_time"] for entry in files), default=None),
+            "max_time": max((entry["max_time"] for entry in files), default=None),
+            "wal_sequence": self.sequence,
+            "files": files,
+        }
+        body = json.dumps(metadata, indent=1).encode()
+        write_atomically(self.metadata_path, lambda out: out.write(body))
+
+    # -- recovery at start ----------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Make metadata.json equal to the tree, whatever moment a crash struck.
+
+        Temp files are removed.  Listed files that are gone are dropped from metadata with a warning.
+        Files on disk but not listed (renamed, then the crash came before metadata) are complete, since
+        only fsynced files are renamed: they are adopted if they read, else removed.  A missing or
+        unreadable metadata.json is rebuilt from the tree the same way.
+        """
+        listed, sequence = self._load_metadata()
+        on_disk = {}
+        for folder, _, names in os.walk(self.dir):
+            for name in names:
+                path = os.path.join(folder, name)
+                if name.endswith(TEMP_SUFFIX):
+                    log.warning("removing %s left by an interrupted write", path)
+                    os.remove(path)
+                elif name.endswith(".parquet"):
+                    on_disk[os.path.relpath(path, self.root)] = path
+        changed = False
+        for relpath in sorted(set(listed) - set(on_disk)):
+            log.warning("metadata lists %s, which is gone: dropping it", relpath)
+            del listed[relpath]
+            changed = True
+        for relpath in sorted(set(on_disk) - set(listed)):
+            path = on_disk[relpath]
+            try:
+                entry = self._entry_for_unlisted(relpath, path)
+            except Exception as exc:  # any unreadable file: pyarrow raises several kinds
+                log.warning("removing unreadable %s: %s", path, exc)
+                os.remove(path)
+            else:
+                log.warning("adopting %s (%d rows), written before a crash", relpath, entry["row_count"])
+                listed[relpath] = entry
+            changed = True
+        self.files = listed
+        self.sequence = max([sequence] + [entry["id"] for entry in listed.values()])
+        if changed or not os.path.exists(self.metadata_path):
+            self._save_metadata()
+
+    def _load_metadata(self) -> tuple[dict[str, dict], int]:
+        try:
+            with open(self.metadata_path, "rb") as source:
+                metadata = json.load(source)
+            files = {entry["path"]: entry for entry in metadata["files"]}
+            return files, int(metadata.get("wal_sequence") or 0)
+        except FileNotFoundError:
+            return {}, 0
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("%s is unreadable (%s): rebuilding it from the files", self.metadata_path, exc)
+            return {}, 0
+
+    def _entry_for_unlisted(self, relpath: str, path: str) -> dict:
+        name = os.path.basename(path)
+        sequence = int(name.split(".")[0].removeprefix("c_"))
+        if pq.read_schema(path).remove_metadata() != self.schema:
+            raise ValueError("schema differs from this type's")
+        folder = os.path.relpath(os.path.dirname(path), self.dir)
+        day, hhmm = folder.split(os.sep)
+        chunk = datetime.datetime.strptime(f"{day} {hhmm}", "%Y-%m-%d %H-%M").replace(
+            tzinfo=datetime.timezone.utc)
+        compacted = name.startswith("c_")
+        return {"id": sequence, "path": relpath, **describe_file(path),
+                "chunk_time": int(chunk.timestamp()) * 1_000_000_000,
+                "range": "1h" if compacted else "10m", "type": "compacted" if compacted else "raw"}
+
+
+class Storage:
+    """All HEP types of this writer, opened on first use; existing ones recovered at start."""
+
+    def __init__(self, root: str, writer_id: str):
+        self.root = root
+        self.writer_id = writer_id
+        self.types: dict[int, TypeStore] = {}
+        base = os.path.join(root, writer_id, "dbs", "hep-0")
+        if os.path.isdir(base):
+            for name in sorted(os.listdir(base)):
+                match = re.fullmatch(r"hep_(\d+)-0", name)
+                if match:
+                    self.store(int(match.group(1)))
+
+    def store(self, proto_type: int) -> TypeStore:
+        if proto_type not in self.types:
+            self.types[proto_type] = TypeStore(self.root, self.writer_id, proto_type)
+        return self.types[proto_type]
+
+
+class Batch(NamedTuple):
+    proto_type: int
+    times: list
+    packets: list
+    nbytes: int
+
+
+class BatchWriter(threading.Thread):
+    """Turns batches handed over by the loop into Parquet files, off the receive loop.
+
+    `pending_bytes` counts what is queued or being written; the loop drops new packets as buffer_full
+    when it passes MAX_PENDING_BYTES (a disk that stalls must not make the process run out of memory).
+    """
+
+    RETRIES = 5
+
+    def __init__(self, storage: Storage, counters: "Counters"):
+        super().__init__(name="hepop-writer", daemon=True)
+        self.storage = storage
+        self.counters = counters
+        self.queue: queue.Queue[Optional[Batch]] = queue.Queue()
+        self.pending_bytes = 0
+        self.last_flush = None
+        self._lock = threading.Lock()
+
+    def submit(self, batch: Batch) -> None:
+        with self._lock:
+            self.pending_bytes += batch.nbytes
+        self.queue.put(batch)
+
+    def close(self) -> None:
+        """Write everything submitted so far, then stop."""
+        self.queue.put(None)
+        self.join()
+
+    def run(self) -> None:
+        while (batch := self.queue.get()) is not None:
+            self._write(batch)
+            with self._lock:
+                self.pending_bytes -= batch.nbytes
+
+    def _write(self, batch: Batch) -> None:
+        started = time.perf_counter()
+        for attempt in range(1, self.RETRIES + 1):
+            try:
+                table = build_table(batch.proto_type, batch.times, batch.packets)
+                entries = self.storage.store(batch.proto_type).write(table)
+                break
+            except Exception:
+                log.exception("writing %d rows of type %d failed (attempt %d of %d)",
+                              len(batch.packets), batch.proto_type, attempt, self.RETRIES)
+                time.sleep(min(attempt, 5))
+        else:
+            self.counters.add("hep_dropped_total", len(batch.packets), reason="write_error")
+            return
+        elapsed = time.perf_counter() - started
+        self.last_flush = time.time()
+        self.counters.add("rows_written_total", len(batch.packets), type=str(batch.proto_type))
+        self.counters.add("files_written_total", len(entries))
+        self.counters.add("bytes_written_total", sum(entry["size_bytes"] for entry in entries))
+        self.counters.add("flush_seconds_total", elapsed)
+        self.counters.maximum("flush_seconds_max", elapsed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Server: counters, batch buffers, sockets, the selectors loop, signals.
+# ---------------------------------------------------------------------------------------------------------
+
+def metric_key(name: str, **labels: str) -> str:
+    """A counter's name in Prometheus form: name{label="value",...}."""
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{key}="{value}"' for key, value in sorted(labels.items())) + "}"
+
+
+class Counters:
+    """Every counter of the server in one place, safe to update from the loop and the writer."""
+
+    def __init__(self):
+        self._values: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+
+    def add(self, name: str, amount: float = 1, **labels: str) -> None:
+        self.add_key(metric_key(name, **labels), amount)
+
+    def add_key(self, key: str, amount: float = 1) -> None:
+        with self._lock:
+            self._values[key] += amount
+
+    def maximum(self, name: str, value: float) -> None:
+        with self._lock:
+            self._values[name] = max(self._values[name], value)
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(sorted(self._values.items()))
+
+
+class RateLimitedLog:
+    """Logs at most `burst` lines per reason in each `interval_s`, then says how many it held back."""
+
+    def __init__(self, interval_s: float = 10.0, burst: int = 5):
+        self.interval_s = interval_s
+        self.burst = burst
+        self._windows: dict[str, list] = {}
+
+    def warning(self, reason: str, message: str, *args) -> None:
+        now = time.monotonic()
+        window = self._windows.setdefault(reason, [now, 0, 0])   # start, logged, suppressed
+        if now - window[0] >= self.interval_s:
+            if window[2]:
+                log.warning("%d more '%s' messages were not logged", window[2], reason)
+            window[:] = [now, 0, 0]
+        if window[1] < self.burst:
+            window[1] += 1
+            log.warning(message, *args)
+        else:
+            window[2] += 1
+
+
+MIN_CAPTURE_TIME_US = 946_684_800 * 1_000_000     # 2000-01-01: anything before is absurd
+MAX_CLOCK_AHEAD_US = 86_400 * 1_000_000           # a day ahead of our clock is absurd too
+
+
+class Ingest:
+    """From raw HEP bytes to rows in the batch buffers: decode, check auth and time, count, buffer."""
+
+    def __init__(self, config: Config, writer: BatchWriter, counters: Counters):
+        self.config = config
+        self.writer = writer
+        self.counters = counters
+        self.auth_key = config.hep_auth_key.encode() if config.hep_auth_key else None
+        self.bad_packets = RateLimitedLog()
+        self.batches: dict[int, list] = {}           # type -> [times, packets, nbytes, deadline]
+        self.buffered_bytes = 0
+        self._received_keys = {(transport, version): metric_key("hep_received_total", transport=transport,
+                                                                version=version)
+                               for transport in ("udp", "tcp") for version in ("1", "2", "3", "unknown")}
+
+    def packet(self, data: bytes, transport: str, peer) -> bool:
+        """Take in one HEP message; False when it does not decode (it is then counted as malformed)."""
+        try:
+            packet = decode(data)
+        except HepError as exc:
+            version = "3" if data[:4] == HEP3_MAGIC else str(data[0]) if data[:1] in (b"\1", b"\2") else \
+                "unknown"
+            self.counters.add_key(self._received_keys[transport, version])
+            self.counters.add("hep_dropped_total", reason="malformed_" + exc.reason)
+            self.bad_packets.warning(exc.reason, "malformed HEP (%s) from %s over %s: %d bytes",
+                                     exc.reason, peer, transport, len(data))
+            return False
+        self.counters.add_key(self._received_keys[transport, str(packet.version)])
+        if self.auth_key is not None and not hmac.compare_digest(packet.auth_key or b"", self.auth_key):
+            self.counters.add("hep_dropped_total", reason="auth")
+            self.bad_packets.warning("auth", "HEP from %s without the right auth key: dropped", peer)
+            return True
+        now_us = time.time_ns() // 1000
+        time_us = packet.time_us
+        if time_us is None:
+            time_us = now_us
+            self.counters.add("hep_time_replaced_total", why="missing")
+        elif not MIN_CAPTURE_TIME_US <= time_us <= now_us + MAX_CLOCK_AHEAD_US:
+            self.counters.add("hep_time_replaced_total", why="absurd")
+            self.bad_packets.warning("bad_time", "absurd capture time %d us from %s: using arrival time",
+                                     time_us, peer)
+            time_us = now_us
+        size = len(packet.payload) + 64
+        if self.buffered_bytes + self.writer.pending_bytes + size > self.config.max_pending_bytes:
+            self.counters.add("hep_dropped_total", reason="buffer_full")
+            self.bad_packets.warning("buffer_full", "buffers full (MAX_PENDING_BYTES): dropping packets")
+            return True
+        batch = self.batches.get(packet.proto_type)
+        if batch is None:
+            batch = self.batches[packet.proto_type] = [[], [], 0,
+                                                        time.monotonic() + self.config.flush_interval_s]
+        batch[0].append(time_us)
+        batch[1].append(packet)
+        batch[2] += size
+        self.buffered_bytes += size
+        if len(batch[1]) >= self.config.flush_rows or batch[2] >= self.config.flush_bytes:
+            self.flush(packet.proto_type)
+        return True
+
+    def flush(self, proto_type: int) -> None:
+        """Hand one type's batch to the writer thread: a swap of lists, no I/O on the loop."""
+        times, packets, nbytes, _ = self.batches.pop(proto_type)
+        self.buffered_bytes -= nbytes
+        self.writer.submit(Batch(proto_type, times, packets, nbytes))
+
+    def flush_due(self, now: float) -> Optional[float]:
+        """Flush the batches whose oldest row is FLUSH_INTERVAL_S old; the next deadline, if any."""
+        for proto_type in [t for t, batch in self.batches.items() if batch[3] <= now]:
+            self.flush(proto_type)
+        return min((batch[3] for batch in self.batches.values()), default=None)
+
+    def flush_all(self) -> None:
+        for proto_type in list(self.batches):
+            self.flush(proto_type)
+
+
+class CaptureServer:
+    """The selectors loop: UDP and TCP HEP on one HOST:PORT, batches flushed on time, signals."""
+
+    TCP_READ_BYTES = 256 * 1024
+
+    def __init__(self, config: Config, ingest: Ingest, counters: Counters):
+        self.config = config
+        self.ingest = ingest
+        self.counters = counters
+        self.selector = selectors.DefaultSelector()
+        self.connections: dict[socket.socket, tuple[HepStream, object]] = {}
+        self.stopping = False
+        self.udp: Optional[socket.socket] = None
+        self.tcp: Optional[socket.socket] = None
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+
+    # -- sockets ---------------------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        address = (self.config.host, self.config.port)
+        self.udp = socket.socket(family, socket.SOCK_DGRAM)
+        self.tcp = socket.socket(family, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        for sock in (self.udp, self.tcp):
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(address)
+            sock.setblocking(False)
+        self._set_receive_buffer()
+        self.tcp.listen(1024)
+        self.selector.register(self.udp, selectors.EVENT_READ, self._on_udp)
+        self.selector.register(self.tcp, selectors.EVENT_READ, self._on_accept)
+        self._wakeup_r.setblocking(False)
+        self._wakeup_w.setblocking(False)
+        self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
+        log.info("listening for HEP on %s port %d (UDP and TCP)", self.config.host, self.config.port)
+
+    def _set_receive_buffer(self) -> None:
+        wanted = self.config.rcvbuf_bytes
+        try:
+            self.udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, wanted)
+        except (PermissionError, OSError):
+            self.udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
+        granted = self.udp.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux reports double
+        if granted < wanted:
+            log.warning("UDP receive buffer is %d bytes, not the %d asked for: packets will be lost under "
+                        "load; raise the cap with 'sysctl -w net.core.rmem_max=%d'", granted, wanted, wanted)
+        else:
+            log.info("UDP receive buffer: %d bytes", granted)
+
+    # -- the loop --------------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Run until SIGTERM or SIGINT, then read what the kernel still holds and flush everything."""
+        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        next_stats = time.monotonic() + self.config.stats_interval_s
+        next_flush = None
+        while not self.stopping:
+            timeout = min(next_stats, next_flush or next_stats) - time.monotonic()
+            events = self.selector.select(max(0.0, min(timeout, 1.0)))
+            started = time.monotonic()
+            for key, _ in events:
+                key.data(key.fileobj)
+            next_flush = self.ingest.flush_due(started)
+            if started >= next_stats:
+                self.log_counters("counters")
+                next_stats = started + self.config.stats_interval_s
+            self.counters.maximum("loop_busy_seconds_max", time.monotonic() - started)
+        self._drain()
+        self.ingest.flush_all()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _on_wakeup(self, sock) -> None:
+        try:
+            while sock.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _on_udp(self, sock, limit: Optional[int] = None) -> int:
+        """Read a bounded batch of datagrams (draining until empty would starve flushes under load)."""
+        packet = self.ingest.packet
+        count = 0
+        for _ in range(limit or self.config.udp_batch):
+            try:
+                data, peer = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            packet(data, "udp", peer)
+            count += 1
+        return count
+
+    def _on_accept(self, listener) -> None:
+        while True:
+            try:
+                conn, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            if len(self.connections) >= self.config.max_tcp_connections:
+                self.counters.add("tcp_connections_refused_total")
+                log.warning("refusing TCP agent %s: MAX_TCP_CONNECTIONS (%d) reached", peer,
+                            self.config.max_tcp_connections)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            self.connections[conn] = (HepStream(), peer)
+            self.selector.register(conn, selectors.EVENT_READ, self._on_tcp)
+            self.counters.add("tcp_connections_total")
+            log.debug("TCP agent %s connected", peer)
+
+    def _on_tcp(self, conn) -> bool:
+        """Read what one agent sent and store its frames; False once the connection has nothing more."""
+        stream, peer = self.connections[conn]
+        try:
+            data = conn.recv(self.TCP_READ_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            log.info("TCP agent %s: %s", peer, exc)
+            data = b""
+        if not data:
+            for frame in stream.finish():
+                self.ingest.packet(frame, "tcp", peer)
+            self._count_garbage(stream)
+            self.selector.unregister(conn)
+            del self.connections[conn]
+            conn.close()
+            log.debug("TCP agent %s disconnected", peer)
+            return False
+        stream.feed(data)
+        while (frame := stream.next_frame()) is not None:
+            if not self.ingest.packet(frame, "tcp", peer):
+                stream.reject()      # search inside it: its length may have swallowed good frames
+        self._count_garbage(stream)
+        return True
+
+    def _count_garbage(self, stream: HepStream) -> None:
+        if stream.garbage_bytes:
+            self.counters.add("tcp_garbage_bytes_total", stream.garbage_bytes)
+            stream.garbage_bytes = 0
+
+    def _drain(self) -> None:
+        """At shutdown: take in every datagram and TCP byte the kernel already holds for us."""
+        self.selector.unregister(self.udp)
+        self.selector.unregister(self.tcp)
+        self.tcp.close()
+        self._on_udp(self.udp, limit=1 << 20)       # stops at the first EAGAIN
+        for conn in list(self.connections):
+            for _ in range(64):                     # bounded: an agent may still be sending
+                if conn not in self.connections or not self._on_tcp(conn):
+                    break
+            if conn in self.connections:
+                self.selector.unregister(conn)
+                stream, peer = self.connections.pop(conn)
+                for frame in stream.finish():
+                    self.ingest.packet(frame, "tcp", peer)
+                conn.close()
+        self.udp.close()
+
+    def log_counters(self, what: str) -> None:
+        values = self.counters.snapshot()
+        if any(values.values()):
+            log.info("%s %s", what, json.dumps(values, separators=(",", ":")))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main()
+# ---------------------------------------------------------------------------------------------------------
+
+def setup_logging(level: str) -> None:
+    """One line per event on stderr; journald adds its own timestamps, so leave ours out there."""
+    fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+        "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        config = Config.load(sys.argv[1:] if argv is None else argv, dict(os.environ))
+    except ConfigError as exc:
+        print(f"hepop: bad setting {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    log.info("hepop %s: writer %s, data in %s", __version__, config.writer_id, config.parquet_dir)
+    counters = Counters()
+    storage = Storage(config.parquet_dir, config.writer_id)
+    writer = BatchWriter(storage, counters)
+    writer.start()
+    server = CaptureServer(config, Ingest(config, writer, counters), counters)
+    try:
+        server.bind()
+    except OSError as exc:
+        log.error("cannot listen on %s port %d: %s", config.host, config.port, exc)
+        writer.close()
+        return 1
+    server.serve()
+    log.info("stopping: writing what is buffered")
+    writer.close()
+    server.log_counters("final counters")
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
