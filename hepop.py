@@ -265,6 +265,8 @@ def _decode_v3(buf: bytes) -> HepPacket:
         start = pos + 6
         pos = end
         if vendor != 0:
+            if vendor == 0x4845 and kind == 0x5033:      # "HEP3": a frame glued inside a lying length
+                raise HepError("embedded_frame")
             continue
         fixed = _FIXED_CHUNK_BODY.get(kind)
         if fixed is not None and length - 6 != fixed:
@@ -639,6 +641,9 @@ class TypeStore:
         for folder, _, names in os.walk(self.dir):
             for name in names:
                 path = os.path.join(folder, name)
+                number = re.match(r"(?:c_)?(\d+)\.parquet", name)
+                if number:                          # numbers of removed files are not reused either
+                    sequence = max(sequence, int(number.group(1)))
                 if name.endswith(TEMP_SUFFIX):
                     log.warning("removing %s left by an interrupted write", path)
                     os.remove(path)
@@ -912,6 +917,9 @@ class Ingest:
             self.flush(proto_type)
 
 
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; Python names it only from 3.12 on
+
+
 class CaptureServer:
     """The selectors loop: UDP and TCP HEP on one HOST:PORT, batches flushed on time, signals."""
 
@@ -953,8 +961,8 @@ class CaptureServer:
     def _set_receive_buffer(self) -> None:
         wanted = self.config.rcvbuf_bytes
         try:
-            self.udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, wanted)
-        except (PermissionError, OSError):
+            self.udp.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, wanted)
+        except OSError:                       # not privileged: the kernel caps it at net.core.rmem_max
             self.udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
         granted = self.udp.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux reports double
         if granted < wanted:
@@ -1063,6 +1071,7 @@ class CaptureServer:
         """At shutdown: take in every datagram and TCP byte the kernel already holds for us."""
         self.selector.unregister(self.udp)
         self.selector.unregister(self.tcp)
+        self._on_accept(self.tcp)                   # agents still in the backlog may have sent already
         self.tcp.close()
         self._on_udp(self.udp, limit=1 << 20)       # stops at the first EAGAIN
         for conn in list(self.connections):

@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Capture benchmark: how fast hepop stores realistic SIP over HEP3 without loss, on this machine.
+
+It measures, in one run:
+  1. the ceiling: a bare Python loop that only receives UDP datagrams, fed as fast as one sender can;
+  2. hepop (python3 hepop.py, default settings) at fixed offered rates over UDP and over TCP, each for a
+     bounded time, with a mix of INVITE, 100, 180, 200, ACK and BYE carrying unique Call-IDs (500-900 B).
+For each rate it prints: sent, stored (rows in the Parquet files that metadata.json lists, after SIGTERM),
+loss %, hepop's CPU microseconds per packet, its peak RSS, and bytes on disk per row; then hepop's highest
+zero-loss rate as a fraction of the ceiling.  All traffic goes to 127.0.0.1.
+
+    python3 bench_hepop.py            # full run, a few minutes
+    python3 bench_hepop.py --quick    # under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def sip_messages(call: int) -> list[bytes]:
+    """One call's six messages, 500-900 bytes each, sharing a unique Call-ID."""
+    call_id = f"{call:08x}-bench@10.20.30.40"
+    via = f"Via: SIP/2.0/UDP 10.20.30.40:5060;branch=z9hG4bK{call:010d};rport\r\n"
+    common = (f"From: \"Alice {call % 977}\" <sip:+4930{call:07d}@carrier.example.com>;tag=f{call}\r\n"
+              f"To: <sip:+4940{call:07d}@pbx.example.net>{{totag}}\r\nCall-ID: {call_id}\r\n")
+    record_route = ("Record-Route: <sip:10.20.30.1;lr;ftag=f{0};did=7a1.b3c2>\r\n"
+                    "P-Asserted-Identity: <sip:+4930{0:07d}@carrier.example.com>\r\n").format(call)
+    sdp = ("v=0\r\no=- 1 1 IN IP4 10.20.30.40\r\ns=-\r\nc=IN IP4 10.20.30.40\r\nt=0 0\r\n"
+           "m=audio 40000 RTP/AVP 8 0 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n")
+
+    def request(method, cseq, body="", totag=""):
+        return (f"{method} sip:+4940{call:07d}@pbx.example.net SIP/2.0\r\n{via}{record_route}Max-Forwards: 70\r\n"
+                + common.format(totag=totag) + f"CSeq: {cseq} {method}\r\nContact: <sip:alice@10.20.30.40>\r\n"
+                "User-Agent: bench-uac 1.0\r\nAllow: INVITE, ACK, BYE, CANCEL, OPTIONS\r\n"
+                f"Content-Type: application/sdp\r\nContent-Length: {len(body)}\r\n\r\n{body}")
+
+    def response(code, reason, body=""):
+        return (f"SIP/2.0 {code} {reason}\r\n{via}{record_route}" + common.format(totag=";tag=t1" if code > 100 else "")
+                + f"CSeq: 1 INVITE\r\nServer: bench-uas 1.0\r\nContent-Length: {len(body)}\r\n\r\n{body}")
+
+    messages = [request("INVITE", 1, sdp), response(100, "Trying"), response(180, "Ringing"),
+                response(200, "OK", sdp), request("ACK", 1, totag=";tag=t1"), request("BYE", 2, totag=";tag=t1")]
+    return [m.encode() for m in messages]
+
+
+def hep3(payload: bytes, seq: int) -> bytes:
+    now = time.time()
+    body = b"".join(struct.pack("!HHH", 0, kind, len(value) + 6) + value for kind, value in (
+        (1, b"\x02"), (2, b"\x11"), (3, bytes([10, 20, 30, 40])), (4, bytes([10, 20, 30, 41])),
+        (7, struct.pack("!H", 5060)), (8, struct.pack("!H", 5060)), (9, struct.pack("!I", int(now))),
+        (10, struct.pack("!I", seq % 1_000_000)), (11, b"\x01"), (12, struct.pack("!I", 2001)), (15, payload)))
+    return b"HEP3" + struct.pack("!H", len(body) + 6) + body
+
+
+def packets(count: int, first_call: int) -> list[bytes]:
+    out = []
+    call = first_call
+    while len(out) < count:
+        out.extend(hep3(m, len(out)) for m in sip_messages(call))
+        call += 1
+    return out[:count]
+
+
+def free_port() -> int:
+    with socket.socket() as tcp:
+        tcp.bind(("127.0.0.1", 0))
+        return tcp.getsockname()[1]
+
+
+def send_paced(pool: list[bytes], rate: int, seconds: float, port: int, transport: str) -> int:
+    """Send at `rate` packets/s for `seconds`, in 1 ms slices; returns how many were sent."""
+    total = int(rate * seconds)
+    if transport == "udp":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        send = lambda batch: [sock.sendto(p, ("127.0.0.1", port)) for p in batch]
+    else:
+        sock = socket.create_connection(("127.0.0.1", port))
+        send = lambda batch: sock.sendall(b"".join(batch))
+    start = time.perf_counter()
+    sent = 0
+    while sent < total:
+        due = min(total, int((time.perf_counter() - start) * rate) + 1)
+        if due > sent:
+            send([pool[i % len(pool)] for i in range(sent, due)])
+            sent = due
+        else:
+            time.sleep(0.0005)
+    sock.close()
+    return sent
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def stored(data_dir: Path) -> tuple[int, int]:
+    """Rows and bytes of the files listed in every metadata.json."""
+    rows = size = 0
+    for metadata in data_dir.glob("*/dbs/hep-0/hep_*-0/metadata.json"):
+        content = json.loads(metadata.read_text())
+        rows += content["row_count"]
+        size += content["parquet_size_bytes"]
+    return rows, size
+
+
+def run_hepop(rate: int, seconds: float, transport: str, pool: list[bytes]) -> dict:
+    with tempfile.TemporaryDirectory(prefix="hepop-bench-") as tmp:
+        port = free_port()
+        env = {**os.environ, "PORT": str(port), "PARQUET_DIR": tmp, "WRITER_ID": "bench", "LOG_LEVEL": "INFO"}
+        log_path = Path(tmp) / "hepop.log"
+        with open(log_path, "w") as log:
+            server = subprocess.Popen([sys.executable, str(HERE / "hepop.py")], env=env, stderr=log)
+            wait_listening(port)
+            cpu_before = process_cpu_seconds(server.pid)
+            sent = send_paced(pool, rate, seconds, port, transport)
+            time.sleep(0.5)
+            rss = peak_rss_mib(server.pid)
+            cpu = process_cpu_seconds(server.pid) - cpu_before
+            server.send_signal(signal.SIGTERM)
+            code = server.wait(timeout=120)
+        rows, size = stored(Path(tmp))
+        counters = {}
+        for line in log_path.read_text().splitlines():
+            if "final counters" in line:
+                counters = json.loads(line.split("final counters ", 1)[1])
+        return {"transport": transport, "rate": rate, "sent": sent, "stored": rows, "exit": code,
+                "loss_pct": 100.0 * (sent - rows) / sent, "cpu_us": 1e6 * cpu / max(rows, 1), "rss_mib": rss,
+                "bytes_per_row": size / max(rows, 1),
+                "loop_busy_ms_max": 1000 * counters.get("loop_busy_seconds_max", 0),
+                "flush_ms_max": 1000 * counters.get("flush_seconds_max", 0)}
+
+
+def wait_listening(port: int, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("hepop did not start")
+
+
+BARE_RECEIVER = """
+import socket, sys, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)
+sock.bind(("127.0.0.1", int(sys.argv[1])))
+sock.settimeout(1.0)
+print("ready", flush=True)
+count, first, last = 0, None, None
+try:
+    while True:
+        sock.recvfrom(65535)
+        last = time.perf_counter()
+        first = first or last
+        count += 1
+except socket.timeout:
+    pass
+print(count, (last or 0) - (first or 0), flush=True)
+"""
+
+
+def bare_ceiling(pool: list[bytes], seconds: float) -> dict:
+    """Datagrams/s that a loop doing nothing but recvfrom takes in, fed flat out by one sender."""
+    port = free_port()
+    receiver = subprocess.Popen([sys.executable, "-c", BARE_RECEIVER, str(port)], stdout=subprocess.PIPE, text=True)
+    receiver.stdout.readline()
+    cpu_before = process_cpu_seconds(receiver.pid)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sent, deadline = 0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for data in pool[:1000]:
+            sock.sendto(data, ("127.0.0.1", port))
+        sent += 1000
+    cpu = process_cpu_seconds(receiver.pid) - cpu_before
+    count, elapsed = receiver.stdout.readline().split()
+    receiver.wait()
+    count = int(count)
+    return {"sent": sent, "received": count, "rate": count / float(elapsed), "cpu_us": 1e6 * cpu / max(count, 1)}
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs at two rates (under a minute)")
+    parser.add_argument("--seconds", type=float, help="seconds per rate")
+    parser.add_argument("--rates", help="comma-separated packets/s")
+    args = parser.parse_args()
+    seconds = args.seconds or (3.0 if args.quick else 10.0)
+    rates = [int(r) for r in args.rates.split(",")] if args.rates else \
+        ([10_000, 20_000] if args.quick else [10_000, 20_000, 40_000, 60_000, 80_000])
+    print(f"hepop bench: commit {commit()}, {platform.node()}, {os.cpu_count()} cores, "
+          f"{platform.python_implementation()} {platform.python_version()}, {seconds:g} s per rate")
+    pool = packets(200_000, first_call=1)
+    sizes = sorted(len(p) for p in pool)
+    print(f"packets: HEP3 SIP, {sizes[0]}-{sizes[-1]} bytes, median {sizes[len(sizes) // 2]}")
+    ceiling = bare_ceiling(pool, min(seconds, 5.0))
+    print(f"bare UDP receive loop: {ceiling['rate']:,.0f} packets/s received "
+          f"({ceiling['received']:,} of {ceiling['sent']:,} sent flat out), {ceiling['cpu_us']:.1f} us CPU/packet")
+    header = (f"{'transport':>9} {'offered/s':>10} {'sent':>9} {'stored':>9} {'loss %':>7} {'CPU us/pkt':>10} "
+              f"{'RSS MiB':>8} {'B/row':>6} {'loop max ms':>11} {'flush max ms':>12}")
+    print(header)
+    best = {}
+    for transport in ("udp", "tcp"):
+        for rate in rates:
+            r = run_hepop(rate, seconds, transport, pool)
+            print(f"{transport:>9} {rate:>10,} {r['sent']:>9,} {r['stored']:>9,} {r['loss_pct']:>7.3f} "
+                  f"{r['cpu_us']:>10.1f} {r['rss_mib']:>8.0f} {r['bytes_per_row']:>6.0f} "
+                  f"{r['loop_busy_ms_max']:>11.1f} {r['flush_ms_max']:>12.1f}", flush=True)
+            if r["stored"] == r["sent"]:
+                best[transport] = max(best.get(transport, 0), rate)
+    for transport in ("udp", "tcp"):
+        zero_loss = best.get(transport, 0)
+        print(f"hepop {transport}: highest zero-loss rate {zero_loss:,}/s = "
+              f"{zero_loss / ceiling['rate']:.2f} of the bare UDP receive ceiling")
+
+
+if __name__ == "__main__":
+    main()
