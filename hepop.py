@@ -40,6 +40,7 @@ import os
 import queue
 import re
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -49,6 +50,7 @@ import time
 import zlib
 from typing import Callable, NamedTuple, Optional
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -95,6 +97,21 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+def parse_duration(text: str) -> float:
+    """A duration in seconds from '7d', '36h', '90m', '30s' or a plain number of seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text, re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError("must be a duration such as 7d, 36h, 90m or 3600 (seconds)")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2).lower()]
+
+
+def parse_percent(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 100:
+        raise ValueError("must be a percentage from 0 (off) to 100")
+    return value
+
+
 def parse_writer_id(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", text) or text in (".", ".."):
         raise ValueError("must be a folder name made of letters, digits, '.', '_' and '-'")
@@ -138,6 +155,17 @@ SETTINGS = (
     Setting("MAX_PENDING_BYTES", parse_bytes, lambda s: "256M",
             "bytes buffered and not yet written before new packets are dropped as buffer_full"),
     Setting("MAX_TCP_CONNECTIONS", parse_positive_int, lambda s: "4096", "concurrent TCP agents accepted"),
+    Setting("COMPACT_INTERVAL_S", parse_seconds, lambda s: "60",
+            "how often closed hours are merged into one sorted file and retention is applied"),
+    Setting("COMPACT_GRACE_S", parse_seconds, lambda s: "300",
+            "an hour is compacted once it ended this long ago (late packets still land in raw files)"),
+    Setting("COMPACT_MEMORY_MB", parse_positive_int, lambda s: "256", "memory budget of a compaction"),
+    Setting("RETENTION", parse_duration, lambda s: "7d",
+            "files whose newest row is older are deleted; RETENTION_<type> (e.g. RETENTION_100=1d) per type"),
+    Setting("MAX_DISK_PERCENT", parse_percent, lambda s: "90",
+            "when the filesystem is fuller, the oldest hours are deleted (0: off)"),
+    Setting("MAX_DISK_BYTES", parse_bytes, lambda s: "0",
+            "when this writer's files take more, the oldest hours are deleted (0: off)"),
     Setting("HEP_AUTH_KEY", str, lambda s: "",
             "when set, only HEP3 packets whose chunk 14 equals it are kept (never written to disk)"),
     Setting("STATS_INTERVAL_S", parse_seconds, lambda s: "60", "log the counters this often while non-zero"),
@@ -159,9 +187,16 @@ class Config:
     flush_interval_s: float
     max_pending_bytes: int
     max_tcp_connections: int
+    compact_interval_s: float
+    compact_grace_s: float
+    compact_memory_mb: int
+    retention: float
+    max_disk_percent: float
+    max_disk_bytes: int
     hep_auth_key: str
     stats_interval_s: float
     log_level: str
+    retention_by_type: tuple = ()          # ((type, seconds), ...) from RETENTION_<type> variables
 
     @classmethod
     def load(cls, argv: list[str], environ: dict[str, str]) -> "Config":
@@ -179,13 +214,21 @@ class Config:
                 values[key] = setting.parse(text)
             except ValueError as exc:
                 raise ConfigError(f"{setting.name}={text!r}: {exc}") from None
-        return cls(**values)
+        by_type = []
+        for name, text in sorted(environ.items()):
+            if re.fullmatch(r"RETENTION_\d+", name):
+                try:
+                    by_type.append((int(name.split("_")[1]), parse_duration(text)))
+                except ValueError as exc:
+                    raise ConfigError(f"{name}={text!r}: {exc}") from None
+        return cls(**values, retention_by_type=tuple(by_type))
 
 
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hepop", description="HEP capture server writing Apache Parquet.",
-        epilog="Every setting is also read from the environment variable named in capitals; a flag wins.")
+        epilog="Every setting is also read from the environment variable named in capitals; a flag wins. "
+               "RETENTION_<type> variables (RETENTION_100=1d) set the retention of one HEP type.")
     parser.add_argument("--version", action="version", version=f"hepop {__version__}")
     for setting in SETTINGS:
         default = {"HTTP_PORT": "PORT+1", "WRITER_ID": "host name"}.get(setting.name) or setting.default({})
@@ -521,10 +564,14 @@ def fsync_dir(path: str) -> None:
 def write_atomically(path: str, write: Callable[[object], None]) -> None:
     """Write a file under a temporary name, fsync it, rename it into place and fsync its folder."""
     temp = path + TEMP_SUFFIX
-    with open(temp, "wb") as out:
-        write(out)
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        with open(temp, "wb") as out:
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        os.remove(temp)
+        raise
     os.replace(temp, path)
     fsync_dir(os.path.dirname(path))
 
@@ -569,6 +616,8 @@ class TypeStore:
 
     metadata.json is the truth about which files exist; a file is visible to readers only once listed.
     Paths in it are relative to PARQUET_DIR so the tree can be moved.  Sequence numbers never repeat.
+    Every change of the file list (new raw files, a compaction's swap, retention) happens under `lock`
+    and ends with one atomic write of metadata.json.
     """
 
     def __init__(self, root: str, writer_id: str, proto_type: int):
@@ -583,6 +632,13 @@ class TypeStore:
         make_dirs(self.dir)
         self.recover()
 
+    def path(self, entry: dict) -> str:
+        return os.path.join(self.root, entry["path"])
+
+    def snapshot(self) -> list[dict]:
+        with self.lock:
+            return sorted(self.files.values(), key=lambda entry: entry["id"])
+
     # -- writing ------------------------------------------------------------------------------------
 
     def write(self, table: pa.Table) -> list[dict]:
@@ -590,11 +646,11 @@ class TypeStore:
         entries = []
         with self.lock:
             for folder_start_us, part in split_by_folder(table):
-                entries.append(self._write_file(folder_start_us, part))
+                entries.append(self._write_raw_file(folder_start_us, part))
             self._save_metadata()
         return entries
 
-    def _write_file(self, folder_start_us: int, table: pa.Table) -> dict:
+    def _write_raw_file(self, folder_start_us: int, table: pa.Table) -> dict:
         self.sequence += 1
         folder = os.path.join(self.dir, folder_of(folder_start_us))
         make_dirs(folder)
@@ -611,6 +667,43 @@ class TypeStore:
         self.files[entry["path"]] = entry
         log.debug("wrote %s (%d rows, %d bytes)", entry["path"], entry["row_count"], entry["size_bytes"])
         return entry
+
+    def compacted_path(self, hour_start_us: int) -> str:
+        """A new, never used name for an hour's compacted file."""
+        with self.lock:
+            self.sequence += 1
+            return os.path.join(self.dir, folder_of(hour_start_us), f"c_{self.sequence:010d}.parquet")
+
+    def swap(self, inputs: list[dict], output: dict) -> None:
+        """Replace a compaction's inputs by its output, in one atomic write of metadata.json."""
+        with self.lock:
+            for entry in inputs:
+                del self.files[entry["path"]]
+            self.files[output["path"]] = output
+            self._save_metadata()
+
+    def forget(self, entries: list[dict]) -> None:
+        """Unlist files (their deletion follows), in one atomic write of metadata.json."""
+        with self.lock:
+            for entry in entries:
+                self.files.pop(entry["path"], None)
+            self._save_metadata()
+
+    def remove_empty_folders(self, before_us: int) -> int:
+        """Remove the empty 10-minute and day folders of times before `before_us`; how many went."""
+        removed = 0
+        with self.lock:                     # the writer creates folders under the same lock
+            for folder, subfolders, names in os.walk(self.dir, topdown=False):
+                relative = os.path.relpath(folder, self.dir)
+                if relative == "." or names or any(os.path.isdir(os.path.join(folder, d)) for d in subfolders):
+                    continue
+                start = folder_start_us(relative)
+                if start is not None and start + (86_400 if os.sep not in relative else 600) * 1_000_000 <= before_us:
+                    os.rmdir(folder)
+                    removed += 1
+            if removed:
+                fsync_dir(self.dir)
+        return removed
 
     def _save_metadata(self) -> None:
         files = sorted(self.files.values(), key=lambda entry: entry["id"])
@@ -631,12 +724,17 @@ class TypeStore:
     def recover(self) -> None:
         """Make metadata.json equal to the tree, whatever moment a crash struck.
 
-        Temp files are removed.  Listed files that are gone are dropped from metadata with a warning.
-        Files on disk but not listed (renamed, then the crash came before metadata) are complete, since
-        only fsynced files are renamed: they are adopted if they read, else removed.  A missing or
-        unreadable metadata.json is rebuilt from the tree the same way.
+        - Temp files are removed: nothing was listed for them.
+        - Listed files that are gone are dropped from metadata with a warning.
+        - A compacted file records the files it merged.  Those still on disk are removed: either the
+          swap in metadata happened (they are merged) or metadata is being rebuilt and the complete,
+          fsynced output holds their rows.  A compacted file that metadata does not list, when
+          metadata is whole, is removed: the crash came before the swap and its inputs are still listed.
+        - Other unlisted files (raw files renamed just before a crash) are complete, since only fsynced
+          files are renamed: they are adopted if they read, else removed.
+        A missing or unreadable metadata.json is rebuilt from the tree by the same rules.
         """
-        listed, sequence = self._load_metadata()
+        listed, sequence, rebuilding = self._load_metadata()
         on_disk = {}
         for folder, _, names in os.walk(self.dir):
             for name in names:
@@ -649,52 +747,88 @@ class TypeStore:
                     os.remove(path)
                 elif name.endswith(".parquet"):
                     on_disk[os.path.relpath(path, self.root)] = path
-        changed = False
         for relpath in sorted(set(listed) - set(on_disk)):
             log.warning("metadata lists %s, which is gone: dropping it", relpath)
             del listed[relpath]
-            changed = True
-        for relpath in sorted(set(on_disk) - set(listed)):
-            path = on_disk[relpath]
+        compacted = [r for r in on_disk if os.path.basename(r).startswith("c_") and (rebuilding or r in listed)]
+        merged = set()
+        for relpath in compacted:
             try:
-                entry = self._entry_for_unlisted(relpath, path)
-            except Exception as exc:  # any unreadable file: pyarrow raises several kinds
-                log.warning("removing unreadable %s: %s", path, exc)
+                merged.update(merged_inputs(on_disk[relpath]))
+            except Exception as exc:       # unreadable: removed below, and its inputs stay
+                log.warning("cannot read %s: %s", on_disk[relpath], exc)
+        for relpath in sorted(on_disk):
+            path = on_disk[relpath]
+            if relpath in merged:
+                log.warning("removing %s: already merged into a compacted file", relpath)
+                listed.pop(relpath, None)
                 os.remove(path)
-            else:
-                log.warning("adopting %s (%d rows), written before a crash", relpath, entry["row_count"])
-                listed[relpath] = entry
-            changed = True
+            elif relpath not in listed:
+                self._adopt_or_remove(relpath, path, listed, rebuilding)
         self.files = listed
-        self.sequence = max([sequence] + [entry["id"] for entry in listed.values()])
-        if changed or not os.path.exists(self.metadata_path):
-            self._save_metadata()
+        self.sequence = sequence
+        self._save_metadata()
 
-    def _load_metadata(self) -> tuple[dict[str, dict], int]:
+    def _adopt_or_remove(self, relpath: str, path: str, listed: dict, rebuilding: bool) -> None:
+        if os.path.basename(path).startswith("c_") and not rebuilding:
+            log.warning("removing %s: a compaction output written before a crash, its inputs are listed",
+                        relpath)
+            os.remove(path)
+            return
+        try:
+            entry = self._entry_for_unlisted(relpath, path)
+        except Exception as exc:  # any unreadable file: pyarrow raises several kinds
+            log.warning("removing unreadable %s: %s", path, exc)
+            os.remove(path)
+        else:
+            log.warning("adopting %s (%d rows), written before a crash", relpath, entry["row_count"])
+            listed[relpath] = entry
+
+    def _load_metadata(self) -> tuple[dict[str, dict], int, bool]:
+        """Listed files, last sequence number, and whether metadata must be rebuilt from the tree."""
         try:
             with open(self.metadata_path, "rb") as source:
                 metadata = json.load(source)
             files = {entry["path"]: entry for entry in metadata["files"]}
-            return files, int(metadata.get("wal_sequence") or 0)
+            return files, int(metadata.get("wal_sequence") or 0), False
         except FileNotFoundError:
-            return {}, 0
+            return {}, 0, True
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("%s is unreadable (%s): rebuilding it from the files", self.metadata_path, exc)
-            return {}, 0
+            return {}, 0, True
 
     def _entry_for_unlisted(self, relpath: str, path: str) -> dict:
         name = os.path.basename(path)
         sequence = int(name.split(".")[0].removeprefix("c_"))
         if pq.read_schema(path).remove_metadata() != self.schema:
             raise ValueError("schema differs from this type's")
-        folder = os.path.relpath(os.path.dirname(path), self.dir)
-        day, hhmm = folder.split(os.sep)
-        chunk = datetime.datetime.strptime(f"{day} {hhmm}", "%Y-%m-%d %H-%M").replace(
-            tzinfo=datetime.timezone.utc)
+        chunk = folder_start_us(os.path.relpath(os.path.dirname(path), self.dir))
+        if chunk is None:
+            raise ValueError("not in a YYYY-MM-DD/HH-MM folder")
         compacted = name.startswith("c_")
-        return {"id": sequence, "path": relpath, **describe_file(path),
-                "chunk_time": int(chunk.timestamp()) * 1_000_000_000,
+        return {"id": sequence, "path": relpath, **describe_file(path), "chunk_time": chunk * 1000,
                 "range": "1h" if compacted else "10m", "type": "compacted" if compacted else "raw"}
+
+
+def folder_start_us(relative: str) -> Optional[int]:
+    """The start of a 'YYYY-MM-DD' or 'YYYY-MM-DD/HH-MM' folder, in us; None for anything else."""
+    try:
+        start = datetime.datetime.strptime(relative.replace(os.sep, " "), "%Y-%m-%d %H-%M")
+    except ValueError:
+        try:
+            start = datetime.datetime.strptime(relative, "%Y-%m-%d")
+        except ValueError:
+            return None
+    return int(start.replace(tzinfo=datetime.timezone.utc).timestamp()) * 1_000_000
+
+
+INPUTS_KEY = b"hepop:inputs"
+
+
+def merged_inputs(path: str) -> list[str]:
+    """The files (relative to PARQUET_DIR) that a compacted file merged, as recorded in its footer."""
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata.get(INPUTS_KEY, b"[]"))
 
 
 class Storage:
@@ -779,6 +913,197 @@ class BatchWriter(threading.Thread):
         self.counters.add("bytes_written_total", sum(entry["size_bytes"] for entry in entries))
         self.counters.add("flush_seconds_total", elapsed)
         self.counters.maximum("flush_seconds_max", elapsed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compaction and retention: a timer thread merges each closed hour into one sorted file with DuckDB,
+# deletes what is older than the retention or what overfills the disk, and removes empty folders.
+# ---------------------------------------------------------------------------------------------------------
+
+HOUR_US = 3600 * 1_000_000
+
+
+class Compactor(threading.Thread):
+    """Every COMPACT_INTERVAL_S: compaction, retention, the disk guard and folder cleanup, per type.
+
+    An hour is compacted once it ended COMPACT_GRACE_S ago: its raw files (and the compacted file of an
+    earlier pass, when late packets came) become one c_NNNNNNNNNN.parquet in the hour's HH-00 folder,
+    sorted by time.  DuckDB sorts one 10-minute piece at a time, within COMPACT_MEMORY_MB and spilling to
+    a temp folder inside PARQUET_DIR; pieces are disjoint in time, so writing them one after the other
+    gives a sorted hour while the memory needed stays that of one piece.  pyarrow writes the file with
+    the type's one schema, as the raw files are written.
+
+    The swap: the output is written to a temp name, fsynced and renamed; one atomic metadata.json write
+    replaces the inputs by it; the inputs are deleted on the next pass, so that a reader that listed them
+    a moment before the swap still finds them.  The output's footer lists its inputs, which is how the
+    restart (TypeStore.recover) tells every intermediate state apart.
+    """
+
+    def __init__(self, config: Config, storage: Storage, counters: Counters):
+        super().__init__(name="hepop-compactor", daemon=True)
+        self.config = config
+        self.storage = storage
+        self.counters = counters
+        self.retention_us = {t: int(s * 1e6) for t, s in config.retention_by_type}
+        self.row_group_bytes = max(1 << 20, config.compact_memory_mb * (1 << 20) // 8)
+        self.stopping = threading.Event()
+        self.merged: list[tuple[TypeStore, list[dict]]] = []     # inputs to delete on the next pass
+        temp_dir = os.path.join(config.parquet_dir, config.writer_id, ".compaction-tmp")
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        self.db = duckdb.connect(config={
+            "memory_limit": f"{max(16, config.compact_memory_mb // 2)}MB", "threads": 1,
+            "temp_directory": temp_dir, "preserve_insertion_order": False})
+        self.db.execute("SET TimeZone = 'UTC'")
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.config.compact_interval_s):
+            try:
+                self.run_once()
+            except Exception:
+                if self.stopping.is_set():
+                    log.info("compaction interrupted by shutdown; it starts over at the next start")
+                    return
+                log.exception("compaction pass failed; the next pass tries again")
+                self.counters.add("compaction_errors_total")
+
+    def close(self) -> None:
+        """Stop at once: a compaction under way is interrupted and its temp file removed."""
+        self.stopping.set()
+        self.db.interrupt()
+        if self.is_alive():
+            self.join()
+        self.delete_merged()
+        self.db.close()
+
+    def run_once(self, now_us: Optional[int] = None) -> None:
+        now_us = now_us or time.time_ns() // 1000
+        self.delete_merged()
+        for store in list(self.storage.types.values()):
+            for hour_start_us, inputs in self.closed_hours(store, now_us):
+                self.compact(store, hour_start_us, inputs)
+            self.expire(store, now_us)
+        self.guard_disk(now_us)
+        for store in list(self.storage.types.values()):
+            removed = store.remove_empty_folders(now_us - int(self.config.compact_grace_s * 1e6))
+            self.counters.add("folders_removed_total", removed)
+
+    # -- compaction -----------------------------------------------------------------------------------
+
+    def closed_hours(self, store: TypeStore, now_us: int) -> list[tuple[int, list[dict]]]:
+        """(hour start, files) of each hour that ended a grace period ago and is not one file yet."""
+        hours: dict[int, list[dict]] = collections.defaultdict(list)
+        for entry in store.snapshot():
+            hours[entry["chunk_time"] // 1000 // HOUR_US * HOUR_US].append(entry)
+        closes_before = now_us - int(self.config.compact_grace_s * 1e6) - HOUR_US
+        return [(hour, entries) for hour, entries in sorted(hours.items())
+                if hour <= closes_before and (len(entries) > 1 or entries[0]["type"] == "raw")]
+
+    def compact(self, store: TypeStore, hour_start_us: int, inputs: list[dict]) -> None:
+        started = time.perf_counter()
+        path = store.compacted_path(hour_start_us)
+        make_dirs(os.path.dirname(path))
+        relpaths = [entry["path"] for entry in inputs]
+        schema = store.schema.with_metadata({INPUTS_KEY: json.dumps(relpaths).encode()})
+        write_atomically(path, lambda out: self._merge(out, schema, [store.path(e) for e in inputs],
+                                                       hour_start_us))
+        output = {"id": int(os.path.basename(path)[2:12]), "path": os.path.relpath(path, store.root),
+                  **describe_file(path), "chunk_time": hour_start_us * 1000, "range": "1h",
+                  "type": "compacted"}
+        if output["row_count"] != sum(entry["row_count"] for entry in inputs):
+            os.remove(path)                 # never swap in a file that lost or gained rows
+            raise RuntimeError(f"compaction of {relpaths} wrote {output['row_count']} rows")
+        store.swap(inputs, output)
+        self.merged.append((store, inputs))
+        elapsed = time.perf_counter() - started
+        in_bytes = sum(entry["size_bytes"] for entry in inputs)
+        self.counters.add("compactions_total", type=str(store.proto_type))
+        self.counters.add("compacted_rows_total", output["row_count"])
+        self.counters.add("compaction_seconds_total", elapsed)
+        log.info("compacted %d files (%d bytes) of hep_%d into %s: %d rows, %d bytes, %.2f s", len(inputs),
+                 in_bytes, store.proto_type, output["path"], output["row_count"], output["size_bytes"], elapsed)
+
+    def _merge(self, out, schema: pa.Schema, files: list[str], hour_start_us: int) -> None:
+        """Write the rows of `files` to `out` sorted by time, one 10-minute piece at a time."""
+        writer = pq.ParquetWriter(out, schema, compression="zstd")
+        pending, pending_bytes = [], 0
+        for piece in range(6):
+            # The first and last pieces are open-ended, so that no row is ever left out.
+            low = hour_start_us + piece * FOLDER_SPAN_US if piece else 0
+            high = hour_start_us + (piece + 1) * FOLDER_SPAN_US if piece < 5 else 1 << 62
+            query = self.db.sql("SELECT * FROM read_parquet($files) WHERE time >= make_timestamp($low) "
+                                "AND time < make_timestamp($high) ORDER BY time",
+                                params={"files": files, "low": low, "high": high})
+            for batch in query.to_arrow_reader(65536):
+                pending.append(batch)
+                pending_bytes += batch.nbytes
+                if pending_bytes >= self.row_group_bytes:
+                    self._write_row_group(writer, schema, pending)
+                    pending, pending_bytes = [], 0
+        if pending:
+            self._write_row_group(writer, schema, pending)
+        writer.close()
+
+    @staticmethod
+    def _write_row_group(writer: pq.ParquetWriter, schema: pa.Schema, batches: list) -> None:
+        table = pa.Table.from_batches(batches).cast(schema)
+        writer.write_table(table, row_group_size=len(table))
+
+    def delete_merged(self) -> None:
+        """Delete the inputs of earlier swaps; no reader can still be reading them by now."""
+        for store, entries in self.merged:
+            for entry in entries:
+                try:
+                    os.remove(store.path(entry))
+                except FileNotFoundError:
+                    pass
+        self.merged = []
+
+    # -- retention and the disk guard ------------------------------------------------------------------
+
+    def expire(self, store: TypeStore, now_us: int) -> None:
+        """Delete the files whose newest row is older than the type's retention."""
+        keep_us = self.retention_us.get(store.proto_type, int(self.config.retention * 1e6))
+        cutoff_ns = (now_us - keep_us) * 1000
+        self.delete(store, [e for e in store.snapshot() if e["max_time"] < cutoff_ns], "retention")
+
+    def guard_disk(self, now_us: int) -> None:
+        """While the disk is fuller than allowed, delete the oldest hour of every type; never this hour."""
+        current_hour_ns = now_us // HOUR_US * HOUR_US * 1000
+        while self.disk_over_limit():
+            entries = [(store, e) for store in list(self.storage.types.values()) for e in store.snapshot()]
+            hours = sorted({e["chunk_time"] // 1000 // HOUR_US for _, e in entries
+                            if e["chunk_time"] < current_hour_ns})
+            if not hours:
+                log.error("disk over its limit (MAX_DISK_PERCENT / MAX_DISK_BYTES) with only this hour left")
+                return
+            for store in list(self.storage.types.values()):
+                self.delete(store, [e for s, e in entries if s is store and e["chunk_time"] // 1000 // HOUR_US
+                                    == hours[0]], "disk_full")
+
+    def disk_over_limit(self) -> bool:
+        if self.config.max_disk_bytes:
+            used = sum(e["size_bytes"] for store in list(self.storage.types.values()) for e in store.snapshot())
+            if used > self.config.max_disk_bytes:
+                return True
+        if self.config.max_disk_percent:
+            stat = os.statvfs(self.config.parquet_dir)
+            if 100.0 * (1 - stat.f_bavail / stat.f_blocks) > self.config.max_disk_percent:
+                return True
+        return False
+
+    def delete(self, store: TypeStore, entries: list[dict], why: str) -> None:
+        if not entries:
+            return
+        store.forget(entries)
+        for entry in entries:
+            try:
+                os.remove(store.path(entry))
+            except FileNotFoundError:
+                pass
+        rows = sum(entry["row_count"] for entry in entries)
+        self.counters.add("deleted_files_total", len(entries), why=why, type=str(store.proto_type))
+        self.counters.add("deleted_rows_total", rows, why=why, type=str(store.proto_type))
+        log.info("deleted %d files (%d rows) of hep_%d: %s", len(entries), rows, store.proto_type, why)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1115,6 +1440,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     storage = Storage(config.parquet_dir, config.writer_id)
     writer = BatchWriter(storage, counters)
     writer.start()
+    compactor = Compactor(config, storage, counters)
     server = CaptureServer(config, Ingest(config, writer, counters), counters)
     try:
         server.bind()
@@ -1122,9 +1448,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("cannot listen on %s port %d: %s", config.host, config.port, exc)
         writer.close()
         return 1
+    compactor.start()
     server.serve()
     log.info("stopping: writing what is buffered")
     writer.close()
+    compactor.close()
     server.log_counters("final counters")
     log.info("stopped")
     return 0
