@@ -954,3 +954,288 @@ def test_kamailio_type_100_logs_land_in_hep_100(servers, tmp_path):
     assert {r["correlation_id"] for r in logs} == {call_id}
     assert sorted(re.search(r"forwarding (\w+) from", r["payload"]).group(1) for r in logs) == ["ACK", "BYE", "INVITE"]
     assert "sip_method" not in logs[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compaction, retention and crash safety
+# ---------------------------------------------------------------------------------------------------------
+
+HOUR = 1_795_000_200 - 600           # 2026-11-18 11:00:00 UTC
+
+
+def open_store(root: Path, **env) -> tuple[hepop.Storage, hepop.Compactor]:
+    config = hepop.Config.load([], {"PARQUET_DIR": str(root), "WRITER_ID": "w", "COMPACT_GRACE_S": "60", **env})
+    storage = hepop.Storage(str(root), "w")
+    return storage, hepop.Compactor(config, storage, hepop.Counters())
+
+
+def sip_table(times_s: list[float], tag: str, proto_type=1) -> pa.Table:
+    """Rows with distinct, varied contents (non-UTF-8 bytes included) at the given capture times."""
+    packets, times = [], []
+    for i, t in enumerate(times_s):
+        payload = sip(f"{tag}-{i}", method=("INVITE", "BYE", "OPTIONS")[i % 3]) + (b"\xff\xfe" if i % 7 == 0 else b"")
+        packets.append(hepop.decode(hep3(payload, src=f"10.0.{i % 250}.1", sport=1024 + i, proto_type=proto_type,
+                                         extra=chunk(17, f"corr-{i}".encode()) if i % 2 else b"")))
+        times.append(int(t * 1e6))
+    return hepop.build_table(proto_type, times, packets)
+
+
+def rows_of(store: hepop.TypeStore) -> list[dict]:
+    """Every row of the files metadata.json lists, which must be exactly the files on disk."""
+    type_dir = Path(store.dir)
+    assert listed_files(type_dir) == parquet_on_disk(Path(store.root), type_dir)
+    assert not list(type_dir.rglob("*.tmp"))
+    rows = []
+    for path in sorted(listed_files(type_dir)):
+        rows += pq.read_table(Path(store.root) / path).to_pylist()
+    return rows
+
+
+def canonical(rows: list[dict]) -> list[str]:
+    return sorted(repr(sorted(row.items())) for row in rows)
+
+
+def test_compaction_merges_a_closed_hour_into_one_sorted_file_with_exactly_the_same_rows(tmp_path):
+    storage, compactor = open_store(tmp_path)
+    store = storage.store(1)
+    rng = random.Random(5)
+    for batch in range(6):
+        store.write(sip_table([HOUR + rng.uniform(0, 3599.999) for _ in range(300)], f"b{batch}"))
+    store.write(sip_table([HOUR + 3600 + 5], "next-hour"))          # the next hour: not closed yet
+    before = rows_of(store)
+    compactor.run_once(now_us=(HOUR + 3600 + 61) * 1_000_000)
+    files = store.snapshot()
+    assert [(f["type"], f["range"], f["row_count"]) for f in files] == [("raw", "10m", 1), ("compacted", "1h", 1800)]
+    compacted = files[1]
+    assert re.fullmatch(r"w/dbs/hep-0/hep_1-0/2026-11-18/11-00/c_\d{10}\.parquet", compacted["path"])
+    assert compacted["chunk_time"] == HOUR * 10**9
+    compactor.run_once(now_us=(HOUR + 3600 + 62) * 1_000_000)      # the inputs go on the next pass
+    after = rows_of(store)
+    assert canonical(after) == canonical(before)
+    table = pq.read_table(store.path(compacted))
+    times = table.column("time").to_pylist()
+    assert times == sorted(times)
+    assert pq.read_schema(store.path(compacted)).remove_metadata() == store.schema
+    meta = pq.ParquetFile(store.path(compacted)).metadata
+    stats = meta.row_group(0).column(0).statistics
+    assert stats.has_min_max and stats.min == times[0] and meta.row_group(0).column(0).compression == "ZSTD"
+    assert [p.name for p in (tmp_path / "w/dbs/hep-0/hep_1-0/2026-11-18").iterdir()] == ["11-00", "12-00"] or \
+        sorted(p.name for p in (tmp_path / "w/dbs/hep-0/hep_1-0/2026-11-18").iterdir()) == ["11-00", "12-00"]
+    compactor.close()
+
+
+def test_row_groups_are_sized_by_bytes(tmp_path):
+    storage, compactor = open_store(tmp_path, COMPACT_MEMORY_MB="8")        # 1 MiB row groups
+    store = storage.store(1)
+    big = b"X" * 20_000
+    packets = [hepop.decode(hep3(big + str(i).encode())) for i in range(300)]
+    store.write(hepop.build_table(1, [int((HOUR + i) * 1e6) for i in range(300)], packets))
+    store.write(sip_table([HOUR + 1000], "small"))
+    compactor.run_once(now_us=(HOUR + 7200) * 1_000_000)
+    meta = pq.ParquetFile(store.path(store.snapshot()[0])).metadata
+    assert meta.num_rows == 301 and meta.num_row_groups >= 4
+    compactor.close()
+
+
+CRASH_SCRIPT = r"""
+import os, sys
+sys.path.insert(0, sys.argv[4])
+import hepop
+root, step, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
+config = hepop.Config.load([], {"PARQUET_DIR": root, "WRITER_ID": "w", "COMPACT_GRACE_S": "60"})
+storage = hepop.Storage(root, "w")
+compactor = hepop.Compactor(config, storage, hepop.Counters())
+real_replace, real_remove, real_swap = os.replace, os.remove, hepop.TypeStore.swap
+removed = 0
+def replace(src, dst):
+    compacted = os.path.basename(dst).startswith("c_")
+    if step == "output_written" and compacted:
+        os._exit(9)
+    real_replace(src, dst)
+    if step == "output_renamed" and compacted:
+        os._exit(9)
+def remove(path):
+    global removed
+    real_remove(path)
+    removed += 1
+    if step == "input_deleted" and removed == nth:
+        os._exit(9)
+def swap(self, inputs, output):
+    real_swap(self, inputs, output)
+    if step == "metadata_swapped":
+        os._exit(9)
+os.replace, os.remove, hepop.TypeStore.swap = replace, remove, swap
+now = (int(sys.argv[5]) + 7200) * 1_000_000
+compactor.run_once(now_us=now)
+compactor.run_once(now_us=now)
+"""
+
+
+@pytest.mark.parametrize("step,nth", [("output_written", 0), ("output_renamed", 0), ("metadata_swapped", 0),
+                                      ("input_deleted", 1), ("input_deleted", 2), ("input_deleted", 3),
+                                      ("input_deleted", 4)])
+def test_a_compactor_killed_after_any_step_leaves_every_row_once(tmp_path, step, nth):
+    storage, compactor = open_store(tmp_path)
+    store = storage.store(1)
+    store.write(sip_table([HOUR + 10, HOUR + 700], "early"))
+    compactor.run_once(now_us=(HOUR + 7200) * 1_000_000)
+    compactor.run_once(now_us=(HOUR + 7200) * 1_000_000)                 # one c_ file, inputs gone
+    store.write(sip_table([HOUR + 20, HOUR + 1900], "late-a"))           # late packets: raw files again
+    store.write(sip_table([HOUR + 3500], "late-b"))
+    compactor.close()
+    sent = canonical(rows_of(store))
+    assert len(store.snapshot()) == 4                                    # c_ + 3 raw: 4 inputs
+    result = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(tmp_path), step, str(nth), str(HERE),
+                             str(HOUR)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 9, result.stderr                        # it died where it was told to
+    damaged = tmp_path.parent / f"{tmp_path.name}-rebuild"
+    shutil.copytree(tmp_path, damaged)
+    storage, compactor = open_store(tmp_path)                            # the restart
+    assert canonical(rows_of(storage.store(1))) == sent
+    compactor.run_once(now_us=(HOUR + 7200) * 1_000_000)                 # and compaction completes
+    compactor.run_once(now_us=(HOUR + 7200) * 1_000_000)
+    assert [e["type"] for e in storage.store(1).snapshot()] == ["compacted"]
+    assert canonical(rows_of(storage.store(1))) == sent
+    compactor.close()
+    os.remove(damaged / "w/dbs/hep-0/hep_1-0/metadata.json")             # same crash, metadata lost too
+    storage, compactor = open_store(damaged)
+    assert canonical(rows_of(storage.store(1))) == sent
+    compactor.close()
+
+
+def test_late_packets_for_a_compacted_hour_are_merged_once(tmp_path):
+    storage, compactor = open_store(tmp_path)
+    store = storage.store(1)
+    store.write(sip_table([HOUR + i for i in range(0, 3600, 100)], "on-time"))
+    now = (HOUR + 7200) * 1_000_000
+    compactor.run_once(now_us=now)
+    compactor.run_once(now_us=now)
+    first = store.snapshot()
+    assert [e["type"] for e in first] == ["compacted"]
+    store.write(sip_table([HOUR + 5, HOUR + 3599], "late"))
+    before = canonical(rows_of(store))
+    compactor.run_once(now_us=now)
+    compactor.run_once(now_us=now)
+    files = store.snapshot()
+    assert [e["type"] for e in files] == ["compacted"] and files[0]["id"] > first[0]["id"]
+    assert files[0]["row_count"] == 38 and canonical(rows_of(store)) == before
+    compactor.close()
+
+
+def test_retention_deletes_old_files_per_type_and_empty_folders_go(tmp_path):
+    now = HOUR + 30 * 86400
+    storage, compactor = open_store(tmp_path, RETENTION="7d", RETENTION_100="1d")
+    sip_store, log_store = storage.store(1), storage.store(100)
+    sip_store.write(sip_table([now - 10 * 86400, now - 8 * 86400], "old"))
+    sip_store.write(sip_table([now - 2 * 86400, now - 600], "kept"))
+    log_store.write(sip_table([now - 2 * 86400], "old-log", proto_type=100))
+    log_store.write(sip_table([now - 3600], "kept-log", proto_type=100))
+    compactor.run_once(now_us=now * 1_000_000)
+    compactor.run_once(now_us=now * 1_000_000)
+    assert sorted(r["call_id"] for r in rows_of(sip_store)) == ["kept-0", "kept-1"]
+    assert [r["payload"].split("Call-ID: ")[1].split("\r")[0] for r in rows_of(log_store)] == ["kept-log-0"]
+    days = sorted(p.name for p in Path(sip_store.dir).iterdir() if p.is_dir())
+    assert days == [time.strftime("%Y-%m-%d", time.gmtime(t)) for t in sorted({now - 2 * 86400, now - 600})]
+    assert not [p for p in Path(log_store.dir).rglob("*") if p.is_dir() and not any(p.iterdir())]
+    counters = compactor.counters.snapshot()
+    assert counters['deleted_files_total{type="1",why="retention"}'] == 2
+    assert counters['deleted_rows_total{type="100",why="retention"}'] == 1
+    compactor.close()
+
+
+def test_disk_guard_deletes_the_oldest_hours_first_and_never_the_current_one(tmp_path):
+    now = HOUR + 10 * 3600 + 1200
+    storage, compactor = open_store(tmp_path, MAX_DISK_PERCENT="0")
+    store = storage.store(1)
+    for hours_ago in (5, 4, 3, 2):
+        store.write(sip_table([now - hours_ago * 3600 + i for i in range(50)], f"h{hours_ago}"))
+    store.write(sip_table([now - 60], "current"))
+    compactor.run_once(now_us=now * 1_000_000)
+    sizes = {e["chunk_time"] // 10**9 // 3600: e["size_bytes"] for e in store.snapshot()}
+    budget = sum(sorted(sizes.items())[-3][1:]) + sum(size for _, size in sorted(sizes.items())[-2:])
+    compactor.close()
+    storage, compactor = open_store(tmp_path, MAX_DISK_PERCENT="0", MAX_DISK_BYTES=str(budget))
+    compactor.run_once(now_us=now * 1_000_000)
+    assert {r["call_id"].split("-")[0] for r in rows_of(storage.store(1))} == {"h3", "h2", "current"}
+    compactor.close()
+    storage, compactor = open_store(tmp_path, MAX_DISK_PERCENT="0.0001")   # always over: all but this hour
+    compactor.run_once(now_us=now * 1_000_000)
+    assert {r["call_id"] for r in rows_of(storage.store(1))} == {"current-0"}
+    assert compactor.counters.snapshot()['deleted_files_total{type="1",why="disk_full"}'] == 2
+    compactor.close()
+
+
+def test_readers_of_listed_files_never_see_a_row_twice_or_miss_one_while_compaction_loops(tmp_path):
+    storage, compactor = open_store(tmp_path)
+    store = storage.store(1)
+    committed: list[str] = []
+    stop = threading.Event()
+    errors = []
+
+    def write():
+        n = 0
+        while not stop.is_set():
+            ids = [f"r{n + i}" for i in range(20)]
+            table = sip_table([HOUR + random.uniform(0, 3 * 3600) for _ in ids], "x")
+            table = table.set_column(table.schema.get_field_index("call_id"), "call_id", pa.array(ids))
+            store.write(table)
+            committed.extend(ids)
+            n += 20
+            time.sleep(0.01)
+
+    def compact():
+        while not stop.is_set():
+            compactor.run_once(now_us=(HOUR + 5 * 3600) * 1_000_000)
+            time.sleep(0.3)
+
+    threads = [threading.Thread(target=write), threading.Thread(target=compact)]
+    for thread in threads:
+        thread.start()
+    reads = compactions_seen = 0
+    deadline = time.monotonic() + 4
+    with duckdb.connect() as con:
+        while time.monotonic() < deadline:
+            expected = set(committed)
+            metadata = json.loads((Path(store.dir) / "metadata.json").read_text())
+            files = [str(tmp_path / e["path"]) for e in metadata["files"]]
+            compactions_seen += any(e["type"] == "compacted" for e in metadata["files"])
+            if not files:
+                continue
+            ids = [r[0] for r in con.execute("SELECT call_id FROM read_parquet($files)", {"files": files}).fetchall()]
+            if len(ids) != len(set(ids)) or not expected <= set(ids):
+                errors.append((len(ids), len(set(ids)), len(expected - set(ids))))
+            reads += 1
+    stop.set()
+    for thread in threads:
+        thread.join()
+    compactor.close()
+    assert not errors and reads > 20 and compactions_seen > 5
+    assert compactor.counters.snapshot()["compactions_total{type=\"1\"}"] >= 6
+
+
+def test_the_server_compacts_closed_hours_and_merges_late_packets(servers, tmp_path):
+    server = servers(COMPACT_INTERVAL_S="0.3", COMPACT_GRACE_S="1")
+    two_hours_ago = int(time.time()) // 3600 * 3600 - 7200
+    server.udp([hep3(sip(f"old-{i}"), seconds=two_hours_ago + i * 60) for i in range(90)])   # 1.5 hours
+
+    def files_by_type():
+        path = tmp_path / "data/test/dbs/hep-0/hep_1-0/metadata.json"
+        if not path.exists():
+            return []
+        metadata = json.loads(path.read_text())
+        return sorted((e["chunk_time"] // 10**9 - two_hours_ago, e["type"]) for e in metadata["files"])
+
+    def wait_for(expected):
+        deadline = time.monotonic() + 20
+        while files_by_type() != expected:
+            assert time.monotonic() < deadline, files_by_type()
+            time.sleep(0.1)
+
+    wait_for([(0, "compacted"), (3600, "compacted")])
+    server.udp([hep3(sip(f"late-{i}"), seconds=two_hours_ago + 30 + i) for i in range(5)])
+    time.sleep(1)
+    wait_for([(0, "compacted"), (3600, "compacted")])
+    assert server.stop() == 0
+    call_ids = [r["call_id"] for r in stored_rows(tmp_path / "data", columns="time, call_id")]
+    assert sorted(call_ids) == sorted([f"old-{i}" for i in range(90)] + [f"late-{i}" for i in range(5)])
+    assert server.counters()['compactions_total{type="1"}'] == 3
