@@ -603,6 +603,11 @@ def split_by_folder(table: pa.Table) -> list[tuple[int, pa.Table]]:
             for bucket in sorted(pc.unique(buckets).to_pylist())]
 
 
+def row_group_rows(table: pa.Table, target_bytes: int) -> int:
+    """Rows per row group so that a group holds about `target_bytes`: payloads make rows large."""
+    return max(1, target_bytes * len(table) // max(1, table.nbytes))
+
+
 def describe_file(path: str) -> dict:
     """Row count and time range of a Parquet file, read from the file itself (raises if unreadable)."""
     times = pq.read_table(path, columns=["time"]).column("time").cast(pa.int64())
@@ -655,9 +660,8 @@ class TypeStore:
         folder = os.path.join(self.dir, folder_of(folder_start_us))
         make_dirs(folder)
         path = os.path.join(folder, f"{self.sequence:010d}.parquet")
-        rows_per_group = max(1024, ROW_GROUP_BYTES * len(table) // max(1, table.nbytes))
         write_atomically(path, lambda out: pq.write_table(
-            table, out, compression="zstd", row_group_size=rows_per_group))
+            table, out, compression="zstd", row_group_size=row_group_rows(table, ROW_GROUP_BYTES)))
         times = table.column("time").cast(pa.int64())
         low, high = pc.min_max(times).values()
         entry = {"id": self.sequence, "path": os.path.relpath(path, self.root),
@@ -951,7 +955,7 @@ class Compactor(threading.Thread):
         temp_dir = os.path.join(config.parquet_dir, config.writer_id, ".compaction-tmp")
         shutil.rmtree(temp_dir, ignore_errors=True)
         self.db = duckdb.connect(config={
-            "memory_limit": f"{max(16, config.compact_memory_mb // 2)}MB", "threads": 1,
+            "memory_limit": f"{max(64, config.compact_memory_mb // 2)}MB", "threads": 1,
             "temp_directory": temp_dir, "preserve_insertion_order": False})
         self.db.execute("SET TimeZone = 'UTC'")
 
@@ -1033,7 +1037,7 @@ class Compactor(threading.Thread):
             query = self.db.sql("SELECT * FROM read_parquet($files) WHERE time >= make_timestamp($low) "
                                 "AND time < make_timestamp($high) ORDER BY time",
                                 params={"files": files, "low": low, "high": high})
-            for batch in query.to_arrow_reader(65536):
+            for batch in query.to_arrow_reader(4096):
                 pending.append(batch)
                 pending_bytes += batch.nbytes
                 if pending_bytes >= self.row_group_bytes:
@@ -1043,10 +1047,9 @@ class Compactor(threading.Thread):
             self._write_row_group(writer, schema, pending)
         writer.close()
 
-    @staticmethod
-    def _write_row_group(writer: pq.ParquetWriter, schema: pa.Schema, batches: list) -> None:
+    def _write_row_group(self, writer: pq.ParquetWriter, schema: pa.Schema, batches: list) -> None:
         table = pa.Table.from_batches(batches).cast(schema)
-        writer.write_table(table, row_group_size=len(table))
+        writer.write_table(table, row_group_size=row_group_rows(table, self.row_group_bytes))
 
     def delete_merged(self) -> None:
         """Delete the inputs of earlier swaps; no reader can still be reading them by now."""
