@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import signal
 import socket
 import struct
@@ -28,51 +29,61 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
+
 HERE = Path(__file__).resolve().parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def sip_messages(call: int) -> list[bytes]:
-    """One call's six messages, 500-900 bytes each, sharing a unique Call-ID."""
-    call_id = f"{call:08x}-bench@10.20.30.40"
-    via = f"Via: SIP/2.0/UDP 10.20.30.40:5060;branch=z9hG4bK{call:010d};rport\r\n"
-    common = (f"From: \"Alice {call % 977}\" <sip:+4930{call:07d}@carrier.example.com>;tag=f{call}\r\n"
-              f"To: <sip:+4940{call:07d}@pbx.example.net>{{totag}}\r\nCall-ID: {call_id}\r\n")
-    record_route = ("Record-Route: <sip:10.20.30.1;lr;ftag=f{0};did=7a1.b3c2>\r\n"
-                    "P-Asserted-Identity: <sip:+4930{0:07d}@carrier.example.com>\r\n").format(call)
-    sdp = ("v=0\r\no=- 1 1 IN IP4 10.20.30.40\r\ns=-\r\nc=IN IP4 10.20.30.40\r\nt=0 0\r\n"
-           "m=audio 40000 RTP/AVP 8 0 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n")
+def sip_messages(rng: random.Random) -> list[bytes]:
+    """One call's six messages, 500-900 bytes each: random Call-ID, tags, branches, numbers and hosts,
+    as real traffic has, so that compression figures are not flattered by repetition."""
+    token = lambda n: "%0*x" % (n, rng.getrandbits(4 * n))
+    caller, callee = f"+49{rng.randrange(10**9, 10**10)}", f"+49{rng.randrange(10**9, 10**10)}"
+    uac, uas = f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}", f"192.168.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+    call_id = f"{token(32)}@{uac}"
+    from_tag, to_tag = token(10), token(10)
+    via = f"Via: SIP/2.0/UDP {uac}:{rng.randrange(1024, 65535)};branch=z9hG4bK{token(16)};rport\r\n"
+    common = (f"From: \"Caller {caller[-4:]}\" <sip:{caller}@carrier.example.com>;tag={from_tag}\r\n"
+              f"To: <sip:{callee}@pbx.example.net>{{totag}}\r\nCall-ID: {call_id}\r\n")
+    record_route = (f"Record-Route: <sip:10.20.30.1;lr;ftag={from_tag};did={token(3)}.{token(4)}>\r\n"
+                    f"P-Asserted-Identity: <sip:{caller}@carrier.example.com>\r\n")
+    sdp = (f"v=0\r\no=- {rng.getrandbits(32)} {rng.getrandbits(32)} IN IP4 {uac}\r\ns=-\r\nc=IN IP4 {uac}\r\n"
+           f"t=0 0\r\nm=audio {rng.randrange(10000, 60000, 2)} RTP/AVP 8 0 101\r\na=rtpmap:8 PCMA/8000\r\n"
+           "a=rtpmap:101 telephone-event/8000\r\n")
 
     def request(method, cseq, body="", totag=""):
-        return (f"{method} sip:+4940{call:07d}@pbx.example.net SIP/2.0\r\n{via}{record_route}Max-Forwards: 70\r\n"
-                + common.format(totag=totag) + f"CSeq: {cseq} {method}\r\nContact: <sip:alice@10.20.30.40>\r\n"
+        return (f"{method} sip:{callee}@pbx.example.net SIP/2.0\r\n{via}{record_route}Max-Forwards: 70\r\n"
+                + common.format(totag=totag) + f"CSeq: {cseq} {method}\r\nContact: <sip:{caller}@{uac}>\r\n"
                 "User-Agent: bench-uac 1.0\r\nAllow: INVITE, ACK, BYE, CANCEL, OPTIONS\r\n"
                 f"Content-Type: application/sdp\r\nContent-Length: {len(body)}\r\n\r\n{body}")
 
     def response(code, reason, body=""):
-        return (f"SIP/2.0 {code} {reason}\r\n{via}{record_route}" + common.format(totag=";tag=t1" if code > 100 else "")
-                + f"CSeq: 1 INVITE\r\nServer: bench-uas 1.0\r\nContent-Length: {len(body)}\r\n\r\n{body}")
+        return (f"SIP/2.0 {code} {reason}\r\n{via}{record_route}"
+                + common.format(totag=f";tag={to_tag}" if code > 100 else "")
+                + f"CSeq: 1 INVITE\r\nContact: <sip:{callee}@{uas}>\r\nServer: bench-uas 1.0\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n{body}")
 
     messages = [request("INVITE", 1, sdp), response(100, "Trying"), response(180, "Ringing"),
-                response(200, "OK", sdp), request("ACK", 1, totag=";tag=t1"), request("BYE", 2, totag=";tag=t1")]
+                response(200, "OK", sdp), request("ACK", 1, totag=f";tag={to_tag}"),
+                request("BYE", 2, totag=f";tag={to_tag}")]
     return [m.encode() for m in messages]
 
 
-def hep3(payload: bytes, seq: int) -> bytes:
+def hep3(payload: bytes, seq: int, rng: random.Random) -> bytes:
     now = time.time()
     body = b"".join(struct.pack("!HHH", 0, kind, len(value) + 6) + value for kind, value in (
-        (1, b"\x02"), (2, b"\x11"), (3, bytes([10, 20, 30, 40])), (4, bytes([10, 20, 30, 41])),
+        (1, b"\x02"), (2, b"\x11"), (3, rng.randbytes(4)), (4, rng.randbytes(4)),
         (7, struct.pack("!H", 5060)), (8, struct.pack("!H", 5060)), (9, struct.pack("!I", int(now))),
         (10, struct.pack("!I", seq % 1_000_000)), (11, b"\x01"), (12, struct.pack("!I", 2001)), (15, payload)))
     return b"HEP3" + struct.pack("!H", len(body) + 6) + body
 
 
-def packets(count: int, first_call: int) -> list[bytes]:
+def packets(count: int, seed: int = 1) -> list[bytes]:
+    rng = random.Random(seed)
     out = []
-    call = first_call
     while len(out) < count:
-        out.extend(hep3(m, len(out)) for m in sip_messages(call))
-        call += 1
+        out.extend(hep3(m, len(out), rng) for m in sip_messages(rng))
     return out[:count]
 
 
@@ -203,6 +214,86 @@ def bare_ceiling(pool: list[bytes], seconds: float) -> dict:
     return {"sent": sent, "received": count, "rate": count / float(elapsed), "cpu_us": 1e6 * cpu / max(count, 1)}
 
 
+COMPACT_RUNNER = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import hepop
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+config = hepop.Config.load([], {"PARQUET_DIR": sys.argv[2], "WRITER_ID": "bench", "COMPACT_GRACE_S": "1",
+                                "COMPACT_MEMORY_MB": sys.argv[3]})
+storage = hepop.Storage(sys.argv[2], "bench")
+compactor = hepop.Compactor(config, storage, hepop.Counters())
+baseline = status("VmRSS:")
+started = time.perf_counter()
+compactor.run_once()
+compactor.run_once()
+print(json.dumps({"seconds": time.perf_counter() - started, "baseline_mib": baseline, "peak_mib": status("VmHWM:")}))
+"""
+
+
+def write_closed_hour(root: Path, target_bytes: int, rows_per_file: int = 5000) -> tuple[int, int, int]:
+    """Raw files of one SIP hour two hours ago, as the capture path writes them, until `target_bytes`.
+
+    60 batches of distinct messages (300,000) are built once; a larger hour repeats them with new capture
+    times.  Repeats lie 300,000 rows apart, further than a row group, so they do not flatter compression.
+    """
+    sys.path.insert(0, str(HERE))
+    import hepop
+    store = hepop.TypeStore(str(root), "bench", 1)
+    raw = packets(300_000, seed=7)
+    tables = []
+    hour_start = (int(time.time()) // 3600 - 2) * 3600
+    files = rows = size = 0
+    while size < target_bytes:
+        if len(tables) < 60:
+            batch = [hepop.decode(p) for p in raw[len(tables) * rows_per_file:(len(tables) + 1) * rows_per_file]]
+            tables.append(hepop.build_table(1, [0] * len(batch), batch))
+        second = hour_start + files % 3600
+        times = pa.array([int((second + i / rows_per_file) * 1e6) for i in range(rows_per_file)]).cast(hepop.TIME_TYPE)
+        entry, = store.write(tables[files % len(tables)].set_column(0, "time", times))
+        files, rows, size = files + 1, rows + entry["row_count"], size + entry["size_bytes"]
+    return files, rows, size
+
+
+def bench_compaction(target_mib: int, memory_mb: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="hepop-bench-compact-") as tmp:
+        files, rows, size = write_closed_hour(Path(tmp), target_mib << 20)
+        result = subprocess.run([sys.executable, "-c", COMPACT_RUNNER, str(HERE), tmp, str(memory_mb)],
+                                capture_output=True, text=True, check=True)
+        figures = json.loads(result.stdout.splitlines()[-1])
+        metadata = json.loads(next(Path(tmp).glob("*/dbs/hep-0/hep_1-0/metadata.json")).read_text())
+        assert metadata["row_count"] == rows and len(metadata["files"]) == 1, "compaction did not finish"
+        return {"files": files, "rows": rows, "raw_bytes": size, "compacted_bytes": metadata["parquet_size_bytes"],
+                **figures}
+
+
+def bench_loss_while_compacting(target_mib: int, rate: int, pool: list[bytes]) -> dict:
+    """hepop takes `rate` packets/s, in 5 s rounds, until it has compacted a closed hour of `target_mib`
+    that is on disk when it starts (at most 10 minutes)."""
+    with tempfile.TemporaryDirectory(prefix="hepop-bench-load-") as tmp:
+        _, old_rows, _ = write_closed_hour(Path(tmp), target_mib << 20)
+        port = free_port()
+        env = {**os.environ, "PORT": str(port), "PARQUET_DIR": tmp, "WRITER_ID": "bench", "COMPACT_INTERVAL_S": "1",
+               "COMPACT_GRACE_S": "1"}
+        log_path = Path(tmp) / "hepop.log"
+        with open(log_path, "w") as log:
+            server = subprocess.Popen([sys.executable, str(HERE / "hepop.py")], env=env, stderr=log)
+            wait_listening(port)
+            sent, started = 0, time.monotonic()
+            while "compacted " not in log_path.read_text() and time.monotonic() - started < 600:
+                sent += send_paced(pool, rate, 5, port, "udp")
+            seconds = time.monotonic() - started
+            time.sleep(0.5)
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=300)
+        rows, _ = stored(Path(tmp))
+        return {"sent": sent, "stored": rows - old_rows, "seconds": seconds,
+                "compacted": "compacted " in log_path.read_text()}
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -216,15 +307,43 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short runs at two rates (under a minute)")
     parser.add_argument("--seconds", type=float, help="seconds per rate")
     parser.add_argument("--rates", help="comma-separated packets/s")
+    parser.add_argument("--compaction", action="store_true", help="only the compaction figures")
+    parser.add_argument("--capture", action="store_true", help="only the capture figures")
     args = parser.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     rates = [int(r) for r in args.rates.split(",")] if args.rates else \
         ([10_000, 20_000] if args.quick else [10_000, 20_000, 40_000, 60_000, 80_000])
     print(f"hepop bench: commit {commit()}, {platform.node()}, {os.cpu_count()} cores, "
-          f"{platform.python_implementation()} {platform.python_version()}, {seconds:g} s per rate")
-    pool = packets(200_000, first_call=1)
+          f"{platform.python_implementation()} {platform.python_version()}")
+    pool = packets(200_000)
+    if not args.capture:
+        compaction_figures(args.quick, pool)
+    if not args.compaction:
+        capture_figures(args, seconds, rates, pool)
+
+
+def compaction_figures(quick: bool, pool: list[bytes]) -> None:
+    memory_mb = 256
+    print(f"compaction of one closed SIP hour of raw files (COMPACT_MEMORY_MB={memory_mb}):")
+    print(f"{'raw MiB':>8} {'files':>6} {'rows':>10} {'seconds':>8} {'rows/s':>9} {'MiB/s':>7} {'B/row raw':>10} "
+          f"{'B/row compacted':>16} {'RSS base MiB':>12} {'RSS peak MiB':>12}")
+    for target in ([20] if quick else [100, 1024]):
+        r = bench_compaction(target, memory_mb)
+        print(f"{r['raw_bytes'] / 2**20:>8.0f} {r['files']:>6} {r['rows']:>10,} {r['seconds']:>8.1f} "
+              f"{r['rows'] / r['seconds']:>9,.0f} {r['raw_bytes'] / 2**20 / r['seconds']:>7.1f} "
+              f"{r['raw_bytes'] / r['rows']:>10.0f} {r['compacted_bytes'] / r['rows']:>16.0f} "
+              f"{r['baseline_mib']:>12.0f} {r['peak_mib']:>12.0f}", flush=True)
+    target, rate = (20, 20_000) if quick else (1024, 20_000)
+    r = bench_loss_while_compacting(target, rate, pool)
+    print(f"loss while compacting a {target} MiB hour at {rate:,} packets/s UDP for {r['seconds']:.0f} s: sent "
+          f"{r['sent']:,}, stored {r['stored']:,}, loss {100 * (r['sent'] - r['stored']) / r['sent']:.3f} %, "
+          f"compaction finished under load: {r['compacted']}", flush=True)
+
+
+def capture_figures(args, seconds: float, rates: list[int], pool: list[bytes]) -> None:
     sizes = sorted(len(p) for p in pool)
     print(f"packets: HEP3 SIP, {sizes[0]}-{sizes[-1]} bytes, median {sizes[len(sizes) // 2]}")
+    print(f"capture: {seconds:g} s per rate")
     ceiling = bare_ceiling(pool, min(seconds, 5.0))
     print(f"bare UDP receive loop: {ceiling['rate']:,.0f} packets/s received "
           f"({ceiling['received']:,} of {ceiling['sent']:,} sent flat out), {ceiling['cpu_us']:.1f} us CPU/packet")

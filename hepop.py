@@ -932,10 +932,11 @@ class Compactor(threading.Thread):
 
     An hour is compacted once it ended COMPACT_GRACE_S ago: its raw files (and the compacted file of an
     earlier pass, when late packets came) become one c_NNNNNNNNNN.parquet in the hour's HH-00 folder,
-    sorted by time.  DuckDB sorts one 10-minute piece at a time, within COMPACT_MEMORY_MB and spilling to
-    a temp folder inside PARQUET_DIR; pieces are disjoint in time, so writing them one after the other
-    gives a sorted hour while the memory needed stays that of one piece.  pyarrow writes the file with
-    the type's one schema, as the raw files are written.
+    sorted by time.  DuckDB sorts one piece of the hour at a time, within COMPACT_MEMORY_MB and spilling to
+    a temp folder inside PARQUET_DIR; pieces are disjoint time ranges sized from the row groups in the
+    files' footers, so writing them one after the other gives a sorted hour while the memory needed
+    stays that of one piece, however large the hour.  pyarrow writes the file with the type's one
+    schema, as the raw files are written.
 
     The swap: the output is written to a temp name, fsynced and renamed; one atomic metadata.json write
     replaces the inputs by it; the inputs are deleted on the next pass, so that a reader that listed them
@@ -949,13 +950,15 @@ class Compactor(threading.Thread):
         self.storage = storage
         self.counters = counters
         self.retention_us = {t: int(s * 1e6) for t, s in config.retention_by_type}
-        self.row_group_bytes = max(1 << 20, config.compact_memory_mb * (1 << 20) // 8)
+        memory_mb = max(64, config.compact_memory_mb // 2)     # DuckDB's share; the rest is the writer's
+        self.piece_bytes = memory_mb * (1 << 20) // 3            # DuckDB sorts about a third in memory
+        self.row_group_bytes = max(1 << 20, config.compact_memory_mb * (1 << 20) // 16)
         self.stopping = threading.Event()
         self.merged: list[tuple[TypeStore, list[dict]]] = []     # inputs to delete on the next pass
         temp_dir = os.path.join(config.parquet_dir, config.writer_id, ".compaction-tmp")
         shutil.rmtree(temp_dir, ignore_errors=True)
         self.db = duckdb.connect(config={
-            "memory_limit": f"{max(64, config.compact_memory_mb // 2)}MB", "threads": 1,
+            "memory_limit": f"{memory_mb}MB", "threads": 1,
             "temp_directory": temp_dir, "preserve_insertion_order": False})
         self.db.execute("SET TimeZone = 'UTC'")
 
@@ -1008,8 +1011,7 @@ class Compactor(threading.Thread):
         make_dirs(os.path.dirname(path))
         relpaths = [entry["path"] for entry in inputs]
         schema = store.schema.with_metadata({INPUTS_KEY: json.dumps(relpaths).encode()})
-        write_atomically(path, lambda out: self._merge(out, schema, [store.path(e) for e in inputs],
-                                                       hour_start_us))
+        write_atomically(path, lambda out: self._merge(out, schema, [store.path(e) for e in inputs]))
         output = {"id": int(os.path.basename(path)[2:12]), "path": os.path.relpath(path, store.root),
                   **describe_file(path), "chunk_time": hour_start_us * 1000, "range": "1h",
                   "type": "compacted"}
@@ -1026,17 +1028,17 @@ class Compactor(threading.Thread):
         log.info("compacted %d files (%d bytes) of hep_%d into %s: %d rows, %d bytes, %.2f s", len(inputs),
                  in_bytes, store.proto_type, output["path"], output["row_count"], output["size_bytes"], elapsed)
 
-    def _merge(self, out, schema: pa.Schema, files: list[str], hour_start_us: int) -> None:
-        """Write the rows of `files` to `out` sorted by time, one 10-minute piece at a time."""
-        writer = pq.ParquetWriter(out, schema, compression="zstd")
+    def _merge(self, out, schema: pa.Schema, files: list[str]) -> None:
+        """Write the rows of `files` to `out` sorted by time, one piece of the hour at a time."""
+        with pq.ParquetWriter(out, schema, compression="zstd") as writer:
+            self._merge_pieces(writer, schema, files)
+
+    def _merge_pieces(self, writer: pq.ParquetWriter, schema: pa.Schema, files: list[str]) -> None:
         pending, pending_bytes = [], 0
-        for piece in range(6):
-            # The first and last pieces are open-ended, so that no row is ever left out.
-            low = hour_start_us + piece * FOLDER_SPAN_US if piece else 0
-            high = hour_start_us + (piece + 1) * FOLDER_SPAN_US if piece < 5 else 1 << 62
+        for low, high, piece_files in self._pieces(files):
             query = self.db.sql("SELECT * FROM read_parquet($files) WHERE time >= make_timestamp($low) "
                                 "AND time < make_timestamp($high) ORDER BY time",
-                                params={"files": files, "low": low, "high": high})
+                                params={"files": piece_files, "low": low, "high": high})
             for batch in query.to_arrow_reader(4096):
                 pending.append(batch)
                 pending_bytes += batch.nbytes
@@ -1045,7 +1047,28 @@ class Compactor(threading.Thread):
                     pending, pending_bytes = [], 0
         if pending:
             self._write_row_group(writer, schema, pending)
-        writer.close()
+
+    def _pieces(self, files: list[str]) -> list[tuple[int, int, list[str]]]:
+        """Consecutive time ranges [low, high) that together cover all time, each holding about
+        `piece_bytes` of rows (DuckDB sorts that much in its memory limit), with the files that have
+        rows in it.  Sizes and time ranges come from the row groups' statistics in the files' footers."""
+        units = []
+        for path in files:
+            footer = pq.read_metadata(path)
+            for index in range(footer.num_row_groups):
+                group = footer.row_group(index)
+                stats = group.column(0).statistics          # `time` is the first column
+                units.append((stats.min_raw, stats.max_raw, group.total_byte_size, path))
+        units.sort()
+        edges, size = [0], 0
+        for low, _, group_bytes, _ in units:
+            if size and size + group_bytes > self.piece_bytes and low > edges[-1]:
+                edges.append(low)
+                size = 0
+            size += group_bytes
+        edges.append(1 << 62)
+        return [(low, high, sorted({path for first, last, _, path in units if first < high and last >= low}))
+                for low, high in zip(edges, edges[1:])]
 
     def _write_row_group(self, writer: pq.ParquetWriter, schema: pa.Schema, batches: list) -> None:
         table = pa.Table.from_batches(batches).cast(schema)
