@@ -30,10 +30,17 @@ every setting, each also readable from the environment variable of the same name
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
+import csv
 import dataclasses
 import datetime
+import decimal
+import glob
 import hmac
+import http.server
+import io
+import itertools
 import json
 import logging
 import os
@@ -47,6 +54,7 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 import zlib
 from typing import Callable, NamedTuple, Optional
 
@@ -141,8 +149,7 @@ class Setting:
 SETTINGS = (
     Setting("PORT", parse_port, lambda s: "9069", "HEP port, UDP and TCP"),
     Setting("HOST", str, lambda s: "0.0.0.0", "address to listen on; '::' takes IPv6 and IPv4"),
-    Setting("HTTP_PORT", parse_port, lambda s: str(s["port"] + 1),
-            "HTTP port of the query API (default PORT+1; the query API is not served yet)"),
+    Setting("HTTP_PORT", parse_port, lambda s: str(s["port"] + 1), "HTTP port of /query, /health, /metrics"),
     Setting("PARQUET_DIR", os.path.abspath, lambda s: "./data", "root folder of the Parquet tree"),
     Setting("WRITER_ID", parse_writer_id, lambda s: socket.gethostname() or "hepop",
             "this server's folder under PARQUET_DIR (default: the host name)"),
@@ -166,6 +173,11 @@ SETTINGS = (
             "when the filesystem is fuller, the oldest hours are deleted (0: off)"),
     Setting("MAX_DISK_BYTES", parse_bytes, lambda s: "0",
             "when this writer's files take more, the oldest hours are deleted (0: off)"),
+    Setting("QUERY_TIMEOUT_S", parse_seconds, lambda s: "30", "a query running longer is stopped (HTTP 504)"),
+    Setting("QUERY_MEMORY_MB", parse_positive_int, lambda s: "512", "memory for queries"),
+    Setting("QUERY_MAX_ROWS", parse_positive_int, lambda s: "100000", "rows a query returns at most"),
+    Setting("API_TOKEN", str, lambda s: "",
+            "when set, every HTTP route but /health needs 'Authorization: Bearer <token>'"),
     Setting("HEP_AUTH_KEY", str, lambda s: "",
             "when set, only HEP3 packets whose chunk 14 equals it are kept (never written to disk)"),
     Setting("STATS_INTERVAL_S", parse_seconds, lambda s: "60", "log the counters this often while non-zero"),
@@ -193,6 +205,10 @@ class Config:
     retention: float
     max_disk_percent: float
     max_disk_bytes: int
+    query_timeout_s: float
+    query_memory_mb: int
+    query_max_rows: int
+    api_token: str
     hep_auth_key: str
     stats_interval_s: float
     log_level: str
@@ -1133,6 +1149,609 @@ class Compactor(threading.Thread):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Query: SQL over the stored files.  hep_<type> names become views over the files that metadata.json
+# lists (every writer under PARQUET_DIR), pruned to the query's time range, in a DuckDB sandbox.
+# ---------------------------------------------------------------------------------------------------------
+
+class QueryError(Exception):
+    """A query refused or failed; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+DEFAULT_WINDOW_US = 600 * 1_000_000          # no time condition: the last 10 minutes
+TIME_COLUMNS = ("time", "timestamp")
+RCINFO_SQL = ("json_object('protocolFamily', ip_family, 'protocol', protocol, 'srcIp', src_ip, 'dstIp', dst_ip, "
+              "'srcPort', src_port, 'dstPort', dst_port, 'timeSeconds', epoch_us(time) // 1000000, "
+              "'timeUseconds', epoch_us(time) % 1000000, 'payloadType', proto_type, 'captureId', capture_id, "
+              "'hepNodeName', node_name, 'correlation_id', correlation_id, 'vlan', vlan)")
+
+
+class TimeWindow(NamedTuple):
+    low_us: Optional[int]        # None: unbounded
+    high_us: Optional[int]
+    default: bool                # the query constrains time nowhere
+
+    def overlaps(self, entry: dict) -> bool:
+        return ((self.low_us is None or entry["max_time"] >= self.low_us * 1000) and
+                (self.high_us is None or entry["min_time"] <= self.high_us * 1000))
+
+    def header(self) -> str:
+        show = lambda us: "" if us is None else format_time(us)
+        return f"{show(self.low_us)}/{show(self.high_us)}" + (" (default: last 10 minutes)" if self.default else "")
+
+
+def format_time(us: int) -> str:
+    return datetime.datetime.fromtimestamp(us / 1e6, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class QueryEngine:
+    """Runs one read-only SQL statement over the stored data and yields its rows as Arrow batches.
+
+    The sandbox: DuckDB with external access off except PARQUET_DIR (allowed_directories), its
+    configuration locked, memory and threads capped; one statement, and only a query (SELECT, WITH,
+    VALUES, FROM, DESCRIBE, SUMMARIZE, EXPLAIN of a query); QUERY_TIMEOUT_S; QUERY_MAX_ROWS.
+    Rows still in memory are not visible: they are at most one flush interval behind.
+    """
+
+    def __init__(self, config: Config, counters: "Counters"):
+        self.config = config
+        self.counters = counters
+        self.root = config.parquet_dir
+        make_dirs(self.root)
+        self.db = duckdb.connect(config={"memory_limit": f"{config.query_memory_mb}MB",
+                                         "threads": max(1, min(2, os.cpu_count() or 1))})
+        self.db.execute("SET TimeZone = 'UTC'")
+        self.db.execute("SET allowed_directories = $dirs", {"dirs": [self.root.rstrip("/") + "/"]})
+        self.db.execute("SET enable_external_access = false")
+        self.db.execute("SET lock_configuration = true")
+        self._metadata_cache: dict[str, tuple[tuple, list[dict]]] = {}
+        self._cache_lock = threading.Lock()
+
+    # -- what may run ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def check_statement(sql: str) -> None:
+        """One statement, and only a query; everything else is refused before it runs."""
+        try:
+            statements = duckdb.extract_statements(sql)
+        except duckdb.Error as exc:
+            raise QueryError(str(exc)) from None
+        if len(statements) != 1:
+            raise QueryError(f"exactly one statement is allowed, not {len(statements)}")
+        statement = statements[0]
+        kind = statement.type
+        if kind == duckdb.StatementType.EXPLAIN:
+            inner = re.sub(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", "", statement.query, flags=re.IGNORECASE)
+            kinds = [s.type for s in duckdb.extract_statements(inner)]
+            if kinds != [duckdb.StatementType.SELECT]:
+                raise QueryError("only EXPLAIN of a query is allowed")
+        elif kind != duckdb.StatementType.SELECT:
+            raise QueryError(f"only queries are allowed (SELECT, WITH, VALUES, DESCRIBE, SUMMARIZE, EXPLAIN), "
+                             f"not {kind.name}")
+
+    # -- the time window -------------------------------------------------------------------------------
+
+    def time_window(self, cursor, sql: str, now_us: int) -> TimeWindow:
+        """The time range the query asks for, from its WHERE clauses; the last 10 minutes without one.
+
+        A comparison of `time` or `timestamp` with a constant expression bounds the range; AND narrows,
+        OR widens (an OR branch without a bound opens the range), and a comparison with anything but a
+        constant leaves it open: the query then reads all the data, as it asked.  The range is a superset of
+        what the query selects: DuckDB still applies the query's own conditions.
+        """
+        tree = json.loads(cursor.execute("SELECT json_serialize_sql($sql)", {"sql": sql}).fetchall()[0][0])
+        if tree.get("error"):
+            raise QueryError(tree.get("error_message", "cannot parse the query"))
+        ranges = [self._range(where, cursor) for where in find_where_clauses(tree)]
+        ranges = [r for r in ranges if r is not None]
+        if not ranges:
+            return TimeWindow(now_us - DEFAULT_WINDOW_US, None, True)
+        low = None if any(r[0] is None for r in ranges) else min(r[0] for r in ranges)
+        high = None if any(r[1] is None for r in ranges) else max(r[1] for r in ranges)
+        return TimeWindow(low, high, False)
+
+    def _range(self, node: dict, cursor) -> Optional[tuple]:
+        """(low, high) in us (None: open) that `node` confines time to; None if it does not."""
+        kind = node.get("type")
+        if kind == "CONJUNCTION_AND":
+            found = [r for r in (self._range(child, cursor) for child in node["children"]) if r]
+            if not found:
+                return None
+            lows = [r[0] for r in found if r[0] is not None]
+            highs = [r[1] for r in found if r[1] is not None]
+            return (max(lows) if lows else None, min(highs) if highs else None)
+        if kind == "CONJUNCTION_OR":
+            found = [self._range(child, cursor) for child in node["children"]]
+            if all(r is None for r in found):
+                return None
+            if any(r is None for r in found):
+                return (None, None)         # a branch without a bound: all time
+            return (None if any(r[0] is None for r in found) else min(r[0] for r in found),
+                    None if any(r[1] is None for r in found) else max(r[1] for r in found))
+        if kind == "COMPARE_BETWEEN" and is_time_column(node.get("input")):
+            return (self._constant(node["lower"], cursor), self._constant(node["upper"], cursor))
+        if node.get("class") == "COMPARISON":
+            left, right = node["left"], node["right"]
+            if is_time_column(right):
+                left, right = right, left
+                kind = FLIPPED.get(kind, kind)
+            if not is_time_column(left):
+                return None
+            value = self._constant(right, cursor)
+            if value is None:
+                return (None, None)         # compared with something not constant: all time
+            if kind in ("COMPARE_GREATERTHAN", "COMPARE_GREATERTHANOREQUALTO"):
+                return (value, None)
+            if kind in ("COMPARE_LESSTHAN", "COMPARE_LESSTHANOREQUALTO"):
+                return (None, value)
+            if kind == "COMPARE_EQUAL":
+                return (value, value)
+            return (None, None)
+        return None
+
+    @staticmethod
+    def _constant(node: dict, cursor) -> Optional[int]:
+        """The value in us of an expression without columns or subqueries (a literal, a cast, now() -
+        INTERVAL ...), turned back into SQL and evaluated by DuckDB; None for anything else."""
+        if not is_constant(node):
+            return None
+        statement = json.loads(cursor.execute("SELECT json_serialize_sql('SELECT NULL')").fetchall()[0][0])
+        statement["statements"][0]["node"]["select_list"] = [node]
+        try:
+            select = cursor.execute("SELECT json_deserialize_sql($tree)", {"tree": json.dumps(statement)}).fetchall()[0][0]
+            return cursor.execute(f"SELECT epoch_us(CAST(v AS TIMESTAMPTZ)) FROM ({select}) AS t(v)").fetchall()[0][0]
+        except duckdb.Error:
+            return None
+
+    # -- tables ----------------------------------------------------------------------------------------
+
+    def files(self, proto_type: int, window: TimeWindow) -> list[str]:
+        """The files of a type that metadata.json lists, for every writer, overlapping the window."""
+        paths = []
+        for metadata_path in sorted(glob.glob(os.path.join(self.root, "*", "dbs", "hep-0",
+                                                            f"hep_{proto_type}-0", "metadata.json"))):
+            for entry in self._listed(metadata_path):
+                if window.overlaps(entry):
+                    paths.append(os.path.join(self.root, entry["path"]))
+        return paths
+
+    def _listed(self, metadata_path: str) -> list[dict]:
+        """A metadata.json's file list, parsed again only when the file changed."""
+        try:
+            stat = os.stat(metadata_path)
+            key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            with self._cache_lock:
+                cached = self._metadata_cache.get(metadata_path)
+            if cached and cached[0] == key:
+                return cached[1]
+            with open(metadata_path, "rb") as source:
+                files = json.load(source)["files"]
+        except (OSError, ValueError, KeyError):
+            return []
+        with self._cache_lock:
+            self._metadata_cache[metadata_path] = (key, files)
+        return files
+
+    def _create_views(self, cursor, sql: str, window: TimeWindow) -> int:
+        """A temp view per hep_<type> that the query names; how many files they read."""
+        opened = 0
+        for proto_type in sorted({int(n) for n in re.findall(r"\bhep_(\d+)\b", sql, re.IGNORECASE)}):
+            if proto_type > 255:
+                continue
+            files = self.files(proto_type, window)
+            opened += len(files)
+            if files:
+                source = "read_parquet([" + ", ".join(sql_string(path) for path in files) + "])"
+            else:
+                source = f"hep_{proto_type}_empty"
+                cursor.register(source, table_schema(proto_type).empty_table())
+            condition = ""
+            if window.default:
+                condition = f" WHERE time >= make_timestamp({window.low_us})"
+            cursor.execute(f'CREATE TEMP VIEW hep_{proto_type} AS SELECT *, time AS "timestamp", '
+                           f"{RCINFO_SQL} AS rcinfo FROM {source}{condition}")
+        return opened
+
+    # -- running -------------------------------------------------------------------------------------
+
+    def run(self, sql: str):
+        """Start a query; returns (batches, window, files read, cursor).  Raises QueryError."""
+        self.check_statement(sql)
+        cursor = self.db.cursor()
+        try:
+            window = self.time_window(cursor, sql, time.time_ns() // 1000)
+            opened = self._create_views(cursor, sql, window)
+            reader = cursor.sql(sql).to_arrow_reader(2048)
+        except duckdb.Error as exc:
+            cursor.close()
+            raise QueryError(str(exc)) from None
+        except QueryError:
+            cursor.close()
+            raise
+        return reader, window, opened, cursor
+
+
+FLIPPED = {"COMPARE_GREATERTHAN": "COMPARE_LESSTHAN", "COMPARE_LESSTHAN": "COMPARE_GREATERTHAN",
+           "COMPARE_GREATERTHANOREQUALTO": "COMPARE_LESSTHANOREQUALTO",
+           "COMPARE_LESSTHANOREQUALTO": "COMPARE_GREATERTHANOREQUALTO"}
+
+
+def is_time_column(node) -> bool:
+    return (isinstance(node, dict) and node.get("class") == "COLUMN_REF"
+            and node["column_names"][-1].lower() in TIME_COLUMNS)
+
+
+def is_constant(node) -> bool:
+    """True for an expression tree with no column, subquery, star or parameter in it."""
+    if isinstance(node, dict):
+        if node.get("class") in ("COLUMN_REF", "SUBQUERY", "STAR", "PARAMETER", "LAMBDA"):
+            return False
+        return all(is_constant(value) for key, value in node.items() if key != "type_expr")
+    if isinstance(node, list):
+        return all(is_constant(item) for item in node)
+    return True
+
+
+def find_where_clauses(node) -> list[dict]:
+    """Every WHERE clause of every SELECT in a serialized statement (CTEs and subqueries included)."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "where_clause" and isinstance(value, dict):
+                found.append(value)
+            found += find_where_clauses(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += find_where_clauses(item)
+    return found
+
+
+def sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HTTP: /query, /health and /metrics on HTTP_PORT, errors answered as JSON in one place.
+# ---------------------------------------------------------------------------------------------------------
+
+MAX_BODY_BYTES = 1 << 20
+READ_AHEAD_BYTES = 8 << 20          # a result this small is sent knowing whether the row cap cut it
+
+
+class Api:
+    """What the HTTP handlers serve: the query engine, the counters, and the state /health reports."""
+
+    def __init__(self, config: Config, counters: "Counters", writer: "BatchWriter", udp_inode: Callable):
+        self.config = config
+        self.counters = counters
+        self.writer = writer
+        self.udp_inode = udp_inode
+        self.engine = QueryEngine(config, counters)
+        self.started = time.time()
+
+    def health(self) -> dict:
+        last = self.writer.last_flush
+        return {"status": "ok", "version": __version__, "writer_id": self.config.writer_id,
+                "uptime_s": round(time.time() - self.started, 1),
+                "last_flush": None if last is None else format_time(int(last * 1e6))}
+
+    def metrics(self) -> str:
+        """Every counter in Prometheus text format, plus the kernel's drops on our UDP socket."""
+        values = self.counters.snapshot()
+        values["uptime_seconds"] = time.time() - self.started
+        values["pending_bytes"] = self.writer.pending_bytes
+        values["udp_kernel_drops_total"] = udp_kernel_drops(self.udp_inode())
+        lines, typed = [], set()
+        for key, value in sorted(values.items()):
+            name = "hepop_" + key.split("{")[0]
+            if name not in typed:
+                kind = "counter" if name.endswith("_total") else "gauge"
+                lines.append(f"# TYPE {name} {kind}")
+                typed.add(name)
+            lines.append(f"hepop_{key} {value:g}" if isinstance(value, float) else f"hepop_{key} {value}")
+        return "\n".join(lines) + "\n"
+
+
+def udp_kernel_drops(inode: Optional[int]) -> int:
+    """Datagrams the kernel dropped on our UDP socket (receive buffer full), from /proc/net/udp[6]."""
+    if inode is None:
+        return 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table) as source:
+                for line in source.readlines()[1:]:
+                    fields = line.split()
+                    if len(fields) > 12 and int(fields[9]) == inode:
+                        return int(fields[-1])
+        except OSError:
+            continue
+    return 0
+
+
+def json_value(value):
+    """JSON for what json.dumps cannot write itself: times as ISO 8601 UTC, bytes as base64."""
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        return value.isoformat(timespec="microseconds") + "Z"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    return str(value)
+
+
+class ResultWriter:
+    """Writes Arrow batches as JSON (an array of objects), NDJSON, CSV or an Arrow IPC stream."""
+
+    TYPES = {"json": "application/json", "ndjson": "application/x-ndjson", "csv": "text/csv; charset=utf-8",
+             "arrow": "application/vnd.apache.arrow.stream"}
+
+    def __init__(self, fmt: str, schema: pa.Schema, write: Callable[[bytes], None]):
+        self.fmt = fmt
+        self.write = write
+        self.schema = schema
+        self.rows = 0
+        self.json_columns = {f.name for f in schema if f.name == "rcinfo" and pa.types.is_string(f.type)}
+        self.ipc = None
+        if fmt == "json":
+            write(b"[")
+        elif fmt == "csv":
+            self._csv_rows([schema.names])
+        elif fmt == "arrow":
+            self.ipc = pa.ipc.new_stream(WriteAdapter(write), schema)
+
+    def batch(self, batch: pa.RecordBatch) -> None:
+        if self.fmt == "arrow":
+            self.ipc.write_batch(batch)
+            self.rows += len(batch)
+            return
+        rows = batch.to_pylist()
+        for row in rows:
+            for name in self.json_columns:
+                if row[name] is not None:
+                    row[name] = json.loads(row[name])
+        if self.fmt == "csv":
+            self._csv_rows([[json_value(v) if not isinstance(v, (str, int, float, type(None))) else v
+                             for v in row.values()] for row in rows])
+        else:
+            separator = "\n" if self.fmt == "ndjson" else ",\n"
+            text = separator.join(json.dumps(row, default=json_value, ensure_ascii=False) for row in rows)
+            if self.fmt == "json" and self.rows and rows:
+                text = ",\n" + text
+            elif self.fmt == "ndjson" and rows:
+                text += "\n"
+            self.write(text.encode())
+        self.rows += len(rows)
+
+    def _csv_rows(self, rows: list) -> None:
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(rows)
+        self.write(out.getvalue().encode())
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self.write(b"]\n")
+        elif self.fmt == "arrow":
+            self.ipc.close()
+
+
+class WriteAdapter:
+    """The file-like face that pyarrow's IPC writer needs, over a write function."""
+
+    def __init__(self, write: Callable[[bytes], None]):
+        self._write = write
+        self.closed = False
+
+    def write(self, data) -> int:
+        self._write(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+class ApiHandler(http.server.BaseHTTPRequestHandler):
+    """GET /health, GET /metrics, GET or POST /query; every error is JSON with an `error`."""
+
+    server_version = f"hepop/{__version__}"
+    protocol_version = "HTTP/1.1"
+
+    @property
+    def api(self) -> Api:
+        return self.server.api
+
+    def do_GET(self) -> None:
+        self.route()
+
+    def do_POST(self) -> None:
+        self.route()
+
+    def route(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        try:
+            if url.path == "/health":
+                return self.send_json(200, self.api.health())
+            if not self.authorized():
+                return self.send_json(401, {"error": "this server needs 'Authorization: Bearer <API_TOKEN>'"})
+            if url.path == "/metrics":
+                return self.send_body(200, self.api.metrics().encode(), "text/plain; version=0.0.4")
+            if url.path == "/query":
+                return self.query(url)
+            self.send_json(404, {"error": f"no such route: {url.path} (try /query, /health, /metrics)"})
+        except QueryError as exc:
+            self.send_json(exc.status, {"error": str(exc)})
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception:
+            log.exception("HTTP %s %s failed", self.command, url.path)
+            self.send_json(500, {"error": "internal error; see hepop's log"})
+
+    def authorized(self) -> bool:
+        token = self.api.config.api_token
+        if not token:
+            return True
+        given = self.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+    def query(self, url) -> None:
+        sql, fmt = self.query_request(url)
+        started = time.perf_counter()
+        status = 200
+        try:
+            self.stream_query(sql, fmt)
+        except QueryError as exc:
+            status = exc.status
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            self.api.counters.add("queries_total", status=str(status))
+            self.api.counters.add("query_seconds_total", elapsed)
+            self.api.counters.maximum("query_seconds_max", elapsed)
+
+    def query_request(self, url) -> tuple[str, str]:
+        """The SQL and the format, from ?q= and ?format=, or a POST body (JSON, form or plain SQL)."""
+        params = dict(urllib.parse.parse_qsl(url.query))
+        sql, fmt = params.get("q") or params.get("query"), params.get("format", "json")
+        if self.command == "POST":
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY_BYTES:
+                self.close_connection = True
+                raise QueryError(f"the request body is over {MAX_BODY_BYTES} bytes", 413)
+            body = self.rfile.read(length).decode("utf-8", "replace")
+            kind = self.headers.get("Content-Type", "").split(";")[0].strip()
+            if kind == "application/json":
+                try:
+                    request = json.loads(body)
+                    sql, fmt = request.get("query") or request.get("q"), request.get("format", fmt)
+                except (ValueError, AttributeError):
+                    raise QueryError('the body is not a JSON object like {"query": "SELECT ..."}') from None
+            elif kind == "application/x-www-form-urlencoded":
+                form = dict(urllib.parse.parse_qsl(body))
+                sql, fmt = form.get("q") or form.get("query"), form.get("format", fmt)
+            else:
+                sql = body
+        if not sql or not str(sql).strip():
+            raise QueryError("no query: give it as ?q=SELECT... or a POST body {\"query\": \"SELECT ...\"}")
+        if fmt not in ResultWriter.TYPES:
+            raise QueryError(f"unknown format {fmt!r}: use one of {', '.join(ResultWriter.TYPES)}")
+        return str(sql), fmt
+
+    def stream_query(self, sql: str, fmt: str) -> None:
+        """Run the query under QUERY_TIMEOUT_S and stream its rows; the first rows are read before the
+        headers go out so that errors still get their status and small results say if the cap cut."""
+        engine, cap = self.api.engine, self.api.config.query_max_rows
+        timer = None
+        cursor = None
+        timed_out = threading.Event()
+        try:
+            reader, window, opened, cursor = engine.run(sql)
+            self.api.counters.add("query_files_total", opened)
+            timer = threading.Timer(self.api.config.query_timeout_s, lambda: (timed_out.set(), cursor.interrupt()))
+            timer.start()
+            batches = CappedBatches(reader, cap)
+            ahead, size, finished = [], 0, True
+            for batch in batches:
+                ahead.append(batch)
+                size += batch.nbytes
+                if size >= READ_AHEAD_BYTES:
+                    finished = False
+                    break
+            headers = {"X-Hepop-Time-Window": window.header(), "X-Hepop-Files": str(opened),
+                       "X-Hepop-Row-Cap": str(cap)}
+            if finished:
+                headers["X-Hepop-Truncated"] = "true" if batches.cut else "false"
+            else:
+                headers["Trailer"] = "X-Hepop-Truncated"
+            self.send_response(200)
+            self.send_header("Content-Type", ResultWriter.TYPES[fmt])
+            self.send_header("Transfer-Encoding", "chunked")
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            out = ResultWriter(fmt, reader.schema, self.write_chunk)
+            sent = 0
+            for batch in itertools.chain(ahead, [] if finished else batches):
+                batch = batch.slice(0, cap - sent)
+                if len(batch):
+                    out.batch(batch)
+                    sent += len(batch)
+            out.close()
+            trailer = b"" if finished else f"X-Hepop-Truncated: {'true' if batches.cut else 'false'}\r\n".encode()
+            self.wfile.write(b"0\r\n" + trailer + b"\r\n")
+        except duckdb.Error as exc:
+            if timed_out.is_set():
+                raise QueryError(f"the query ran past QUERY_TIMEOUT_S ({self.api.config.query_timeout_s:g} s) "
+                                 "and was stopped", 504) from None
+            raise QueryError(str(exc)) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if cursor is not None:
+                cursor.close()
+
+    def write_chunk(self, data: bytes) -> None:
+        if data:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def send_json(self, status: int, body: dict) -> None:
+        self.send_body(status, json.dumps(body).encode() + b"\n", "application/json")
+
+    def send_body(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt: str, *args) -> None:
+        log.debug("HTTP %s: " + fmt, self.client_address[0], *args)
+
+
+class CappedBatches:
+    """The batches of a reader until more than `cap` rows were read; `cut` says if that happened."""
+
+    def __init__(self, reader, cap: int):
+        self.reader = iter(reader)
+        self.cap = cap
+        self.rows = 0
+
+    @property
+    def cut(self) -> bool:
+        return self.rows > self.cap
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> pa.RecordBatch:
+        if self.cut:
+            raise StopIteration
+        batch = next(self.reader)
+        self.rows += len(batch)
+        return batch
+
+
+class ApiServer(http.server.ThreadingHTTPServer):
+    """The threaded HTTP server; '::' takes IPv4 too, as the HEP sockets do."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, config: Config, api: Api):
+        self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        self.api = api
+        super().__init__((config.host, config.http_port), ApiHandler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Server: counters, batch buffers, sockets, the selectors loop, signals.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -1309,6 +1928,10 @@ class CaptureServer:
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
         log.info("listening for HEP on %s port %d (UDP and TCP)", self.config.host, self.config.port)
 
+    def udp_inode(self) -> Optional[int]:
+        """The inode of our UDP socket, by which /proc/net/udp lists its drops."""
+        return os.fstat(self.udp.fileno()).st_ino if self.udp and self.udp.fileno() >= 0 else None
+
     def _set_receive_buffer(self) -> None:
         wanted = self.config.rcvbuf_bytes
         try:
@@ -1474,9 +2097,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("cannot listen on %s port %d: %s", config.host, config.port, exc)
         writer.close()
         return 1
+    api = Api(config, counters, writer, server.udp_inode)
+    try:
+        http_server = ApiServer(config, api)
+    except OSError as exc:
+        log.error("cannot serve HTTP on %s port %d: %s", config.host, config.http_port, exc)
+        writer.close()
+        return 1
+    threading.Thread(target=http_server.serve_forever, name="hepop-http", daemon=True).start()
+    log.info("HTTP API on %s port %d: /query, /health, /metrics", config.host, config.http_port)
     compactor.start()
     server.serve()
     log.info("stopping: writing what is buffered")
+    http_server.shutdown()
     writer.close()
     compactor.close()
     server.log_counters("final counters")
