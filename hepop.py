@@ -1926,6 +1926,9 @@ class CaptureServer:
         self._wakeup_r.setblocking(False)
         self._wakeup_w.setblocking(False)
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
+        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):   # from here on, a signal means a clean stop
+            signal.signal(signum, self._on_signal)
         log.info("listening for HEP on %s port %d (UDP and TCP)", self.config.host, self.config.port)
 
     def udp_inode(self) -> Optional[int]:
@@ -1949,9 +1952,6 @@ class CaptureServer:
 
     def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then read what the kernel still holds and flush everything."""
-        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_signal)
         next_stats = time.monotonic() + self.config.stats_interval_s
         next_flush = None
         while not self.stopping:
@@ -2107,6 +2107,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     threading.Thread(target=http_server.serve_forever, name="hepop-http", daemon=True).start()
     log.info("HTTP API on %s port %d: /query, /health, /metrics", config.host, config.http_port)
     compactor.start()
+    log.info("ready")
     server.serve()
     log.info("stopping: writing what is buffered")
     http_server.shutdown()

@@ -451,6 +451,7 @@ class Server:
     def __init__(self, data_dir: Path, **settings):
         self.data_dir = data_dir
         self.port = int(settings.pop("PORT", 0)) or free_port()
+        settings.setdefault("HTTP_PORT", free_port())
         self.env = {**os.environ, "PORT": str(self.port), "PARQUET_DIR": str(data_dir), "WRITER_ID": "test",
                     "FLUSH_INTERVAL_S": "0.2", "LOG_LEVEL": "INFO", **{k: str(v) for k, v in settings.items()}}
         self.lines: list[str] = []
@@ -458,7 +459,8 @@ class Server:
                                         stderr=subprocess.PIPE, text=True)
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
-        self.wait_for_log("listening for HEP")
+        self.http_port = int(self.env.get("HTTP_PORT", 0)) or None
+        self.wait_for_log("ready")
 
     def _read_stderr(self):
         for line in self.process.stderr:
