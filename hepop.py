@@ -1357,21 +1357,13 @@ class QueryEngine:
 
     # -- running -------------------------------------------------------------------------------------
 
-    def run(self, sql: str):
-        """Start a query; returns (batches, window, files read, cursor).  Raises QueryError."""
+    def run(self, cursor, sql: str):
+        """Start a query on a cursor of `self.db`; returns (batches, window, files read).  Raises
+        QueryError; DuckDB's own errors (an interrupt included) pass through."""
         self.check_statement(sql)
-        cursor = self.db.cursor()
-        try:
-            window = self.time_window(cursor, sql, time.time_ns() // 1000)
-            opened = self._create_views(cursor, sql, window)
-            reader = cursor.sql(sql).to_arrow_reader(2048)
-        except duckdb.Error as exc:
-            cursor.close()
-            raise QueryError(str(exc)) from None
-        except QueryError:
-            cursor.close()
-            raise
-        return reader, window, opened, cursor
+        window = self.time_window(cursor, sql, time.time_ns() // 1000)
+        opened = self._create_views(cursor, sql, window)
+        return cursor.sql(sql).to_arrow_reader(2048), window, opened
 
 
 FLIPPED = {"COMPARE_GREATERTHAN": "COMPARE_LESSTHAN", "COMPARE_LESSTHAN": "COMPARE_GREATERTHAN",
@@ -1564,6 +1556,13 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def api(self) -> Api:
         return self.server.api
 
+    def parse_request(self) -> bool:
+        """Also take a request line whose URL has raw spaces (a query typed as is), as %20."""
+        words = self.raw_requestline.split()
+        if len(words) > 3 and words[-1].startswith(b"HTTP/"):
+            self.raw_requestline = b" ".join([words[0], b"%20".join(words[1:-1]), words[-1]]) + b"\r\n"
+        return super().parse_request()
+
     def do_GET(self) -> None:
         self.route()
 
@@ -1644,14 +1643,14 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         """Run the query under QUERY_TIMEOUT_S and stream its rows; the first rows are read before the
         headers go out so that errors still get their status and small results say if the cap cut."""
         engine, cap = self.api.engine, self.api.config.query_max_rows
-        timer = None
-        cursor = None
+        cursor = engine.db.cursor()
         timed_out = threading.Event()
+        timer = threading.Timer(self.api.config.query_timeout_s, lambda: (timed_out.set(), cursor.interrupt()))
+        timer.start()
+        headers_sent = False
         try:
-            reader, window, opened, cursor = engine.run(sql)
+            reader, window, opened = engine.run(cursor, sql)
             self.api.counters.add("query_files_total", opened)
-            timer = threading.Timer(self.api.config.query_timeout_s, lambda: (timed_out.set(), cursor.interrupt()))
-            timer.start()
             batches = CappedBatches(reader, cap)
             ahead, size, finished = [], 0, True
             for batch in batches:
@@ -1667,6 +1666,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             else:
                 headers["Trailer"] = "X-Hepop-Truncated"
             self.send_response(200)
+            headers_sent = True
             self.send_header("Content-Type", ResultWriter.TYPES[fmt])
             self.send_header("Transfer-Encoding", "chunked")
             for name, value in headers.items():
@@ -1683,15 +1683,17 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             trailer = b"" if finished else f"X-Hepop-Truncated: {'true' if batches.cut else 'false'}\r\n".encode()
             self.wfile.write(b"0\r\n" + trailer + b"\r\n")
         except duckdb.Error as exc:
+            if headers_sent:                # too late for a status: cut the response short
+                log.warning("query failed while its rows were being sent: %s", exc)
+                self.close_connection = True
+                return
             if timed_out.is_set():
                 raise QueryError(f"the query ran past QUERY_TIMEOUT_S ({self.api.config.query_timeout_s:g} s) "
                                  "and was stopped", 504) from None
             raise QueryError(str(exc)) from None
         finally:
-            if timer is not None:
-                timer.cancel()
-            if cursor is not None:
-                cursor.close()
+            timer.cancel()
+            cursor.close()
 
     def write_chunk(self, data: bytes) -> None:
         if data:

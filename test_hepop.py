@@ -9,6 +9,7 @@ fails the run instead of skipping.
 
 from __future__ import annotations
 
+import datetime
 import glob
 import gzip
 import json
@@ -1241,3 +1242,258 @@ def test_the_server_compacts_closed_hours_and_merges_late_packets(servers, tmp_p
     call_ids = [r["call_id"] for r in stored_rows(tmp_path / "data", columns="time, call_id")]
     assert sorted(call_ids) == sorted([f"old-{i}" for i in range(90)] + [f"late-{i}" for i in range(5)])
     assert server.counters()['compactions_total{type="1"}'] == 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The query API
+# ---------------------------------------------------------------------------------------------------------
+
+def http(server: Server, path: str, body: bytes | None = None, headers: dict | None = None, method=None):
+    """(status, headers, body) of one request to the server's HTTP port."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    conn.request(method or ("POST" if body is not None else "GET"), path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read()
+    result = (response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+    conn.close()
+    return result
+
+
+def query(server: Server, sql: str, fmt: str | None = None, headers=None):
+    import urllib.parse
+    params = {"q": sql, **({"format": fmt} if fmt else {})}
+    status, head, body = http(server, "/query?" + urllib.parse.urlencode(params), headers=headers)
+    return status, head, (json.loads(body) if (fmt or "json") == "json" else body)
+
+
+SEED_HOUR = 1739041200          # 2025-02-08T19:00:00Z
+
+
+def seed_calls() -> list[dict]:
+    """Known traffic: 30 calls on 2025-02-08 between 19:00 and 19:30 from three agents, every third failed."""
+    calls = []
+    for n in range(30):
+        start = SEED_HOUR + n * 60
+        failed = n % 3 == 0
+        src = f"10.0.0.{n % 3 + 1}"
+        messages = [("INVITE", None, 0), (None, 100, 0.01), (None, 486 if failed else 200, 0.5)]
+        if not failed:
+            messages += [("ACK", None, 0.6), ("BYE", None, 30), (None, 200, 30.01)]
+        for method, status, offset in messages:
+            if method:
+                payload = sip(f"call-{n}@seed", method=method)
+            else:
+                payload = (f"SIP/2.0 {status} {'OK' if status == 200 else 'Busy Here' if status == 486 else 'Trying'}\r\n"
+                           f"From: <sip:alice@example.com>;tag=1\r\nTo: <sip:bob@example.com>\r\nCall-ID: call-{n}@seed\r\n"
+                           f"CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n").encode()
+            calls.append({"time_us": round((start + offset) * 1e6), "src_ip": src, "dst_ip": "10.0.1.1",
+                          "call_id": f"call-{n}@seed", "method": method, "status": status, "payload": payload})
+    return calls
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """One server, fed through the capture path with the seed traffic, logs, and recent packets."""
+    root = tmp_path_factory.mktemp("query")
+    server = Server(root / "data", RETENTION="3650d", COMPACT_INTERVAL_S="3600", QUERY_MAX_ROWS="1000")
+    calls = seed_calls()
+    packets = []
+    for c in calls:
+        seconds, useconds = divmod(c["time_us"], 1_000_000)
+        packets.append(hep3(c["payload"], src=c["src_ip"], dst=c["dst_ip"], seconds=seconds, useconds=useconds))
+    logs = [hep3(f"log for call-{n}@seed".encode(), proto_type=100, seconds=SEED_HOUR + n * 60 + 1,
+                 extra=chunk(17, f"call-{n}@seed".encode())) for n in range(0, 30, 5)]
+    now = int(time.time())
+    recent = [hep3(sip(f"recent-{i}"), seconds=now - 60 - i) for i in range(3)] + \
+             [hep3(sip(f"older-{i}"), seconds=now - 1200 - i) for i in range(2)]
+    server.udp(packets + logs + recent)
+    deadline = time.monotonic() + 10
+    while len(stored_rows(root / "data", columns="time", running=True)) < len(packets) + len(recent):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    yield server, calls
+    assert server.stop() == 0
+
+
+def rows_json(server, sql):
+    status, head, body = query(server, sql)
+    assert status == 200, body
+    return body
+
+
+def test_seed_examples_return_the_exact_rows(seeded):
+    server, calls = seeded
+    hour = [c for c in calls if SEED_HOUR <= c["time_us"] / 1e6 < SEED_HOUR + 3600]
+    iso = lambda us: datetime.datetime.fromtimestamp(us / 1e6, datetime.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    rows = rows_json(server, "SELECT time, src_ip, dst_ip, payload FROM hep_1 WHERE time >= '2025-02-08T19:00:00' "
+                             "AND time < '2025-02-08T20:00:00' ORDER BY time")
+    assert rows == [{"time": iso(c["time_us"]), "src_ip": c["src_ip"], "dst_ip": c["dst_ip"],
+                     "payload": c["payload"].decode()} for c in sorted(hour, key=lambda c: c["time_us"])]
+    invites = rows_json(server, "SELECT call_id FROM hep_1 WHERE time >= '2025-02-08T19:00:00' AND time < "
+                                "'2025-02-08T20:00:00' AND payload LIKE '%INVITE%' ORDER BY time DESC LIMIT 5 OFFSET 2")
+    with_invite = sorted((c for c in hour if b"INVITE" in c["payload"]), key=lambda c: -c["time_us"])
+    assert invites == [{"call_id": c["call_id"]} for c in with_invite[2:7]]
+    by_src = rows_json(server, "SELECT src_ip, COUNT(*) AS n, MIN(time) AS first, MAX(time) AS last FROM hep_1 "
+                               "WHERE time >= '2025-02-08T19:00:00' AND time < '2025-02-08T20:00:00' "
+                               "GROUP BY src_ip ORDER BY src_ip")
+    assert by_src == [{"src_ip": ip, "n": len(group), "first": iso(min(c["time_us"] for c in group)),
+                       "last": iso(max(c["time_us"] for c in group))}
+                      for ip in ("10.0.0.1", "10.0.0.2", "10.0.0.3")
+                      for group in [[c for c in hour if c["src_ip"] == ip]]]
+    failed = rows_json(server, "SELECT DISTINCT call_id FROM hep_1 WHERE time >= '2025-02-08T19:00:00' AND "
+                               "(payload LIKE '%SIP/2.0 4%' OR payload LIKE '%SIP/2.0 5%' OR payload LIKE '%SIP/2.0 6%') "
+                               "ORDER BY call_id")
+    assert failed == [{"call_id": c} for c in sorted({c["call_id"] for c in hour if c["status"] == 486})]
+    logs = rows_json(server, "SELECT correlation_id, payload FROM hep_100 WHERE time >= '2025-02-08' ORDER BY time")
+    assert logs == [{"correlation_id": f"call-{n}@seed", "payload": f"log for call-{n}@seed"} for n in range(0, 30, 5)]
+
+
+def test_what_a_real_user_adds_joins_ctes_having_windows(seeded):
+    server, calls = seeded
+    one_call = rows_json(server, "SELECT sip_method, sip_status FROM hep_1 WHERE call_id = 'call-4@seed' "
+                                 "AND time >= '2025-02-08' AND time < '2025-02-09' ORDER BY time")
+    assert one_call == [{"sip_method": c["method"], "sip_status": c["status"]} for c in calls if c["call_id"] == "call-4@seed"]
+    joined = rows_json(server, "SELECT s.call_id, l.payload AS log FROM hep_1 s JOIN hep_100 l ON s.call_id = l.correlation_id "
+                               "WHERE s.time >= '2025-02-08' AND s.sip_method = 'INVITE' ORDER BY s.call_id")
+    assert joined == sorted([{"call_id": f"call-{n}@seed", "log": f"log for call-{n}@seed"} for n in range(0, 30, 5)],
+                            key=lambda r: r["call_id"])
+    having = rows_json(server, "WITH per_call AS (SELECT call_id, count(*) AS messages FROM hep_1 WHERE time >= "
+                               "'2025-02-08' GROUP BY call_id) SELECT count(*) AS short_calls FROM per_call "
+                               "GROUP BY messages HAVING messages = 3")
+    assert having == [{"short_calls": 10}]
+    window = rows_json(server, "SELECT call_id, sip_status, row_number() OVER (PARTITION BY call_id ORDER BY time) AS step "
+                               "FROM hep_1 WHERE time >= '2025-02-08' AND call_id = 'call-3@seed' ORDER BY time")
+    assert [r["step"] for r in window] == [1, 2, 3] and window[2]["sip_status"] == 486
+    rcinfo = rows_json(server, "SELECT timestamp, rcinfo FROM hep_1 WHERE time >= '2025-02-08' ORDER BY time LIMIT 1")[0]
+    assert rcinfo["rcinfo"]["srcIp"] == "10.0.0.1" and rcinfo["rcinfo"]["timeSeconds"] == SEED_HOUR
+    assert rcinfo["rcinfo"]["dstPort"] == 5061 and rcinfo["timestamp"] == "2025-02-08T19:00:00.000000Z"
+
+
+def test_without_a_time_condition_only_the_last_ten_minutes_are_searched(seeded):
+    server, _ = seeded
+    status, head, body = query(server, "SELECT call_id FROM hep_1 ORDER BY call_id")
+    assert status == 200 and body == [{"call_id": f"recent-{i}"} for i in range(3)]
+    assert "default" in head["x-hepop-time-window"]
+    with_time = rows_json(server, "SELECT call_id FROM hep_1 WHERE time > now() - INTERVAL 1 HOUR ORDER BY call_id")
+    assert with_time == [{"call_id": f"older-{i}"} for i in range(2)] + [{"call_id": f"recent-{i}"} for i in range(3)]
+    assert rows_json(server, "SELECT count(*) AS n FROM hep_5") == [{"n": 0}]           # a type with no data
+    status, _, body = query(server, "SELECT payload, sip_method FROM hep_77 WHERE time > '2020-01-01'")
+    assert status == 400 and "sip_method" in body["error"]             # no SIP columns outside hep_1
+
+
+def test_formats_and_the_post_and_raw_url_forms(seeded):
+    server, _ = seeded
+    sql = "SELECT time, call_id FROM hep_1 WHERE time >= '2025-02-08T19:00:00' ORDER BY time LIMIT 3"
+    expected = rows_json(server, sql)
+    status, head, body = http(server, "/query", json.dumps({"query": sql}).encode(), {"Content-Type": "application/json"})
+    assert status == 200 and json.loads(body) == expected
+    status, head, body = query(server, sql, "ndjson")
+    assert [json.loads(line) for line in body.decode().splitlines()] == expected
+    status, head, body = query(server, sql, "csv")
+    assert body.decode().splitlines() == ["time,call_id"] + [f"{r['time']},{r['call_id']}" for r in expected]
+    status, head, body = query(server, sql, "arrow")
+    table = pa.ipc.open_stream(body).read_all()
+    assert table.column("call_id").to_pylist() == [r["call_id"] for r in expected]
+    with socket.create_connection(("127.0.0.1", server.http_port)) as raw:       # spaces as typed in a URL
+        raw.sendall(f"GET /query?q={sql} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        response = b""
+        while chunk_ := raw.recv(65536):
+            response += chunk_
+    assert response.startswith(b"HTTP/1.1 200") and b"call-0@seed" in response
+
+
+def test_pruning_reads_only_the_files_of_the_range(servers, tmp_path):
+    server = servers(RETENTION="3650d", COMPACT_INTERVAL_S="3600")
+    day = 1_795_000_200 // 86400 * 86400 - 86400
+    server.udp([hep3(sip(f"d{i}"), seconds=day + i * 600 + 30) for i in range(144)], pace_every=50)
+    deadline = time.monotonic() + 15
+    while len(stored_rows(tmp_path / "data", columns="time", running=True)) < 144:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    total_files = len(listed_files(tmp_path / "data/test/dbs/hep-0/hep_1-0"))
+    minute = datetime.datetime.fromtimestamp(day + 50 * 600, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:00")
+    status, head, body = query(server, f"SELECT call_id FROM hep_1 WHERE time >= '{minute}' "
+                                       f"AND time < TIMESTAMP '{minute}' + INTERVAL 1 MINUTE")
+    assert status == 200 and body == [{"call_id": "d50"}]
+    assert total_files == 144 and head["x-hepop-files"] == "1"
+    status, head, body = query(server, f"SELECT count(*) AS n FROM hep_1 WHERE time >= '{minute}' OR call_id = 'd1'")
+    assert body == [{"n": 144 - 50}] or head["x-hepop-files"] == "144"
+    assert server.stop() == 0
+
+
+ATTACKS = [
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_text('/etc/hostname')",
+    "SELECT * FROM glob('/*')",
+    "SELECT * FROM read_parquet('{data}/../../../etc/*.parquet')",
+    "SELECT * FROM read_text('{data}/../secret.txt')",
+    "COPY (SELECT 1) TO '{data}/x.csv'",
+    "COPY (SELECT 1) TO '/tmp/hepop-attack.csv'",
+    "EXPLAIN ANALYZE COPY (SELECT 1) TO '{data}/y.csv'",
+    "ATTACH '{data}/x.db' AS x",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SET enable_external_access = true",
+    "SET allowed_directories = ['/']",
+    "PRAGMA enable_profiling",
+    "SELECT 1; CREATE TABLE t AS SELECT 1",
+    "CREATE TABLE t AS SELECT 1",
+    "CALL pragma_version()",
+    "SELECT * FROM query('COPY (SELECT 1) TO ''{data}/z.csv''')",
+]
+
+
+def test_attacks_are_refused_with_400_and_change_nothing(seeded):
+    server, _ = seeded
+    data = server.data_dir
+    (data.parent / "secret.txt").write_text("secret")
+    before = sorted(str(p) for p in data.rglob("*"))
+    for attack in ATTACKS:
+        status, _, body = query(server, attack.format(data=data))
+        assert status == 400, (attack, body)
+        assert body["error"], attack
+    assert sorted(str(p) for p in data.rglob("*")) == before
+    assert not os.path.exists("/tmp/hepop-attack.csv")
+    assert rows_json(server, "SELECT 42 AS answer") == [{"answer": 42}]
+
+
+def test_bad_queries_get_duckdbs_message(seeded):
+    server, _ = seeded
+    for sql, words in [("SELEC 1", "syntax"), ("SELECT nope FROM hep_1", "nope"), ("SELECT * FROM hep_x", "hep_x"),
+                       ("SELECT * FROM no_such_table", "no_such_table")]:
+        status, _, body = query(server, sql)
+        assert status == 400 and words in body["error"], body
+    status, _, body = http(server, "/query", b"x" * (2 << 20), {"Content-Type": "text/plain"})
+    assert status == 413
+    status, _, body = http(server, "/nowhere")
+    assert status == 404 and "error" in json.loads(body)
+
+
+def test_row_cap_timeout_token_health_and_metrics(servers, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+    server = servers(QUERY_MAX_ROWS="5", QUERY_TIMEOUT_S="1", API_TOKEN="s3cr3t")
+    auth = {"Authorization": "Bearer s3cr3t"}
+    status, head, body = query(server, "SELECT * FROM range(100)", headers=auth)
+    assert status == 200 and len(body) == 5 and head["x-hepop-truncated"] == "true"
+    status, head, body = query(server, "SELECT * FROM range(3)", headers=auth)
+    assert len(body) == 3 and head["x-hepop-truncated"] == "false"
+    started = time.monotonic()
+    status, _, body = query(server, "SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b", headers=auth)
+    assert status == 504 and "QUERY_TIMEOUT_S" in body["error"] and time.monotonic() - started < 10
+    assert query(server, "SELECT 1", headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert http(server, "/metrics")[0] == 401
+    status, _, body = http(server, "/health")
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "ok" and health["writer_id"] == "test" and health["uptime_s"] >= 0
+    server.udp([hep3(sip("metrics")), b"garbage"])
+    time.sleep(0.5)
+    status, head, body = http(server, "/metrics", headers=auth)
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("hepop_hep_received_total", (("transport", "udp"), ("version", "3")))] == 1
+    assert samples[("hepop_hep_dropped_total", (("reason", "malformed_unknown_version"),))] == 1
+    assert samples[("hepop_rows_written_total", (("type", "1"),))] == 1
+    assert samples[("hepop_queries_total", (("status", "504"),))] == 1
+    assert ("hepop_udp_kernel_drops_total", ()) in samples and json.loads(http(server, "/health")[2])["last_flush"]
+    assert server.stop() == 0
