@@ -294,6 +294,86 @@ def bench_loss_while_compacting(target_mib: int, rate: int, pool: list[bytes]) -
                 "compacted": "compacted " in log_path.read_text()}
 
 
+def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000) -> int:
+    """`total_rows` SIP rows spread over the 24 hours before now, written by hepop's own writer and
+    compacted by its own compactor, as a day of capture leaves them; returns the files listed."""
+    sys.path.insert(0, str(HERE))
+    import hepop
+    config = hepop.Config.load([], {"PARQUET_DIR": str(root), "WRITER_ID": "bench", "COMPACT_GRACE_S": "1",
+                                    "RETENTION": "30d", "MAX_DISK_PERCENT": "0"})
+    storage = hepop.Storage(str(root), "bench")
+    store = storage.store(1)
+    raw = packets(20 * rows_per_file // 10, seed=11)
+    tables = []
+    for i in range(10):
+        batch = [hepop.decode(p) for p in raw[i * len(raw) // 10:(i + 1) * len(raw) // 10]]
+        tables.append(hepop.build_table(1, [0] * len(batch), batch))
+    table = pa.concat_tables(tables)
+    end_us = time.time_ns() // 1000
+    start_us = end_us - 86_400 * 1_000_000
+    step = 86_400 * 1_000_000 / total_rows
+    for first in range(0, total_rows, rows_per_file):
+        count = min(rows_per_file, total_rows - first)
+        times = pa.array([int(start_us + (first + i) * step) for i in range(count)]).cast(hepop.TIME_TYPE)
+        offset = first % (len(table) - count + 1)
+        store.write(table.slice(offset, count).set_column(0, "time", times))
+    compactor = hepop.Compactor(config, storage, hepop.Counters())
+    compactor.run_once()
+    compactor.close()                       # deletes the merged inputs
+    return len(store.snapshot())
+
+
+def bench_queries(total_rows: int, runs: int = 5) -> None:
+    import http.client
+    import urllib.parse
+    with tempfile.TemporaryDirectory(prefix="hepop-bench-query-") as tmp:
+        started = time.monotonic()
+        files = write_day(Path(tmp), total_rows)
+        print(f"queries over {total_rows:,} SIP rows spread over the last 24 hours ({files} files after compaction, "
+              f"written in {time.monotonic() - started:.0f} s); median of {runs} runs:", flush=True)
+        port, http_port = free_port(), free_port()
+        env = {**os.environ, "PORT": str(port), "HTTP_PORT": str(http_port), "PARQUET_DIR": tmp, "WRITER_ID": "bench",
+               "RETENTION": "30d", "MAX_DISK_PERCENT": "0", "COMPACT_INTERVAL_S": "3600", "LOG_LEVEL": "WARNING"}
+        server = subprocess.Popen([sys.executable, str(HERE / "hepop.py")], env=env)
+        wait_listening(http_port)
+        sample = json.loads(http_get(http_port, "SELECT call_id FROM hep_1 WHERE time > now() - INTERVAL 1 DAY "
+                                                "AND sip_method = 'INVITE' LIMIT 1 OFFSET 1000")[1])[0]["call_id"]
+        queries = [
+            ("call_id over the day", f"SELECT time, sip_method, sip_status FROM hep_1 WHERE call_id = '{sample}' "
+                                     "AND time > now() - INTERVAL 1 DAY ORDER BY time", 300),
+            ("COUNT(*) last 10 minutes", "SELECT count(*) FROM hep_1", 100),
+            ("LIKE '%INVITE%' over an hour", "SELECT time, call_id FROM hep_1 WHERE time > now() - INTERVAL 3 HOUR "
+                                             "AND time < now() - INTERVAL 2 HOUR AND payload LIKE '%INVITE%' "
+                                             "ORDER BY time DESC LIMIT 100", 500),
+        ]
+        for name, sql, target in queries:
+            timings, files_read, rows = [], None, None
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                head, body = http_get(http_port, sql)
+                timings.append(1000 * (time.perf_counter() - t0))
+                files_read, rows = head.get("x-hepop-files"), len(json.loads(body))
+            timings.sort()
+            print(f"  {name:<30} {timings[len(timings) // 2]:>7.0f} ms (target {target} ms), {rows} rows, "
+                  f"{files_read} files read", flush=True)
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def http_get(port: int, sql: str) -> tuple[dict, bytes]:
+    import http.client
+    import urllib.parse
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn.request("GET", "/query?" + urllib.parse.urlencode({"q": sql}))
+    response = conn.getresponse()
+    body = response.read()
+    if response.status != 200:
+        raise SystemExit(f"query failed: {response.status} {body[:300]!r}")
+    head = {k.lower(): v for k, v in response.getheaders()}
+    conn.close()
+    return head, body
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -309,6 +389,7 @@ def main() -> None:
     parser.add_argument("--rates", help="comma-separated packets/s")
     parser.add_argument("--compaction", action="store_true", help="only the compaction figures")
     parser.add_argument("--capture", action="store_true", help="only the capture figures")
+    parser.add_argument("--query", action="store_true", help="only the query figures")
     args = parser.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     rates = [int(r) for r in args.rates.split(",")] if args.rates else \
@@ -316,9 +397,13 @@ def main() -> None:
     print(f"hepop bench: commit {commit()}, {platform.node()}, {os.cpu_count()} cores, "
           f"{platform.python_implementation()} {platform.python_version()}")
     pool = packets(200_000)
-    if not args.capture:
+    chosen = [part for part in ("capture", "compaction", "query") if getattr(args, part)] or \
+        ["capture", "compaction", "query"]
+    if "query" in chosen:
+        bench_queries(500_000 if args.quick else 10_000_000)
+    if "compaction" in chosen:
         compaction_figures(args.quick, pool)
-    if not args.compaction:
+    if "capture" in chosen:
         capture_figures(args, seconds, rates, pool)
 
 
