@@ -941,6 +941,7 @@ class BatchWriter(threading.Thread):
 # ---------------------------------------------------------------------------------------------------------
 
 HOUR_US = 3600 * 1_000_000
+BLOOM_FILTER_COLUMNS = ("call_id", "correlation_id")    # a call is looked up by these over whole days
 
 
 class Compactor(threading.Thread):
@@ -1046,7 +1047,8 @@ class Compactor(threading.Thread):
 
     def _merge(self, out, schema: pa.Schema, files: list[str]) -> None:
         """Write the rows of `files` to `out` sorted by time, one piece of the hour at a time."""
-        with pq.ParquetWriter(out, schema, compression="zstd") as writer:
+        with pq.ParquetWriter(out, schema, compression="zstd", bloom_filter_options={
+                name: {"ndv": 50_000, "fpp": 0.01} for name in BLOOM_FILTER_COLUMNS if name in schema.names}) as writer:
             self._merge_pieces(writer, schema, files)
 
     def _merge_pieces(self, writer: pq.ParquetWriter, schema: pa.Schema, files: list[str]) -> None:
@@ -2072,11 +2074,39 @@ class CaptureServer:
 # main()
 # ---------------------------------------------------------------------------------------------------------
 
+class JournalFormatter(logging.Formatter):
+    """Under journald: no timestamp of ours (journald keeps its own) and the level as a <N> prefix,
+    which journald reads as the syslog priority."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
 def setup_logging(level: str) -> None:
-    """One line per event on stderr; journald adds its own timestamps, so leave ours out there."""
-    fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") else \
-        "%(asctime)s %(levelname)s %(message)s"
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    """One line per event on stderr, in the form journald reads well when it is the reader."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter("%(levelname)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def notify_systemd(state: str) -> None:
+    """Tell systemd (Type=notify) our state: READY=1 once the sockets are bound, STOPPING=1 at the end.
+    A no-op when NOTIFY_SOCKET is not set."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]        # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", os.environ["NOTIFY_SOCKET"], exc)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -2110,7 +2140,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     log.info("HTTP API on %s port %d: /query, /health, /metrics", config.host, config.http_port)
     compactor.start()
     log.info("ready")
+    notify_systemd(f"READY=1\nSTATUS=capturing HEP on port {config.port}\nMAINPID={os.getpid()}")
     server.serve()
+    notify_systemd("STOPPING=1")
     log.info("stopping: writing what is buffered")
     http_server.shutdown()
     writer.close()

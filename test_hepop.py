@@ -1497,3 +1497,99 @@ def test_row_cap_timeout_token_health_and_metrics(servers, tmp_path):
     assert samples[("hepop_queries_total", (("status", "504"),))] == 1
     assert ("hepop_udp_kernel_drops_total", ()) in samples and json.loads(http(server, "/health")[2])["last_flush"]
     assert server.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The binary and the systemd unit (dist/hepop is made by build.sh, which .ci/run runs first)
+# ---------------------------------------------------------------------------------------------------------
+
+BINARY = HERE / "dist" / "hepop"
+
+
+def need_binary():
+    if not BINARY.exists():
+        message = "dist/hepop is not built (run ./build.sh; bash .ci/run does)"
+        if os.environ.get("HEPOP_REQUIRE_BINARY") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def test_the_binary_runs_with_no_python_captures_a_real_sender_and_answers_queries(tmp_path):
+    need_binary()
+    modules = hep_js_dir()
+    need("node with the npm package hep-js", shutil.which("node") is not None and modules is not None)
+    port, http_port = free_port(), free_port()
+    workdir = tmp_path / "box"
+    workdir.mkdir()
+    no_python = tmp_path / "empty-bin"                                   # a PATH with no Python on it
+    no_python.mkdir()
+    env = {"PATH": str(no_python), "PORT": str(port), "HTTP_PORT": str(http_port), "WRITER_ID": "box"}
+    started = time.monotonic()
+    process = subprocess.Popen(["env", "-i", *[f"{k}={v}" for k, v in env.items()], str(BINARY)], cwd=workdir,
+                               stderr=subprocess.PIPE, text=True)
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", http_port), timeout=0.2).close()
+            break
+        except OSError:
+            assert process.poll() is None and time.monotonic() - started < 30, process.stderr.read()
+            time.sleep(0.05)
+    cold_start = time.monotonic() - started
+    script = tmp_path / "send.js"
+    script.write_text(HEP_JS_SENDER)
+    subprocess.run(["node", str(script), "udp", str(port), "40"], check=True, timeout=30, env={**os.environ, "NODE_PATH": modules})
+    time.sleep(1.5)
+    import urllib.parse
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/query?" + urllib.parse.urlencode(
+            {"q": "SELECT call_id FROM hep_1 ORDER BY call_id"}), timeout=30) as response:
+        answered = json.loads(response.read())
+    assert sorted(r["call_id"] for r in answered) == sorted(f"hepjs-udp-{i}" for i in range(40))
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    rows = stored_rows(workdir / "data", columns="time, call_id")        # PARQUET_DIR defaults to ./data
+    assert sorted(r["call_id"] for r in rows) == sorted(f"hepjs-udp-{i}" for i in range(40))
+    print(f"binary cold start to ports bound: {cold_start:.2f} s, size {BINARY.stat().st_size / 2**20:.0f} MiB")
+
+
+@pytest.mark.parametrize("command", ["module", "binary"])
+def test_systemd_notify_ready_after_ports_accept_and_stopping_on_sigterm(tmp_path, command):
+    if command == "binary":
+        need_binary()
+    argv = [str(BINARY)] if command == "binary" else [sys.executable, str(HERE / "hepop.py")]
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(30)
+    port, http_port = free_port(), free_port()
+    process = subprocess.Popen(argv, env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+                                          "PORT": str(port), "HTTP_PORT": str(http_port),
+                                          "PARQUET_DIR": str(tmp_path / "data"), "JOURNAL_STREAM": "8:1234"},
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        ready = notify.recv(4096).decode()
+        assert "READY=1" in ready.splitlines()
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()           # accepting already
+        socket.create_connection(("127.0.0.1", http_port), timeout=1).close()
+        process.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in notify.recv(4096).decode().splitlines()
+        assert process.wait(timeout=60) == 0
+        log_lines = process.stderr.read().splitlines()
+        assert log_lines and all(re.match(r"<[2-7]>(DEBUG|INFO|WARNING|ERROR) ", line) for line in log_lines), log_lines[:3]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        notify.close()
+
+
+def test_the_unit_file_verifies_clean(tmp_path):
+    need_binary()
+    if not shutil.which("systemd-analyze"):
+        need("systemd-analyze", False)
+    unit = tmp_path / "hepop.service"
+    unit.write_text((HERE / "hepop.service").read_text().replace("ExecStart=/usr/local/bin/hepop", f"ExecStart={BINARY}"))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stderr.strip() and not result.stdout.strip(), result.stderr
+    security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True,
+                              text=True, timeout=60)
+    exposure = float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout).group(1))
+    assert exposure <= 2.0, security.stdout[-2000:]
