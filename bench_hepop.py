@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 HERE = Path(__file__).resolve().parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -296,7 +297,8 @@ def bench_loss_while_compacting(target_mib: int, rate: int, pool: list[bytes]) -
 
 def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000) -> int:
     """`total_rows` SIP rows spread over the 24 hours before now, written by hepop's own writer and
-    compacted by its own compactor, as a day of capture leaves them; returns the files listed."""
+    compacted by its own compactor, as a day of capture leaves them; returns the files listed.
+    100,000 distinct messages are reused; each reuse gets its own Call-IDs, so a call is found once."""
     sys.path.insert(0, str(HERE))
     import hepop
     config = hepop.Config.load([], {"PARQUET_DIR": str(root), "WRITER_ID": "bench", "COMPACT_GRACE_S": "1",
@@ -316,7 +318,10 @@ def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000) -> int:
         count = min(rows_per_file, total_rows - first)
         times = pa.array([int(start_us + (first + i) * step) for i in range(count)]).cast(hepop.TIME_TYPE)
         offset = first % (len(table) - count + 1)
-        store.write(table.slice(offset, count).set_column(0, "time", times))
+        part = table.slice(offset, count).set_column(0, "time", times)
+        index = part.schema.get_field_index("call_id")            # repeated messages, yet unique calls
+        call_ids = pc.binary_join_element_wise(part.column(index), pa.scalar(f"-{first}"), "")
+        store.write(part.set_column(index, "call_id", call_ids))
     compactor = hepop.Compactor(config, storage, hepop.Counters())
     compactor.run_once()
     compactor.close()                       # deletes the merged inputs
