@@ -361,8 +361,41 @@ def bench_queries(total_rows: int, runs: int = 5) -> None:
             timings.sort()
             print(f"  {name:<30} {timings[len(timings) // 2]:>7.0f} ms (target {target} ms), {rows} rows, "
                   f"{files_read} files read", flush=True)
+        before, _ = stored(Path(tmp))
+        sent, queries, drops = load_while_querying(port, http_port, rate=20_000, seconds=20)
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
+        stored_rows = stored(Path(tmp))[0] - before
+        print(f"  loss at 20,000 packets/s UDP for 20 s while heavy queries ran back to back ({queries} queries): "
+              f"sent {sent:,}, stored {stored_rows:,}, loss {100 * (sent - stored_rows) / sent:.3f} %, "
+              f"kernel drops {drops}", flush=True)
+
+
+def load_while_querying(port: int, http_port: int, rate: int, seconds: float) -> tuple[int, int, int]:
+    """Packets at `rate`/s over UDP while a client runs heavy queries back to back; returns packets
+    sent, queries answered and the kernel's drops on hepop's UDP socket (from /metrics)."""
+    import threading
+    stop, done = threading.Event(), []
+    heavy = "SELECT src_ip, count(*), max(length(payload)) FROM hep_1 WHERE time > now() - INTERVAL 1 DAY " \
+            "AND payload LIKE '%BYE%' GROUP BY src_ip ORDER BY 2 DESC LIMIT 10"
+
+    def query_loop():
+        while not stop.is_set():
+            http_get(http_port, heavy)
+            done.append(1)
+
+    client = threading.Thread(target=query_loop)
+    client.start()
+    sent = send_paced(packets(rate * int(seconds), seed=3), rate, seconds, port, "udp")
+    stop.set()
+    client.join()
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=30)
+    conn.request("GET", "/metrics")
+    metrics = conn.getresponse().read().decode()
+    drops = next((int(float(line.split()[-1])) for line in metrics.splitlines()
+                  if line.startswith("hepop_udp_kernel_drops_total")), -1)
+    return sent, len(done), drops
 
 
 def http_get(port: int, sql: str) -> tuple[dict, bytes]:
