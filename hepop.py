@@ -176,6 +176,8 @@ SETTINGS = (
     Setting("QUERY_TIMEOUT_S", parse_seconds, lambda s: "30", "a query running longer is stopped (HTTP 504)"),
     Setting("QUERY_MEMORY_MB", parse_positive_int, lambda s: "512", "memory for queries"),
     Setting("QUERY_MAX_ROWS", parse_positive_int, lambda s: "100000", "rows a query returns at most"),
+    Setting("QUERY_THREADS", parse_positive_int, lambda s: "1",
+            "threads a query may use; queries also run at a lower CPU priority than capture"),
     Setting("API_TOKEN", str, lambda s: "",
             "when set, every HTTP route but /health needs 'Authorization: Bearer <token>'"),
     Setting("HEP_AUTH_KEY", str, lambda s: "",
@@ -208,6 +210,7 @@ class Config:
     query_timeout_s: float
     query_memory_mb: int
     query_max_rows: int
+    query_threads: int
     api_token: str
     hep_auth_key: str
     stats_interval_s: float
@@ -935,6 +938,19 @@ class BatchWriter(threading.Thread):
         self.counters.maximum("flush_seconds_max", elapsed)
 
 
+BACKGROUND_NICE = 10
+
+
+def lower_priority() -> None:
+    """Run the calling thread (a query's or the compactor's; DuckDB executes in it with one thread)
+    below the capture loop, so that heavy work takes the CPU that capture leaves, not the reverse."""
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, max(os.getpriority(os.PRIO_PROCESS, thread), BACKGROUND_NICE))
+    except OSError:
+        pass                            # not allowed here (a seccomp filter): run at normal priority
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Compaction and retention: a timer thread merges each closed hour into one sorted file with DuckDB,
 # deletes what is older than the retention or what overfills the disk, and removes empty folders.
@@ -980,6 +996,7 @@ class Compactor(threading.Thread):
         self.db.execute("SET TimeZone = 'UTC'")
 
     def run(self) -> None:
+        lower_priority()                    # compaction takes the CPU that capture leaves
         while not self.stopping.wait(self.config.compact_interval_s):
             try:
                 self.run_once()
@@ -1194,7 +1211,7 @@ class QueryEngine:
 
     The sandbox: DuckDB with external access off except PARQUET_DIR (allowed_directories), its
     configuration locked, memory and threads capped; one statement, and only a query (SELECT, WITH,
-    VALUES, FROM, DESCRIBE, SUMMARIZE, EXPLAIN of a query); QUERY_TIMEOUT_S; QUERY_MAX_ROWS.
+    VALUES, FROM, DESCRIBE, SUMMARIZE, EXPLAIN of a query); QUERY_TIMEOUT_S; QUERY_MAX_ROWS; QUERY_THREADS.
     Rows still in memory are not visible: they are at most one flush interval behind.
     """
 
@@ -1204,7 +1221,7 @@ class QueryEngine:
         self.root = config.parquet_dir
         make_dirs(self.root)
         self.db = duckdb.connect(config={"memory_limit": f"{config.query_memory_mb}MB",
-                                         "threads": max(1, min(2, os.cpu_count() or 1))})
+                                         "threads": config.query_threads})
         self.db.execute("SET TimeZone = 'UTC'")
         self.db.execute("SET allowed_directories = $dirs", {"dirs": [self.root.rstrip("/") + "/"]})
         self.db.execute("SET enable_external_access = false")
@@ -1600,6 +1617,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def query(self, url) -> None:
         sql, fmt = self.query_request(url)
+        lower_priority()
         started = time.perf_counter()
         status = 200
         try:
