@@ -453,8 +453,10 @@ class Server:
         self.data_dir = data_dir
         self.port = int(settings.pop("PORT", 0)) or free_port()
         settings.setdefault("HTTP_PORT", free_port())
+        # The disk guard is off unless a test turns it on: a CI disk fuller than 90% must not delete test data.
         self.env = {**os.environ, "PORT": str(self.port), "PARQUET_DIR": str(data_dir), "WRITER_ID": "test",
-                    "FLUSH_INTERVAL_S": "0.2", "LOG_LEVEL": "INFO", **{k: str(v) for k, v in settings.items()}}
+                    "FLUSH_INTERVAL_S": "0.2", "LOG_LEVEL": "INFO", "MAX_DISK_PERCENT": "0",
+                    **{k: str(v) for k, v in settings.items()}}
         self.lines: list[str] = []
         self.process = subprocess.Popen([sys.executable, str(HERE / "hepop.py")], env=self.env,
                                         stderr=subprocess.PIPE, text=True)
@@ -967,7 +969,8 @@ HOUR = 1_795_000_200 - 600           # 2026-11-18 11:00:00 UTC
 
 
 def open_store(root: Path, **env) -> tuple[hepop.Storage, hepop.Compactor]:
-    config = hepop.Config.load([], {"PARQUET_DIR": str(root), "WRITER_ID": "w", "COMPACT_GRACE_S": "60", **env})
+    config = hepop.Config.load([], {"PARQUET_DIR": str(root), "WRITER_ID": "w", "COMPACT_GRACE_S": "60",
+                                    "MAX_DISK_PERCENT": "0", **env})
     storage = hepop.Storage(str(root), "w")
     return storage, hepop.Compactor(config, storage, hepop.Counters())
 
@@ -1045,7 +1048,7 @@ import os, sys
 sys.path.insert(0, sys.argv[4])
 import hepop
 root, step, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
-config = hepop.Config.load([], {"PARQUET_DIR": root, "WRITER_ID": "w", "COMPACT_GRACE_S": "60"})
+config = hepop.Config.load([], {"PARQUET_DIR": root, "WRITER_ID": "w", "COMPACT_GRACE_S": "60", "MAX_DISK_PERCENT": "0"})
 storage = hepop.Storage(root, "w")
 compactor = hepop.Compactor(config, storage, hepop.Counters())
 real_replace, real_remove, real_swap = os.replace, os.remove, hepop.TypeStore.swap
