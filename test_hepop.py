@@ -1543,11 +1543,10 @@ def test_the_binary_runs_with_no_python_captures_a_real_sender_and_answers_queri
     script.write_text(HEP_JS_SENDER)
     subprocess.run(["node", str(script), "udp", str(port), "40"], check=True, timeout=30, env={**os.environ, "NODE_PATH": modules})
     time.sleep(1.5)
-    import urllib.parse
-    import urllib.request
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/query?" + urllib.parse.urlencode(
-            {"q": "SELECT call_id FROM hep_1 ORDER BY call_id"}), timeout=30) as response:
-        answered = json.loads(response.read())
+    need("curl", shutil.which("curl") is not None)
+    answer = subprocess.run(["curl", "-sfG", f"http://127.0.0.1:{http_port}/query", "--data-urlencode",
+                             "q=SELECT call_id FROM hep_1 ORDER BY call_id"], capture_output=True, timeout=30, check=True)
+    answered = json.loads(answer.stdout)
     assert sorted(r["call_id"] for r in answered) == sorted(f"hepjs-udp-{i}" for i in range(40))
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
