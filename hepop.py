@@ -958,8 +958,8 @@ def lower_priority() -> None:
 
 HOUR_US = 3600 * 1_000_000
 BLOOM_FILTER_COLUMNS = ("call_id", "correlation_id")    # a call is looked up by these over whole days
-# The writer keeps every row group's filters until the file is closed: 8 KiB each (a row group holds a
-# few thousand calls) keeps that at about 15 MB for a 1 GB hour.
+# The writer keeps every row group's filters until the file is closed: about 4 KiB each as written (a
+# row group holds a few thousand calls) keeps that small even for a 1 GB hour.
 BLOOM_FILTER = {"ndv": 8192, "fpp": 0.02}
 
 
