@@ -1352,8 +1352,13 @@ class QueryEngine:
                 return cached[1]
             with open(metadata_path, "rb") as source:
                 files = json.load(source)["files"]
-        except (OSError, ValueError, KeyError):
-            return []
+        except FileNotFoundError:
+            return []                   # its type folder went away between the glob and the read
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Answering without that writer's files would be a silent wrong answer: say what is wrong.
+            log.warning("cannot read %s: %s", metadata_path, exc)
+            raise QueryError(f"cannot read {os.path.relpath(metadata_path, self.root)}: {exc}; the "
+                             "writer that owns it rebuilds it at its next start", 503) from None
         with self._cache_lock:
             self._metadata_cache[metadata_path] = (key, files)
         return files

@@ -1474,6 +1474,20 @@ def test_bad_queries_get_duckdbs_message(seeded):
     assert status == 404 and "error" in json.loads(body)
 
 
+def test_a_damaged_metadata_file_is_reported_not_skipped(servers, tmp_path):
+    server = servers()
+    server.udp([hep3(sip("kept"))])
+    time.sleep(0.5)
+    damaged = tmp_path / "data/other-writer/dbs/hep-0/hep_1-0/metadata.json"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_text("{ not json")
+    status, _, body = query(server, "SELECT call_id FROM hep_1")
+    assert status == 503 and "other-writer/dbs/hep-0/hep_1-0/metadata.json" in body["error"]
+    damaged.write_text(json.dumps({"files": []}))
+    assert rows_json(server, "SELECT call_id FROM hep_1") == [{"call_id": "kept"}]
+    assert server.stop() == 0
+
+
 def test_row_cap_timeout_token_health_and_metrics(servers, tmp_path):
     from prometheus_client.parser import text_string_to_metric_families
     server = servers(QUERY_MAX_ROWS="5", QUERY_TIMEOUT_S="1", API_TOKEN="s3cr3t")
