@@ -628,11 +628,20 @@ def row_group_rows(table: pa.Table, target_bytes: int) -> int:
 
 
 def describe_file(path: str) -> dict:
-    """Row count and time range of a Parquet file, read from the file itself (raises if unreadable)."""
-    times = pq.read_table(path, columns=["time"]).column("time").cast(pa.int64())
-    low, high = pc.min_max(times).values()
-    return {"size_bytes": os.path.getsize(path), "row_count": len(times),
-            "min_time": (low.as_py() or 0) * 1000, "max_time": (high.as_py() or 0) * 1000}
+    """Row count and time range of a Parquet file, from its footer (raises if unreadable).
+
+    The footer's statistics on `time` give the range without reading the column: reading it costs
+    8 bytes a row, 127 MiB for a compacted hour of 16 million rows, over the compactor's budget."""
+    footer = pq.read_metadata(path)
+    ranges = [footer.row_group(i).column(0).statistics for i in range(footer.num_row_groups)]
+    if all(stats is not None and stats.has_min_max for stats in ranges):
+        low = min((stats.min_raw for stats in ranges), default=0)
+        high = max((stats.max_raw for stats in ranges), default=0)
+    else:                                   # written by another tool without statistics
+        times = pq.read_table(path, columns=["time"]).column("time").cast(pa.int64())
+        low, high = (value.as_py() or 0 for value in pc.min_max(times).values())
+    return {"size_bytes": os.path.getsize(path), "row_count": footer.num_rows,
+            "min_time": low * 1000, "max_time": high * 1000}
 
 
 class TypeStore:

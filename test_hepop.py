@@ -394,6 +394,21 @@ def test_recovery_makes_metadata_equal_to_the_tree(tmp_path):
     assert json.loads((type_dir / "metadata.json").read_text()) == complete
 
 
+def test_file_description_from_the_footer_equals_the_rows(tmp_path):
+    """Row count and time range come from the footer's statistics, or from the rows of a file written
+    without statistics; both equal what the rows say."""
+    times = [time.time() - random.uniform(0, 3000) for _ in range(5000)]
+    table = table_of(times)
+    expected_us = sorted(table.column("time").cast(pa.int64()).to_pylist())
+    for name, options in (("stats", {"row_group_size": 700}), ("bare", {"write_statistics": False})):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(table, path, **options)
+        described = hepop.describe_file(str(path))
+        assert described["row_count"] == 5000
+        assert (described["min_time"], described["max_time"]) == (expected_us[0] * 1000, expected_us[-1] * 1000)
+        assert described["size_bytes"] == path.stat().st_size
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------------
