@@ -56,7 +56,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -273,8 +273,8 @@ class HepPacket(NamedTuple):
     time_us: Optional[int]          # capture time in microseconds since the epoch; None when not sent
     ip_family: int
     protocol: int
-    src_ip: Optional[str]
-    dst_ip: Optional[str]
+    src_ip: Optional[bytes]         # packed: 4 bytes IPv4, 16 bytes IPv6; turned into text per batch
+    dst_ip: Optional[bytes]
     src_port: int
     dst_port: int
     proto_type: int
@@ -297,6 +297,37 @@ _FIXED_CHUNK_BODY = {1: 1, 2: 1, 3: 4, 4: 4, 5: 16, 6: 16, 7: 2, 8: 2, 9: 4, 10:
                      18: 2}
 
 
+class CommonPrefix(NamedTuple):
+    """The chunks that agents send first, in the same order every time: their headers checked with one
+    struct and their values read with another, instead of one chunk at a time."""
+    size: int
+    headers: struct.Struct
+    expected: tuple
+    values: struct.Struct
+
+
+# How the value of each chunk of a common prefix is read: addresses stay packed.
+_PREFIX_CODES = {1: "B", 2: "B", 3: "4s", 4: "4s", 5: "16s", 6: "16s", 7: "H", 8: "H", 9: "I", 10: "I",
+                 11: "B", 12: "I"}
+
+
+def common_prefix(kinds: tuple) -> CommonPrefix:
+    codes = [_PREFIX_CODES[kind] for kind in kinds]
+    sizes = [struct.calcsize("!" + code) for code in codes]
+    headers = struct.Struct("!6x" + "".join(f"HHH{size}x" for size in sizes))
+    values = struct.Struct("!6x" + "".join(f"6x{code}" for code in codes))
+    expected = tuple(value for kind, size in zip(kinds, sizes) for value in (0, kind, size + 6))
+    return CommonPrefix(headers.size, headers, expected, values)
+
+
+# IP family, protocol, source and destination address, ports, seconds, microseconds, protocol type and
+# capture id, in this order: what Kamailio, OpenSIPS, heplify, captagent and hep-js all send first.
+COMMON_PREFIXES = (common_prefix((1, 2, 3, 4, 7, 8, 9, 10, 11, 12)), common_prefix((1, 2, 5, 6, 7, 8, 9, 10, 11, 12)))
+# Where each field sits in a HepPacket, for the chunk loop that fills one in.
+(_VERSION, _TIME, _FAMILY, _PROTOCOL, _SRC_IP, _DST_IP, _SRC_PORT, _DST_PORT, _PROTO_TYPE, _CAPTURE_ID,
+ _NODE_NAME, _CORRELATION_ID, _VLAN, _AUTH_KEY, _PAYLOAD) = range(len(HepPacket._fields))
+
+
 def decode(buf: bytes) -> HepPacket:
     """Decode one HEP message (a UDP datagram or one TCP frame) of any version."""
     if buf[:4] == HEP3_MAGIC:
@@ -312,11 +343,17 @@ def _decode_v3(buf: bytes) -> HepPacket:
         raise HepError("short")
     if _U16.unpack_from(buf, 4)[0] != size:
         raise HepError("length_mismatch")
-    family = protocol = src_port = dst_port = proto_type = capture_id = 0
-    src_ip = dst_ip = node_name = correlation_id = vlan = auth_key = seconds = None
-    useconds = 0
-    payload = b""
-    pos = 6
+    for prefix in COMMON_PREFIXES:
+        if size >= prefix.size and prefix.headers.unpack_from(buf) == prefix.expected:
+            family, protocol, src, dst, src_port, dst_port, seconds, useconds, proto_type, capture_id = \
+                prefix.values.unpack_from(buf)
+            row = [3, None, family, protocol, src, dst, src_port, dst_port, proto_type, capture_id,
+                   None, None, None, None, b""]
+            pos = prefix.size
+            break
+    else:
+        row = [3, None, 0, 0, None, None, 0, 0, 0, 0, None, None, None, None, b""]
+        seconds, useconds, pos = None, 0, 6
     while pos < size:
         if size - pos < 6:
             raise HepError("truncated_chunk")
@@ -334,46 +371,43 @@ def _decode_v3(buf: bytes) -> HepPacket:
         if fixed is not None and length - 6 != fixed:
             raise HepError(f"bad_chunk_{kind}")
         if kind == 15:
-            payload = buf[start:end]
+            row[_PAYLOAD] = buf[start:end]
         elif kind == 1:
-            family = buf[start]
+            row[_FAMILY] = buf[start]
         elif kind == 2:
-            protocol = buf[start]
-        elif kind == 3:
-            src_ip = socket.inet_ntop(socket.AF_INET, buf[start:end])
-        elif kind == 4:
-            dst_ip = socket.inet_ntop(socket.AF_INET, buf[start:end])
-        elif kind == 5:
-            src_ip = socket.inet_ntop(socket.AF_INET6, buf[start:end])
-        elif kind == 6:
-            dst_ip = socket.inet_ntop(socket.AF_INET6, buf[start:end])
+            row[_PROTOCOL] = buf[start]
+        elif kind == 3 or kind == 5:
+            row[_SRC_IP] = bytes(buf[start:end])
+        elif kind == 4 or kind == 6:
+            row[_DST_IP] = bytes(buf[start:end])
         elif kind == 7:
-            src_port = _U16.unpack_from(buf, start)[0]
+            row[_SRC_PORT] = _U16.unpack_from(buf, start)[0]
         elif kind == 8:
-            dst_port = _U16.unpack_from(buf, start)[0]
+            row[_DST_PORT] = _U16.unpack_from(buf, start)[0]
         elif kind == 9:
             seconds = _U32.unpack_from(buf, start)[0]
         elif kind == 10:
             useconds = _U32.unpack_from(buf, start)[0]
         elif kind == 11:
-            proto_type = buf[start]
+            row[_PROTO_TYPE] = buf[start]
         elif kind == 12:
-            capture_id = _U32.unpack_from(buf, start)[0]
+            row[_CAPTURE_ID] = _U32.unpack_from(buf, start)[0]
         elif kind == 14:
-            auth_key = bytes(buf[start:end])
+            row[_AUTH_KEY] = bytes(buf[start:end])
         elif kind == 16:
-            payload = inflate(buf[start:end])
+            row[_PAYLOAD] = inflate(buf[start:end])
         elif kind == 17:
-            correlation_id = buf[start:end].decode("utf-8", "replace")
+            row[_CORRELATION_ID] = buf[start:end].decode("utf-8", "replace")
         elif kind == 18:
-            vlan = _U16.unpack_from(buf, start)[0]
+            row[_VLAN] = _U16.unpack_from(buf, start)[0]
         elif kind == 19:
-            node_name = buf[start:end].rstrip(b"\x00").decode("utf-8", "replace")
+            row[_NODE_NAME] = buf[start:end].rstrip(b"\x00").decode("utf-8", "replace")
         # 13 (keep-alive), 20-24 (MACs, ethertype, TCP flags, TOS), 32-41 (QoS tags) and unknown
         # types are accepted and not stored.
-    time_us = None if seconds is None else seconds * 1_000_000 + useconds
-    return HepPacket(3, time_us, family, protocol, src_ip, dst_ip, src_port, dst_port, proto_type,
-                     capture_id, node_name, correlation_id, vlan, auth_key, bytes(payload))
+    if seconds is not None:
+        row[_TIME] = seconds * 1_000_000 + useconds
+    row[_PAYLOAD] = bytes(row[_PAYLOAD])
+    return tuple.__new__(HepPacket, row)      # HepPacket(*row) without the keyword-argument handling
 
 
 def _decode_v1_v2(buf: bytes) -> HepPacket:
@@ -383,9 +417,9 @@ def _decode_v1_v2(buf: bytes) -> HepPacket:
         raise HepError("short")
     family, protocol = buf[2], buf[3]
     if family == socket.AF_INET:
-        address_size, address_family = 4, socket.AF_INET
+        address_size = 4
     elif family == 10:
-        address_size, address_family = 16, socket.AF_INET6
+        address_size = 16
     else:
         raise HepError("bad_family")
     addresses_end = 8 + 2 * address_size
@@ -393,8 +427,7 @@ def _decode_v1_v2(buf: bytes) -> HepPacket:
     if len(buf) < header_end:
         raise HepError("short")
     src_port, dst_port = _PORTS.unpack_from(buf, 4)
-    src_ip = socket.inet_ntop(address_family, buf[8:8 + address_size])
-    dst_ip = socket.inet_ntop(address_family, buf[8 + address_size:addresses_end])
+    src_ip, dst_ip = bytes(buf[8:8 + address_size]), bytes(buf[8 + address_size:addresses_end])
     time_us, capture_id = None, 0
     if version == 2:
         seconds, useconds, capture_id = _V2_TIME.unpack_from(buf, addresses_end)
@@ -551,12 +584,32 @@ def table_schema(proto_type: int) -> pa.Schema:
     return pa.schema(BASE_FIELDS + (SIP_FIELDS if proto_type == SIP_TYPE else []) + PAYLOAD_FIELDS)
 
 
+_OCTETS = pa.array([str(octet) for octet in range(256)])
+_OCTET_SHIFTS = (0, 8, 16, 24) if sys.byteorder == "little" else (24, 16, 8, 0)
+
+
+def ip_texts(packed: Sequence[Optional[bytes]]) -> pa.Array:
+    """Text form of packed addresses: IPv4 by Arrow over the whole batch, outside the GIL; a batch that
+    holds IPv6 addresses takes inet_ntop row by row."""
+    array = pa.array(packed, pa.binary())
+    try:
+        quads = array.cast(pa.binary(4))
+    except pa.ArrowInvalid:
+        return pa.array([None if address is None else
+                         socket.inet_ntop(socket.AF_INET if len(address) == 4 else socket.AF_INET6, address)
+                         for address in packed], pa.string())
+    words = pa.Array.from_buffers(pa.uint32(), len(quads), quads.buffers(), offset=quads.offset)
+    octets = [pc.take(_OCTETS, pc.bit_wise_and(pc.shift_right(words, shift), 255)) for shift in _OCTET_SHIFTS]
+    return pc.binary_join_element_wise(*octets, ".")
+
+
 def build_table(proto_type: int, times: list[int], packets: list[HepPacket]) -> pa.Table:
     """One Arrow table from a batch of decoded packets of one type (times already checked)."""
     columns = dict(zip(HepPacket._fields, zip(*packets)))
     arrays = {"time": pa.array(times, pa.int64()).cast(TIME_TYPE)}
     for field in BASE_FIELDS[1:]:
-        arrays[field.name] = pa.array(columns[field.name], field.type)
+        values = columns[field.name]
+        arrays[field.name] = ip_texts(values) if field.name in ("src_ip", "dst_ip") else pa.array(values, field.type)
     raw = pa.array(columns["payload"], pa.binary())
     try:
         text = raw.cast(pa.string())
