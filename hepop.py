@@ -519,34 +519,72 @@ class HepStream:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# SIP fields: extracted with RE2 over a whole batch at flush, not per packet in Python.
+# SIP fields: extracted over a whole batch at flush by Arrow (outside the GIL), not per packet in Python.
 # ---------------------------------------------------------------------------------------------------------
 
+SIP_COLUMNS = ("sip_method", "sip_status", "call_id", "from_user", "to_user", "ruri_user", "cseq", "user_agent")
 _URI_USER = r"(?:sips?:(?P<{0}>[^@;?>\s:]+)(?::[^@\s>]*)?@|tel:(?P<{0}_tel>[^;?>\s]+))"
-SIP_PATTERNS = {
-    "sip_method": r"^(?P<sip_method>[A-Z][A-Za-z_-]*) \S+ SIP/2\.0",
-    "sip_status": r"^SIP/2\.0 (?P<sip_status>[1-6][0-9][0-9])",
-    "call_id": r"(?mi)^(?:Call-ID|i)[ \t]*:[ \t]*(?P<call_id>[^\r\n]+)",
-    "from_user": r"(?mi)^(?:From|f)[ \t]*:[^\r\n]*?" + _URI_USER.format("from_user"),
-    "to_user": r"(?mi)^(?:To|t)[ \t]*:[^\r\n]*?" + _URI_USER.format("to_user"),
-    "ruri_user": r"^[A-Z][A-Za-z_-]* " + _URI_USER.format("ruri_user"),
-    "cseq": r"(?mi)^CSeq[ \t]*:[ \t]*(?P<cseq>[^\r\n]+)",
-    "user_agent": r"(?mi)^(?:User-Agent|Server)[ \t]*:[ \t]*(?P<user_agent>[^\r\n]+)",
+# The request or status line.
+FIRST_LINE = (r"^(?:(?P<sip_method>[A-Z][A-Za-z_-]*) " + _URI_USER.format("ruri_user") + r"?\S* SIP/2\.0"
+              r"|SIP/2\.0 (?P<sip_status>[1-6][0-9][0-9]))")
+# Header fields: found by the start of their line as agents write it, with plain string compares.  The
+# headers every SIP message has are searched again with a regex in the messages where that found nothing
+# (compact forms such as "i:", other letter case, space before the colon: every form RFC 3261 allows).
+# User-Agent and Server are optional, so a message without them is common: they are matched in any
+# letter case and not searched again.
+SIP_HEADERS = {
+    "call_id": ("Call-ID:", r"(?mi)^(?:Call-ID|i)[ \t]*:(?P<value>[^\r\n]*)"),
+    "from_user": ("From:", r"(?mi)^(?:From|f)[ \t]*:(?P<value>[^\r\n]*)"),
+    "to_user": ("To:", r"(?mi)^(?:To|t)[ \t]*:(?P<value>[^\r\n]*)"),
+    "cseq": ("CSeq:", r"(?mi)^CSeq[ \t]*:(?P<value>[^\r\n]*)"),
 }
+URI_USER = _URI_USER.format("user")
 
 
 def extract_sip_fields(payload: pa.Array) -> dict[str, pa.Array]:
     """The SIP columns of a batch of payload strings; null where a message lacks the field."""
-    columns = {}
-    for name, pattern in SIP_PATTERNS.items():
-        groups = pc.extract_regex(payload, pattern)
-        values = groups.field(name)
-        if f"{name}_tel" in pattern:
-            values = pc.if_else(pc.equal(values, ""), groups.field(f"{name}_tel"), values)
-        values = pc.utf8_rtrim_whitespace(values)
-        values = pc.if_else(pc.equal(values, ""), None, values)
-        columns[name] = values.cast(pa.uint16()) if name == "sip_status" else values
-    return columns
+    lines = pc.split_pattern(payload, "\r\n")
+    first = pc.extract_regex(pc.list_element(lines, 0), FIRST_LINE)
+    columns = {"sip_method": first.field("sip_method"), "sip_status": first.field("sip_status"),
+               "ruri_user": either(first.field("ruri_user"), first.field("ruri_user_tel"))}
+    header = HeaderLines(lines)
+    for name, (prefix, pattern) in SIP_HEADERS.items():
+        values = header.values(prefix)
+        missing = pc.is_null(values)
+        if pc.any(missing).as_py():
+            searched = pc.extract_regex(payload.filter(missing), pattern).field("value")
+            values = pc.replace_with_mask(values, missing, searched)
+        columns[name] = values
+    columns["user_agent"] = pc.coalesce(header.values("User-Agent:", ignore_case=True),
+                                        header.values("Server:", ignore_case=True))
+    for name in ("from_user", "to_user"):
+        users = pc.extract_regex(columns[name], URI_USER)
+        columns[name] = either(users.field("user"), users.field("user_tel"))
+    for name, values in columns.items():
+        values = pc.utf8_trim_whitespace(values)
+        columns[name] = pc.if_else(pc.equal(values, ""), None, values)
+    columns["sip_status"] = columns["sip_status"].cast(pa.uint16())
+    return {name: columns[name] for name in SIP_COLUMNS}
+
+
+def either(first: pa.Array, second: pa.Array) -> pa.Array:
+    """`first` where it is not empty, else `second`."""
+    return pc.if_else(pc.equal(first, ""), second, first)
+
+
+class HeaderLines:
+    """The lines of a batch of SIP messages, flattened, and the message each line belongs to."""
+
+    def __init__(self, lines: pa.ListArray):
+        self.lines = lines.flatten()
+        self.message_of_line = pc.list_parent_indices(lines)
+        self.messages = pa.array(range(len(lines)), pa.int64())
+
+    def values(self, prefix: str, ignore_case: bool = False) -> pa.Array:
+        """Per message, what follows `prefix` on its first line that starts with it; null if none does."""
+        hits = pc.indices_nonzero(pc.starts_with(self.lines, prefix, ignore_case=ignore_case))
+        first_hit = pc.index_in(self.messages, pc.take(self.message_of_line, hits))
+        return pc.utf8_slice_codeunits(pc.take(pc.take(self.lines, hits), first_hit), len(prefix))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -568,7 +606,7 @@ BASE_FIELDS = [
     pa.field("correlation_id", pa.string()),
     pa.field("vlan", pa.uint16()),
 ]
-SIP_FIELDS = [pa.field(name, pa.uint16() if name == "sip_status" else pa.string()) for name in SIP_PATTERNS]
+SIP_FIELDS = [pa.field(name, pa.uint16() if name == "sip_status" else pa.string()) for name in SIP_COLUMNS]
 PAYLOAD_FIELDS = [
     pa.field("payload_raw", pa.binary()),   # the exact bytes, only where the payload is not valid UTF-8
     pa.field("payload", pa.string()),       # the payload as text (invalid bytes shown as U+FFFD)
@@ -1915,23 +1953,20 @@ class Ingest:
         self.bad_packets = RateLimitedLog()
         self.batches: dict[int, list] = {}           # type -> [times, packets, nbytes, deadline]
         self.buffered_bytes = 0
-        self._received_keys = {(transport, version): metric_key("hep_received_total", transport=transport,
-                                                                version=version)
-                               for transport in ("udp", "tcp") for version in ("1", "2", "3", "unknown")}
+        self.received: collections.Counter = collections.Counter()     # (transport, version) -> packets
 
     def packet(self, data: bytes, transport: str, peer) -> bool:
         """Take in one HEP message; False when it does not decode (it is then counted as malformed)."""
         try:
             packet = decode(data)
         except HepError as exc:
-            version = "3" if data[:4] == HEP3_MAGIC else str(data[0]) if data[:1] in (b"\1", b"\2") else \
-                "unknown"
-            self.counters.add_key(self._received_keys[transport, version])
+            version = 3 if data[:4] == HEP3_MAGIC else data[0] if data[:1] in (b"\1", b"\2") else "unknown"
+            self.received[transport, version] += 1
             self.counters.add("hep_dropped_total", reason="malformed_" + exc.reason)
             self.bad_packets.warning(exc.reason, "malformed HEP (%s) from %s over %s: %d bytes",
                                      exc.reason, peer, transport, len(data))
             return False
-        self.counters.add_key(self._received_keys[transport, str(packet.version)])
+        self.received[transport, packet.version] += 1
         if self.auth_key is not None and not hmac.compare_digest(packet.auth_key or b"", self.auth_key):
             self.counters.add("hep_dropped_total", reason="auth")
             self.bad_packets.warning("auth", "HEP from %s without the right auth key: dropped", peer)
@@ -1962,6 +1997,13 @@ class Ingest:
         if len(batch[1]) >= self.config.flush_rows or batch[2] >= self.config.flush_bytes:
             self.flush(packet.proto_type)
         return True
+
+    def publish_counts(self) -> None:
+        """Move the packets counted since the last call into the counters: once per pass of the loop
+        rather than under the counters' lock for every packet."""
+        for (transport, version), count in self.received.items():
+            self.counters.add("hep_received_total", count, transport=transport, version=str(version))
+        self.received.clear()
 
     def flush(self, proto_type: int) -> None:
         """Hand one type's batch to the writer thread: a swap of lists, no I/O on the loop."""
@@ -2053,12 +2095,14 @@ class CaptureServer:
             started = time.monotonic()
             for key, _ in events:
                 key.data(key.fileobj)
+            self.ingest.publish_counts()
             next_flush = self.ingest.flush_due(started)
             if started >= next_stats:
                 self.log_counters("counters")
                 next_stats = started + self.config.stats_interval_s
             self.counters.maximum("loop_busy_seconds_max", time.monotonic() - started)
         self._drain()
+        self.ingest.publish_counts()
         self.ingest.flush_all()
 
     def _on_signal(self, signum, frame) -> None:

@@ -296,7 +296,7 @@ def test_stream_finish_gives_up_on_an_incomplete_frame_and_keeps_what_follows():
 def sip_row(payload: bytes) -> dict:
     packet = hepop.decode(hep3(payload))
     row = hepop.build_table(1, [packet.time_us], [packet]).to_pylist()[0]
-    return {k: row[k] for k in hepop.SIP_PATTERNS}
+    return {k: row[k] for k in hepop.SIP_COLUMNS}
 
 
 def test_sip_fields_of_requests_and_responses():
