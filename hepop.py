@@ -37,6 +37,7 @@ import dataclasses
 import datetime
 import decimal
 import glob
+import functools
 import gc
 import hmac
 import http.server
@@ -57,7 +58,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional
 
 import duckdb
 import pyarrow as pa
@@ -305,6 +306,7 @@ class CommonPrefix(NamedTuple):
     headers: struct.Struct
     expected: tuple
     values: struct.Struct
+    chunks: tuple                   # (kind, struct code, offset of the value) of each chunk
 
 
 # How the value of each chunk of a common prefix is read: addresses stay packed.
@@ -318,7 +320,8 @@ def common_prefix(kinds: tuple) -> CommonPrefix:
     headers = struct.Struct("!6x" + "".join(f"HHH{size}x" for size in sizes))
     values = struct.Struct("!6x" + "".join(f"6x{code}" for code in codes))
     expected = tuple(value for kind, size in zip(kinds, sizes) for value in (0, kind, size + 6))
-    return CommonPrefix(headers.size, headers, expected, values)
+    offsets = list(itertools.accumulate((size + 6 for size in sizes), initial=12))
+    return CommonPrefix(headers.size, headers, expected, values, tuple(zip(kinds, codes, offsets)))
 
 
 # IP family, protocol, source and destination address, ports, seconds, microseconds, protocol type and
@@ -520,6 +523,87 @@ class HepStream:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Batch decoding: the UDP datagrams of one flush, decoded by Arrow over the whole batch.
+#
+# Most agents send the common prefix and then the payload chunk, and nothing else (Kamailio, OpenSIPS and
+# heplify without an auth key).  Such datagrams are recognised and decoded by Arrow compute over the whole
+# batch, outside the GIL, for about a third of what decode() costs per packet in Python; every other
+# datagram (another layout, HEP v1 or v2, an auth key, a correlation id, a malformed one) goes through
+# decode().  Both give a table of PACKET_SCHEMA.
+# ---------------------------------------------------------------------------------------------------------
+
+PACKET_SCHEMA = pa.schema([
+    ("time", pa.int64()),               # capture time in microseconds; null when the packet has none
+    ("ip_family", pa.uint8()), ("protocol", pa.uint8()),
+    ("src_ip", pa.binary()), ("dst_ip", pa.binary()),   # packed, as HepPacket has them
+    ("src_port", pa.uint16()), ("dst_port", pa.uint16()),
+    ("proto_type", pa.uint8()), ("capture_id", pa.uint32()),
+    ("node_name", pa.string()), ("correlation_id", pa.string()), ("vlan", pa.uint16()),
+    ("payload", pa.binary()),
+])
+PAYLOAD_CHUNK = 15
+_COLUMN_OF_CHUNK = {1: "ip_family", 2: "protocol", 3: "src_ip", 4: "dst_ip", 5: "src_ip", 6: "dst_ip",
+                    7: "src_port", 8: "dst_port", 11: "proto_type", 12: "capture_id"}
+
+
+def packet_table(times: list, packets: list[HepPacket]) -> pa.Table:
+    """The PACKET_SCHEMA table of packets decoded one by one, with the capture times to store."""
+    columns = dict(zip(HepPacket._fields, zip(*packets))) if packets else \
+        {name: [] for name in HepPacket._fields}
+    columns["time"] = times
+    return pa.table({field.name: pa.array(columns[field.name], field.type) for field in PACKET_SCHEMA},
+                    schema=PACKET_SCHEMA)
+
+
+def common_layout(datagrams: pa.BinaryArray, prefix: CommonPrefix) -> pa.Array:
+    """Indices of the datagrams that are HEP3 with exactly `prefix`, then one payload chunk to the end."""
+    sizes = pc.binary_length(datagrams)
+    long_enough = pc.indices_nonzero(pc.greater_equal(sizes, prefix.size + 6))
+    head = pc.binary_slice(datagrams.take(long_enough), 0, prefix.size + 6)
+    sizes = sizes.take(long_enough)
+    checks = [pc.equal(pc.binary_slice(head, 0, 4), pa.scalar(HEP3_MAGIC)),
+              pc.equal(big_endian(head, 4, 2), sizes),
+              pc.equal(pc.binary_slice(head, prefix.size, prefix.size + 4),
+                       pa.scalar(_CHUNK_HEADER.pack(0, PAYLOAD_CHUNK, 0)[:4])),
+              pc.equal(big_endian(head, prefix.size + 4, 2), pc.subtract(sizes, prefix.size))]
+    for kind, code, offset in prefix.chunks:
+        header = _CHUNK_HEADER.pack(0, kind, struct.calcsize("!" + code) + 6)
+        checks.append(pc.equal(pc.binary_slice(head, offset - 6, offset), pa.scalar(header)))
+    return long_enough.take(pc.indices_nonzero(functools.reduce(pc.and_, checks)))
+
+
+def decode_common(datagrams: pa.BinaryArray, prefix: CommonPrefix) -> pa.Table:
+    """The PACKET_SCHEMA table of datagrams that common_layout() picked for `prefix`."""
+    columns = {field.name: pa.nulls(len(datagrams), field.type) for field in PACKET_SCHEMA}
+    times = {}
+    for kind, code, offset in prefix.chunks:
+        width = struct.calcsize("!" + code)
+        if code.endswith("s"):
+            value = pc.binary_slice(datagrams, offset, offset + width)
+        else:
+            value = big_endian(datagrams, offset, width)
+        if kind in (9, 10):
+            times[kind] = value.cast(pa.int64())
+        else:
+            name = _COLUMN_OF_CHUNK[kind]
+            columns[name] = value.cast(PACKET_SCHEMA.field(name).type)
+    columns["time"] = pc.add(pc.multiply(times[9], 1_000_000), times[10])
+    columns["payload"] = pc.binary_slice(datagrams, prefix.size + 6, 1 << 16)
+    return pa.table(columns, schema=PACKET_SCHEMA)
+
+
+def big_endian(values: pa.BinaryArray, offset: int, width: int) -> pa.Array:
+    """The unsigned big-endian integer of `width` bytes at `offset` in each value (all long enough)."""
+    raw = pc.binary_slice(values, offset, offset + width).cast(pa.binary(width))
+    native = pa.Array.from_buffers({1: pa.uint8(), 2: pa.uint16(), 4: pa.uint32()}[width], len(raw),
+                                   [None, raw.buffers()[1]], offset=raw.offset)
+    if width == 1 or sys.byteorder == "big":
+        return native
+    low_first = [pc.bit_wise_and(pc.shift_right(native, 8 * byte), 0xFF) for byte in range(width)]
+    return functools.reduce(lambda high, low: pc.bit_wise_or(pc.shift_left(high, 8), low), low_first)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # SIP fields: extracted over a whole batch at flush by Arrow (outside the GIL), not per packet in Python.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -627,16 +711,15 @@ _OCTETS = pa.array([str(octet) for octet in range(256)])
 _OCTET_SHIFTS = (0, 8, 16, 24) if sys.byteorder == "little" else (24, 16, 8, 0)
 
 
-def ip_texts(packed: Sequence[Optional[bytes]]) -> pa.Array:
+def ip_texts(packed: pa.BinaryArray) -> pa.Array:
     """Text form of packed addresses: IPv4 by Arrow over the whole batch, outside the GIL; a batch that
     holds IPv6 addresses takes inet_ntop row by row."""
-    array = pa.array(packed, pa.binary())
     try:
-        quads = array.cast(pa.binary(4))
+        quads = packed.cast(pa.binary(4))
     except pa.ArrowInvalid:
         return pa.array([None if address is None else
                          socket.inet_ntop(socket.AF_INET if len(address) == 4 else socket.AF_INET6, address)
-                         for address in packed], pa.string())
+                         for address in packed.to_pylist()], pa.string())
     words = pa.Array.from_buffers(pa.uint32(), len(quads), quads.buffers(), offset=quads.offset)
     octets = [pc.take(_OCTETS, pc.bit_wise_and(pc.shift_right(words, shift), 255)) for shift in _OCTET_SHIFTS]
     return pc.binary_join_element_wise(*octets, ".")
@@ -644,19 +727,25 @@ def ip_texts(packed: Sequence[Optional[bytes]]) -> pa.Array:
 
 def build_table(proto_type: int, times: list[int], packets: list[HepPacket]) -> pa.Table:
     """One Arrow table from a batch of decoded packets of one type (times already checked)."""
-    columns = dict(zip(HepPacket._fields, zip(*packets)))
-    arrays = {"time": pa.array(times, pa.int64()).cast(TIME_TYPE)}
+    return complete_table(proto_type, packet_table(times, packets))
+
+
+def complete_table(proto_type: int, packets: pa.Table) -> pa.Table:
+    """The stored table of one type from a PACKET_SCHEMA table: text addresses, the payload as text
+    (and its exact bytes where they are not UTF-8), the SIP columns of SIP."""
+    arrays = {"time": packets["time"].combine_chunks().cast(TIME_TYPE)}
     for field in BASE_FIELDS[1:]:
-        values = columns[field.name]
-        arrays[field.name] = ip_texts(values) if field.name in ("src_ip", "dst_ip") else pa.array(values, field.type)
-    raw = pa.array(columns["payload"], pa.binary())
+        column = packets[field.name].combine_chunks()
+        arrays[field.name] = ip_texts(column) if field.name in ("src_ip", "dst_ip") else column
+    raw = packets["payload"].combine_chunks()
     try:
         text = raw.cast(pa.string())
         raw = pa.nulls(len(raw), pa.binary())
     except pa.ArrowInvalid:
-        text = pa.array([p.decode("utf-8", "replace") for p in columns["payload"]], pa.string())
+        payloads = raw.to_pylist()
+        text = pa.array([p.decode("utf-8", "replace") for p in payloads], pa.string())
         raw = pa.array([None if "\ufffd" not in t or p.decode("utf-8", "ignore") == t else p
-                        for p, t in zip(columns["payload"], text.to_pylist())], pa.binary())
+                        for p, t in zip(payloads, text.to_pylist())], pa.binary())
     if proto_type == SIP_TYPE:
         arrays.update(extract_sip_fields(text))
     arrays["payload_raw"] = raw
@@ -976,9 +1065,9 @@ class Storage:
 
 
 class Batch(NamedTuple):
-    proto_type: int
-    times: list
-    packets: list
+    proto_type: Optional[int]   # None: UDP datagrams as received, of any type, that the writer decodes
+    times: list                 # the capture time of each packet; of datagrams, when the first came
+    packets: list               # HepPacket, or (datagram, peer) as recvfrom gave them
     nbytes: int
 
 
@@ -991,10 +1080,11 @@ class BatchWriter(threading.Thread):
 
     RETRIES = 5
 
-    def __init__(self, storage: Storage, counters: "Counters"):
+    def __init__(self, storage: Storage, counters: "Counters", check: "PacketCheck"):
         super().__init__(name="hepop-writer", daemon=True)
         self.storage = storage
         self.counters = counters
+        self.check = check
         self.queue: queue.Queue[Optional[Batch]] = queue.Queue()
         self.pending_bytes = 0
         self.last_flush = None
@@ -1017,22 +1107,59 @@ class BatchWriter(threading.Thread):
                 self.pending_bytes -= batch.nbytes
 
     def _write(self, batch: Batch) -> None:
+        if batch.proto_type is None:
+            tables = self.datagram_tables(batch)
+        else:
+            tables = {batch.proto_type: packet_table(batch.times, batch.packets)}
+        for proto_type, packets in tables.items():
+            self._store(proto_type, packets)
+
+    def datagram_tables(self, batch: Batch) -> dict[int, pa.Table]:
+        """The packets of a flush of UDP datagrams, by type: the common layouts decoded by Arrow over the
+        batch, every other datagram by decode() and the same checks as a TCP frame."""
+        arrival_us = batch.times[0]
+        datagrams = pa.array([data for data, _ in batch.packets], pa.binary())
+        received: collections.Counter = collections.Counter()
+        parts, taken = [], []
+        for prefix in COMMON_PREFIXES:
+            rows = common_layout(datagrams, prefix)
+            taken.append(rows)
+            received["udp", 3] += len(rows)
+            parts.append(self.check.common(decode_common(datagrams.take(rows), prefix), arrival_us))
+        others = pc.indices_nonzero(pc.invert(pc.is_in(pa.array(range(len(datagrams)), pa.int64()),
+                                                       value_set=pa.concat_arrays(taken).cast(pa.int64()))))
+        times, packets = [], []
+        for index in others.to_pylist():
+            data, peer = batch.packets[index]
+            packet = self.check.decode(data, "udp", peer, received)
+            time_us = packet and self.check.capture_time(packet, peer, arrival_us)
+            if time_us is not None:
+                times.append(time_us)
+                packets.append(packet)
+        parts.append(packet_table(times, packets))
+        publish_received(self.counters, received)
+        table = pa.concat_tables([part for part in parts if part is not None])
+        types = pc.unique(table["proto_type"]).to_pylist()
+        if len(types) == 1:
+            return {types[0]: table}
+        return {proto_type: table.filter(pc.equal(table["proto_type"], proto_type)) for proto_type in types}
+
+    def _store(self, proto_type: int, packets: pa.Table) -> None:
         started = time.perf_counter()
         for attempt in range(1, self.RETRIES + 1):
             try:
-                table = build_table(batch.proto_type, batch.times, batch.packets)
-                entries = self.storage.store(batch.proto_type).write(table)
+                entries = self.storage.store(proto_type).write(complete_table(proto_type, packets))
                 break
             except Exception:
                 log.exception("writing %d rows of type %d failed (attempt %d of %d)",
-                              len(batch.packets), batch.proto_type, attempt, self.RETRIES)
+                              len(packets), proto_type, attempt, self.RETRIES)
                 time.sleep(min(attempt, 5))
         else:
-            self.counters.add("hep_dropped_total", len(batch.packets), reason="write_error")
+            self.counters.add("hep_dropped_total", len(packets), reason="write_error")
             return
         elapsed = time.perf_counter() - started
         self.last_flush = time.time()
-        self.counters.add("rows_written_total", len(batch.packets), type=str(batch.proto_type))
+        self.counters.add("rows_written_total", len(packets), type=str(proto_type))
         self.counters.add("files_written_total", len(entries))
         self.counters.add("bytes_written_total", sum(entry["size_bytes"] for entry in entries))
         self.counters.add("flush_seconds_total", elapsed)
@@ -1924,8 +2051,13 @@ class RateLimitedLog:
         self.interval_s = interval_s
         self.burst = burst
         self._windows: dict[str, list] = {}
+        self._lock = threading.Lock()           # the loop and the writer both log bad packets
 
     def warning(self, reason: str, message: str, *args) -> None:
+        with self._lock:
+            self._warning(reason, message, *args)
+
+    def _warning(self, reason: str, message: str, *args) -> None:
         now = time.monotonic()
         window = self._windows.setdefault(reason, [now, 0, 0])   # start, logged, suppressed
         if now - window[0] >= self.interval_s:
@@ -1943,44 +2075,120 @@ MIN_CAPTURE_TIME_US = 946_684_800 * 1_000_000     # 2000-01-01: anything before 
 MAX_CLOCK_AHEAD_US = 86_400 * 1_000_000           # a day ahead of our clock is absurd too
 
 
-class Ingest:
-    """From raw HEP bytes to rows in the batch buffers: decode, check auth and time, count, buffer."""
+def version_of(data: bytes):
+    """The HEP version a message claims, for counting what did not decode."""
+    return 3 if data[:4] == HEP3_MAGIC else data[0] if data[:1] in (b"\1", b"\2") else "unknown"
 
-    def __init__(self, config: Config, writer: BatchWriter, counters: Counters):
+
+def publish_received(counters: Counters, received: collections.Counter) -> None:
+    """Add packets counted by (transport, version) to hep_received_total."""
+    for (transport, version), count in received.items():
+        counters.add("hep_received_total", count, transport=transport, version=str(version))
+
+
+class PacketCheck:
+    """Decoding one message and the checks every decoded packet passes before it is buffered: the auth
+    key and a capture time that makes sense.  The loop uses it for TCP frames, the writer for the UDP
+    datagrams that batch decoding left to decode(), and check.common for those it decoded."""
+
+    def __init__(self, config: Config, counters: Counters):
+        self.auth_key = config.hep_auth_key.encode() if config.hep_auth_key else None
+        self.counters = counters
+        self.bad_packets = RateLimitedLog()
+
+    def decode(self, data: bytes, transport: str, peer, received: collections.Counter) -> Optional[HepPacket]:
+        """The packet, counted as received; None when it does not decode (counted as malformed)."""
+        try:
+            packet = decode(data)
+        except HepError as exc:
+            received[transport, version_of(data)] += 1
+            self.counters.add("hep_dropped_total", reason="malformed_" + exc.reason)
+            self.bad_packets.warning(exc.reason, "malformed HEP (%s) from %s over %s: %d bytes",
+                                     exc.reason, peer, transport, len(data))
+            return None
+        received[transport, packet.version] += 1
+        return packet
+
+    def capture_time(self, packet: HepPacket, peer, arrival_us: Optional[int] = None) -> Optional[int]:
+        """The time to store the packet under; None when it is dropped for its auth key.  A packet without
+        a capture time, or with an absurd one, gets its arrival time."""
+        if self.auth_key is not None and not hmac.compare_digest(packet.auth_key or b"", self.auth_key):
+            self.counters.add("hep_dropped_total", reason="auth")
+            self.bad_packets.warning("auth", "HEP from %s without the right auth key: dropped", peer)
+            return None
+        time_us = packet.time_us
+        if time_us is not None and MIN_CAPTURE_TIME_US <= time_us <= time.time_ns() // 1000 + MAX_CLOCK_AHEAD_US:
+            return time_us
+        if time_us is None:
+            self.counters.add("hep_time_replaced_total", why="missing")
+        else:
+            self.counters.add("hep_time_replaced_total", why="absurd")
+            self.bad_packets.warning("bad_time", "absurd capture time %d us from %s: using arrival time",
+                                     time_us, peer)
+        return arrival_us or time.time_ns() // 1000
+
+    def common(self, packets: pa.Table, arrival_us: int) -> Optional[pa.Table]:
+        """capture_time() over a table of batch-decoded packets (which carry no auth key)."""
+        if not len(packets):
+            return packets
+        if self.auth_key is not None:
+            self.counters.add("hep_dropped_total", len(packets), reason="auth")
+            self.bad_packets.warning("auth", "%d HEP packets over UDP without an auth key: dropped", len(packets))
+            return None
+        times = packets["time"]
+        sane = pc.and_(pc.greater_equal(times, MIN_CAPTURE_TIME_US),
+                       pc.less_equal(times, time.time_ns() // 1000 + MAX_CLOCK_AHEAD_US))
+        absurd = len(packets) - pc.sum(sane).as_py()
+        if absurd:
+            self.counters.add("hep_time_replaced_total", absurd, why="absurd")
+            self.bad_packets.warning("bad_time", "%d packets over UDP with an absurd capture time: using arrival "
+                                     "time", absurd)
+            packets = packets.set_column(0, "time", pc.if_else(sane, times, pa.scalar(arrival_us, pa.int64())))
+        return packets
+
+
+class Ingest:
+    """From raw HEP bytes to the batch buffers: UDP datagrams buffered as they come, for the writer to
+    decode in batches; TCP frames decoded and checked here, since the framing needs to know at once
+    whether a frame decodes."""
+
+    def __init__(self, config: Config, writer: BatchWriter, counters: Counters, check: PacketCheck):
         self.config = config
         self.writer = writer
         self.counters = counters
-        self.auth_key = config.hep_auth_key.encode() if config.hep_auth_key else None
-        self.bad_packets = RateLimitedLog()
-        self.batches: dict[int, list] = {}           # type -> [times, packets, nbytes, deadline]
+        self.check = check
+        self.batches: dict[Optional[int], list] = {}   # type (None: datagrams) -> [times, packets, nbytes, deadline]
         self.buffered_bytes = 0
         self.received: collections.Counter = collections.Counter()     # (transport, version) -> packets
         self.max_pending_bytes = config.max_pending_bytes               # read for every packet
         self.flush_rows, self.flush_bytes = config.flush_rows, config.flush_bytes
 
+    def datagram(self, received: tuple) -> None:
+        """Take in one UDP datagram, (bytes, peer) as recvfrom gave it."""
+        size = len(received[0]) + 64
+        if self._full(size):
+            self.received["udp", version_of(received[0])] += 1
+            return
+        batch = self.batches.get(None)
+        if batch is None:
+            batch = self.batches[None] = [[time.time_ns() // 1000], [], 0,
+                                          time.monotonic() + self.config.flush_interval_s]
+        batch[1].append(received)
+        batch[2] += size
+        self.buffered_bytes += size
+        if len(batch[1]) >= self.flush_rows or batch[2] >= self.flush_bytes:
+            self.flush(None)
+
     def packet(self, data: bytes, transport: str, peer) -> bool:
         """Take in one HEP message; False when it does not decode (it is then counted as malformed)."""
-        try:
-            packet = decode(data)
-        except HepError as exc:
-            version = 3 if data[:4] == HEP3_MAGIC else data[0] if data[:1] in (b"\1", b"\2") else "unknown"
-            self.received[transport, version] += 1
-            self.counters.add("hep_dropped_total", reason="malformed_" + exc.reason)
-            self.bad_packets.warning(exc.reason, "malformed HEP (%s) from %s over %s: %d bytes",
-                                     exc.reason, peer, transport, len(data))
+        packet = self.check.decode(data, transport, peer, self.received)
+        if packet is None:
             return False
-        self.received[transport, packet.version] += 1
-        if self.auth_key is not None and not hmac.compare_digest(packet.auth_key or b"", self.auth_key):
-            self.counters.add("hep_dropped_total", reason="auth")
-            self.bad_packets.warning("auth", "HEP from %s without the right auth key: dropped", peer)
+        time_us = self.check.capture_time(packet, peer)
+        if time_us is None:
             return True
-        time_us = packet.time_us
-        if time_us is None or not MIN_CAPTURE_TIME_US <= time_us <= time.time_ns() // 1000 + MAX_CLOCK_AHEAD_US:
-            time_us = self._arrival_time(time_us, peer)
         size = len(packet.payload) + 64
-        if self.buffered_bytes + self.writer.pending_bytes + size > self.max_pending_bytes:
-            self.counters.add("hep_dropped_total", reason="buffer_full")
-            self.bad_packets.warning("buffer_full", "buffers full (MAX_PENDING_BYTES): dropping packets")
+        if self._full(size):
             return True
         batch = self.batches.get(packet.proto_type)
         if batch is None:
@@ -1994,24 +2202,21 @@ class Ingest:
             self.flush(packet.proto_type)
         return True
 
-    def _arrival_time(self, time_us: Optional[int], peer) -> int:
-        """The time to store for a packet that came without a capture time, or with an absurd one."""
-        if time_us is None:
-            self.counters.add("hep_time_replaced_total", why="missing")
-        else:
-            self.counters.add("hep_time_replaced_total", why="absurd")
-            self.bad_packets.warning("bad_time", "absurd capture time %d us from %s: using arrival time",
-                                     time_us, peer)
-        return time.time_ns() // 1000
+    def _full(self, size: int) -> bool:
+        """True, counted and logged, when `size` more bytes would pass MAX_PENDING_BYTES."""
+        if self.buffered_bytes + self.writer.pending_bytes + size <= self.max_pending_bytes:
+            return False
+        self.counters.add("hep_dropped_total", reason="buffer_full")
+        self.check.bad_packets.warning("buffer_full", "buffers full (MAX_PENDING_BYTES): dropping packets")
+        return True
 
     def publish_counts(self) -> None:
         """Move the packets counted since the last call into the counters: once per pass of the loop
         rather than under the counters' lock for every packet."""
-        for (transport, version), count in self.received.items():
-            self.counters.add("hep_received_total", count, transport=transport, version=str(version))
+        publish_received(self.counters, self.received)
         self.received.clear()
 
-    def flush(self, proto_type: int) -> None:
+    def flush(self, proto_type: Optional[int]) -> None:
         """Hand one type's batch to the writer thread: a swap of lists, no I/O on the loop."""
         times, packets, nbytes, _ = self.batches.pop(proto_type)
         self.buffered_bytes -= nbytes
@@ -2123,14 +2328,14 @@ class CaptureServer:
 
     def _on_udp(self, sock, limit: Optional[int] = None) -> int:
         """Read a bounded batch of datagrams (draining until empty would starve flushes under load)."""
-        packet = self.ingest.packet
+        datagram = self.ingest.datagram
         count = 0
         for _ in range(limit or self.config.udp_batch):
             try:
-                data, peer = sock.recvfrom(65535)
+                received = sock.recvfrom(65535)
             except (BlockingIOError, InterruptedError):
                 break
-            packet(data, "udp", peer)
+            datagram(received)
             count += 1
         return count
 
@@ -2267,10 +2472,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     log.info("hepop %s: writer %s, data in %s", __version__, config.writer_id, config.parquet_dir)
     counters = Counters()
     storage = Storage(config.parquet_dir, config.writer_id)
-    writer = BatchWriter(storage, counters)
+    check = PacketCheck(config, counters)
+    writer = BatchWriter(storage, counters, check)
     writer.start()
     compactor = Compactor(config, storage, counters)
-    server = CaptureServer(config, Ingest(config, writer, counters), counters)
+    server = CaptureServer(config, Ingest(config, writer, counters, check), counters)
     try:
         server.bind()
     except OSError as exc:

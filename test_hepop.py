@@ -9,6 +9,7 @@ fails the run instead of skipping.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import glob
 import gzip
@@ -201,6 +202,48 @@ def test_hundred_thousand_mutated_packets_only_ever_raise_hep_error():
             assert isinstance(packet.payload, bytes)
             outcomes["ok"] += 1
     assert outcomes["ok"] > 1000 and outcomes["error"] > 1000, outcomes
+
+
+def test_datagrams_decoded_in_batch_equal_decoding_one_by_one(tmp_path):
+    """The writer decodes UDP datagrams of the common layout with Arrow and the rest with decode(): for
+    real senders' packets and 20,000 mutations of them, the rows and the counts equal decoding each."""
+    rng = random.Random(2)
+    seeds = [hep3(sip(f"batch{i}"), src=src, dst=src, proto_type=proto_type, seconds=seconds)
+             for i, (src, proto_type, seconds) in enumerate([("10.1.2.3", 1, None), ("2001:db8::7", 1, None),
+                                                             ("10.9.9.9", 5, None), ("10.0.0.1", 100, 123)])]
+    seeds += [p for name in ("kamailio/hep3", "kamailio/v6hep3", "kamailio/hep3auth", "kamailio/hlog",
+                             "kamailio/hep2", "kamailio/hep1", "hep-js") for p in fixture_packets(name)[:3]]
+    datagrams = seeds * 20 + list(mutations(rng, seeds, 20_000))
+    arrival_us = time.time_ns() // 1000
+    counters = hepop.Counters()
+    config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path)})
+    writer = hepop.BatchWriter(hepop.Storage(str(tmp_path), "w"), counters, hepop.PacketCheck(config, counters))
+    tables = writer.datagram_tables(hepop.Batch(None, [arrival_us], [(d, ("127.0.0.1", 9)) for d in datagrams], 0))
+
+    expected: dict[int, tuple[list, list]] = {}
+    received, malformed = collections.Counter(), 0
+    for data in datagrams:
+        try:
+            packet = hepop.decode(data)
+        except hepop.HepError:
+            malformed += 1
+            received[str(data[0]) if data[:1] in (b"\1", b"\2") and data[:4] != b"HEP3" else
+                     "3" if data[:4] == b"HEP3" else "unknown"] += 1
+            continue
+        received[str(packet.version)] += 1
+        sane = packet.time_us is not None and hepop.MIN_CAPTURE_TIME_US <= packet.time_us <= arrival_us + 86_400_000_000
+        times, packets = expected.setdefault(packet.proto_type, ([], []))
+        times.append(packet.time_us if sane else arrival_us)
+        packets.append(packet)
+    assert sorted(tables) == sorted(expected) and {1, 5, 100} <= set(tables)
+    for proto_type, (times, packets) in expected.items():
+        rows = lambda table: sorted(map(repr, table.to_pylist()))
+        got = hepop.complete_table(proto_type, tables[proto_type])
+        assert len(got) == len(packets) and rows(got) == rows(hepop.build_table(proto_type, times, packets))
+    metrics = counters.snapshot()
+    assert {version: metrics.get(f'hep_received_total{{transport="udp",version="{version}"}}', 0)
+            for version in received} == dict(received)
+    assert sum(v for k, v in metrics.items() if k.startswith('hep_dropped_total{reason="malformed_')) == malformed > 1000
 
 
 def mutations(rng: random.Random, seeds: list[bytes], count: int):
