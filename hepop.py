@@ -572,6 +572,17 @@ def common_layout(datagrams: pa.BinaryArray, prefix: CommonPrefix) -> pa.Array:
     return long_enough.take(pc.indices_nonzero(functools.reduce(pc.and_, checks)))
 
 
+def has_common_layout(message: bytes) -> bool:
+    """common_layout() for one message: for a TCP frame, whose framing must know whether it decodes."""
+    size = len(message)
+    for prefix in COMMON_PREFIXES:
+        if (size >= prefix.size + 6 and message[:4] == HEP3_MAGIC and _U16.unpack_from(message, 4)[0] == size
+                and prefix.headers.unpack_from(message) == prefix.expected
+                and _CHUNK_HEADER.unpack_from(message, prefix.size) == (0, PAYLOAD_CHUNK, size - prefix.size)):
+            return True
+    return False
+
+
 def decode_common(datagrams: pa.BinaryArray, prefix: CommonPrefix) -> pa.Table:
     """The PACKET_SCHEMA table of datagrams that common_layout() picked for `prefix`."""
     columns = {field.name: pa.nulls(len(datagrams), field.type) for field in PACKET_SCHEMA}
@@ -1065,9 +1076,10 @@ class Storage:
 
 
 class Batch(NamedTuple):
-    proto_type: Optional[int]   # None: UDP datagrams as received, of any type, that the writer decodes
-    times: list                 # the capture time of each packet; of datagrams, when the first came
-    packets: list               # HepPacket, or (datagram, peer) as recvfrom gave them
+    key: object                 # a HEP type (int): packets the loop decoded; "udp" or "tcp": messages as
+    #                             received, of any type, that the writer decodes
+    times: list                 # the capture time of each packet; of messages, when the first came
+    packets: list               # HepPacket, or (message, peer)
     nbytes: int
 
 
@@ -1107,31 +1119,31 @@ class BatchWriter(threading.Thread):
                 self.pending_bytes -= batch.nbytes
 
     def _write(self, batch: Batch) -> None:
-        if batch.proto_type is None:
-            tables = self.datagram_tables(batch)
+        if isinstance(batch.key, str):
+            tables = self.message_tables(batch)
         else:
-            tables = {batch.proto_type: packet_table(batch.times, batch.packets)}
+            tables = {batch.key: packet_table(batch.times, batch.packets)}
         for proto_type, packets in tables.items():
             self._store(proto_type, packets)
 
-    def datagram_tables(self, batch: Batch) -> dict[int, pa.Table]:
-        """The packets of a flush of UDP datagrams, by type: the common layouts decoded by Arrow over the
-        batch, every other datagram by decode() and the same checks as a TCP frame."""
-        arrival_us = batch.times[0]
+    def message_tables(self, batch: Batch) -> dict[int, pa.Table]:
+        """The packets of a flush of messages as received, by type: the common layouts decoded by Arrow over
+        the batch, every other message by decode() and the checks the loop makes of the rest."""
+        transport, arrival_us = batch.key, batch.times[0]
         datagrams = pa.array([data for data, _ in batch.packets], pa.binary())
         received: collections.Counter = collections.Counter()
         parts, taken = [], []
         for prefix in COMMON_PREFIXES:
             rows = common_layout(datagrams, prefix)
             taken.append(rows)
-            received["udp", 3] += len(rows)
+            received[transport, 3] += len(rows)
             parts.append(self.check.common(decode_common(datagrams.take(rows), prefix), arrival_us))
         others = pc.indices_nonzero(pc.invert(pc.is_in(pa.array(range(len(datagrams)), pa.int64()),
                                                        value_set=pa.concat_arrays(taken).cast(pa.int64()))))
         times, packets = [], []
         for index in others.to_pylist():
             data, peer = batch.packets[index]
-            packet = self.check.decode(data, "udp", peer, received)
+            packet = self.check.decode(data, transport, peer, received)
             time_us = packet and self.check.capture_time(packet, peer, arrival_us)
             if time_us is not None:
                 times.append(time_us)
@@ -2157,27 +2169,38 @@ class Ingest:
         self.writer = writer
         self.counters = counters
         self.check = check
-        self.batches: dict[Optional[int], list] = {}   # type (None: datagrams) -> [times, packets, nbytes, deadline]
+        self.batches: dict[object, list] = {}        # Batch.key -> [times, packets, nbytes, deadline]
         self.buffered_bytes = 0
         self.received: collections.Counter = collections.Counter()     # (transport, version) -> packets
         self.max_pending_bytes = config.max_pending_bytes               # read for every packet
         self.flush_rows, self.flush_bytes = config.flush_rows, config.flush_bytes
 
     def datagram(self, received: tuple) -> None:
-        """Take in one UDP datagram, (bytes, peer) as recvfrom gave it."""
+        """Take in one UDP datagram, (bytes, peer) as recvfrom gave it: buffered as it is."""
+        self._buffer_message(received, "udp")
+
+    def frame(self, frame: bytes, peer) -> bool:
+        """Take in one TCP frame; False when it does not decode (it is then counted as malformed).  A frame
+        of the common layout surely decodes, so it is buffered as it is, like a datagram."""
+        if has_common_layout(frame):
+            self._buffer_message((frame, peer), "tcp")
+            return True
+        return self.packet(frame, "tcp", peer)
+
+    def _buffer_message(self, received: tuple, transport: str) -> None:
         size = len(received[0]) + 64
         if self._full(size):
-            self.received["udp", version_of(received[0])] += 1
+            self.received[transport, version_of(received[0])] += 1
             return
-        batch = self.batches.get(None)
+        batch = self.batches.get(transport)
         if batch is None:
-            batch = self.batches[None] = [[time.time_ns() // 1000], [], 0,
-                                          time.monotonic() + self.config.flush_interval_s]
+            batch = self.batches[transport] = [[time.time_ns() // 1000], [], 0,
+                                               time.monotonic() + self.config.flush_interval_s]
         batch[1].append(received)
         batch[2] += size
         self.buffered_bytes += size
         if len(batch[1]) >= self.flush_rows or batch[2] >= self.flush_bytes:
-            self.flush(None)
+            self.flush(transport)
 
     def packet(self, data: bytes, transport: str, peer) -> bool:
         """Take in one HEP message; False when it does not decode (it is then counted as malformed)."""
@@ -2216,21 +2239,21 @@ class Ingest:
         publish_received(self.counters, self.received)
         self.received.clear()
 
-    def flush(self, proto_type: Optional[int]) -> None:
-        """Hand one type's batch to the writer thread: a swap of lists, no I/O on the loop."""
-        times, packets, nbytes, _ = self.batches.pop(proto_type)
+    def flush(self, key) -> None:
+        """Hand one batch to the writer thread: a swap of lists, no I/O on the loop."""
+        times, packets, nbytes, _ = self.batches.pop(key)
         self.buffered_bytes -= nbytes
-        self.writer.submit(Batch(proto_type, times, packets, nbytes))
+        self.writer.submit(Batch(key, times, packets, nbytes))
 
     def flush_due(self, now: float) -> Optional[float]:
         """Flush the batches whose oldest row is FLUSH_INTERVAL_S old; the next deadline, if any."""
-        for proto_type in [t for t, batch in self.batches.items() if batch[3] <= now]:
-            self.flush(proto_type)
+        for key in [key for key, batch in self.batches.items() if batch[3] <= now]:
+            self.flush(key)
         return min((batch[3] for batch in self.batches.values()), default=None)
 
     def flush_all(self) -> None:
-        for proto_type in list(self.batches):
-            self.flush(proto_type)
+        for key in list(self.batches):
+            self.flush(key)
 
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; Python names it only from 3.12 on
@@ -2370,7 +2393,7 @@ class CaptureServer:
             data = b""
         if not data:
             for frame in stream.finish():
-                self.ingest.packet(frame, "tcp", peer)
+                self.ingest.frame(frame, peer)
             self._count_garbage(stream)
             self.selector.unregister(conn)
             del self.connections[conn]
@@ -2379,7 +2402,7 @@ class CaptureServer:
             return False
         stream.feed(data)
         while (frame := stream.next_frame()) is not None:
-            if not self.ingest.packet(frame, "tcp", peer):
+            if not self.ingest.frame(frame, peer):
                 stream.reject()      # search inside it: its length may have swallowed good frames
         self._count_garbage(stream)
         return True
@@ -2404,7 +2427,7 @@ class CaptureServer:
                 self.selector.unregister(conn)
                 stream, peer = self.connections.pop(conn)
                 for frame in stream.finish():
-                    self.ingest.packet(frame, "tcp", peer)
+                    self.ingest.frame(frame, peer)
                 conn.close()
         self.udp.close()
 

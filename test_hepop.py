@@ -218,7 +218,7 @@ def test_datagrams_decoded_in_batch_equal_decoding_one_by_one(tmp_path):
     counters = hepop.Counters()
     config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path)})
     writer = hepop.BatchWriter(hepop.Storage(str(tmp_path), "w"), counters, hepop.PacketCheck(config, counters))
-    tables = writer.datagram_tables(hepop.Batch(None, [arrival_us], [(d, ("127.0.0.1", 9)) for d in datagrams], 0))
+    tables = writer.message_tables(hepop.Batch("udp", [arrival_us], [(d, ("127.0.0.1", 9)) for d in datagrams], 0))
 
     expected: dict[int, tuple[list, list]] = {}
     received, malformed = collections.Counter(), 0
@@ -240,6 +240,10 @@ def test_datagrams_decoded_in_batch_equal_decoding_one_by_one(tmp_path):
         rows = lambda table: sorted(map(repr, table.to_pylist()))
         got = hepop.complete_table(proto_type, tables[proto_type])
         assert len(got) == len(packets) and rows(got) == rows(hepop.build_table(proto_type, times, packets))
+    array = pa.array(datagrams, pa.binary())
+    batch_decoded = set(pa.concat_arrays([hepop.common_layout(array, p) for p in hepop.COMMON_PREFIXES]).to_pylist())
+    assert {i for i, data in enumerate(datagrams) if hepop.has_common_layout(data)} == batch_decoded
+    assert len(batch_decoded) > len(datagrams) // 10
     metrics = counters.snapshot()
     assert {version: metrics.get(f'hep_received_total{{transport="udp",version="{version}"}}', 0)
             for version in received} == dict(received)
