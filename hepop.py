@@ -2263,6 +2263,8 @@ class CaptureServer:
     """The selectors loop: UDP and TCP HEP on one HOST:PORT, batches flushed on time, signals."""
 
     TCP_READ_BYTES = 256 * 1024
+    TCP_DRAIN_QUIET_S = 0.2
+    TCP_DRAIN_MAX_S = 5.0
 
     def __init__(self, config: Config, ingest: Ingest, counters: Counters):
         self.config = config
@@ -2419,16 +2421,22 @@ class CaptureServer:
         self._on_accept(self.tcp)                   # agents still in the backlog may have sent already
         self.tcp.close()
         self._on_udp(self.udp, limit=1 << 20)       # stops at the first EAGAIN
+        # An agent's bytes still in flight on the connection arrive as we read; read until none came for
+        # TCP_DRAIN_QUIET_S, or for TCP_DRAIN_MAX_S at most (an agent may go on sending).
+        deadline = time.monotonic() + self.TCP_DRAIN_MAX_S
+        while self.connections and time.monotonic() < deadline:
+            events = self.selector.select(self.TCP_DRAIN_QUIET_S)
+            connections = [key.fileobj for key, _ in events if key.fileobj in self.connections]
+            if not connections:
+                break
+            for conn in connections:
+                self._on_tcp(conn)
         for conn in list(self.connections):
-            for _ in range(64):                     # bounded: an agent may still be sending
-                if conn not in self.connections or not self._on_tcp(conn):
-                    break
-            if conn in self.connections:
-                self.selector.unregister(conn)
-                stream, peer = self.connections.pop(conn)
-                for frame in stream.finish():
-                    self.ingest.frame(frame, peer)
-                conn.close()
+            self.selector.unregister(conn)
+            stream, peer = self.connections.pop(conn)
+            for frame in stream.finish():
+                self.ingest.frame(frame, peer)
+            conn.close()
         self.udp.close()
 
     def log_counters(self, what: str) -> None:

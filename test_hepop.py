@@ -713,6 +713,18 @@ def test_sigterm_flushes_every_packet_received(servers, tmp_path):
     assert len(call_ids) == 5000 and len(set(call_ids)) == 5000
 
 
+def test_sigterm_reads_what_an_open_tcp_connection_has_in_flight(servers, tmp_path):
+    """The agent keeps its connection open; SIGTERM comes the moment its last send returned, with
+    megabytes still in the kernel's buffers on both sides."""
+    server = servers(FLUSH_INTERVAL_S="30")
+    frames = [hep3(sip(f"flight{i}")) for i in range(40_000)]
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"".join(frames))
+        assert server.stop() == 0
+    call_ids = [r["call_id"] for r in stored_rows(tmp_path / "data", columns="time, call_id")]
+    assert len(call_ids) == 40_000 and len(set(call_ids)) == 40_000
+
+
 def test_kill_9_during_a_stream_loses_nothing_written_and_doubles_nothing(servers, tmp_path):
     server = servers(FLUSH_INTERVAL_S="0.05", FLUSH_ROWS="50")
     stop = threading.Event()
