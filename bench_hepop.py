@@ -9,13 +9,15 @@ For each rate it prints: sent, stored (rows in the Parquet files that metadata.j
 loss %, hepop's CPU microseconds per packet, its peak RSS, and bytes on disk per row; then hepop's highest
 zero-loss rate as a fraction of the ceiling.  All traffic goes to 127.0.0.1.
 
-    python3 bench_hepop.py            # full run, a few minutes
-    python3 bench_hepop.py --quick    # under a minute
+    python3 bench_hepop.py                 # everything, about 25 minutes
+    python3 bench_hepop.py --quick         # capture at two rates, under a minute
+    python3 bench_hepop.py --capture --sustained --overload   # the capture figures only
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -26,7 +28,10 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
@@ -95,7 +100,8 @@ def free_port() -> int:
 
 
 def send_paced(pool: list[bytes], rate: int, seconds: float, port: int, transport: str) -> int:
-    """Send at `rate` packets/s for `seconds`, in 1 ms slices; returns how many were sent."""
+    """Send at `rate` packets/s for `seconds`, in 1 ms slices; returns how many were sent.  Over TCP a
+    receiver that cannot keep up makes the sends block, so the rate achieved can be lower: time it."""
     total = int(rate * seconds)
     if transport == "udp":
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -138,31 +144,86 @@ def stored(data_dir: Path) -> tuple[int, int]:
     return rows, size
 
 
-def run_hepop(rate: int, seconds: float, transport: str, pool: list[bytes]) -> dict:
-    with tempfile.TemporaryDirectory(prefix="hepop-bench-") as tmp:
-        port = free_port()
-        env = {**os.environ, "PORT": str(port), "PARQUET_DIR": tmp, "WRITER_ID": "bench", "LOG_LEVEL": "INFO"}
-        log_path = Path(tmp) / "hepop.log"
-        with open(log_path, "w") as log:
-            server = subprocess.Popen([sys.executable, str(HERE / "hepop.py")], env=env, stderr=log)
-            wait_listening(port)
-            cpu_before = process_cpu_seconds(server.pid)
-            sent = send_paced(pool, rate, seconds, port, transport)
-            time.sleep(0.5)
-            rss = peak_rss_mib(server.pid)
-            cpu = process_cpu_seconds(server.pid) - cpu_before
-            server.send_signal(signal.SIGTERM)
-            code = server.wait(timeout=120)
-        rows, size = stored(Path(tmp))
-        counters = {}
-        for line in log_path.read_text().splitlines():
+def metrics(http_port: int) -> dict[str, float]:
+    """hepop's /metrics as {name{labels}: value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    pairs = (line.rpartition(" ") for line in lines if line and not line.startswith("#"))
+    return {name: float(value) for name, _, value in pairs}
+
+
+def received_total(values: dict[str, float]) -> float:
+    return sum(v for k, v in values.items() if k.startswith("hepop_hep_received_total"))
+
+
+def settle(http_port: int, timeout: float = 30.0) -> dict[str, float]:
+    """Wait until hepop has taken in everything sent (its received count stops moving); its metrics."""
+    last, deadline = -1.0, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(1.2)                    # counts reach /metrics when a batch is decoded: every 1 s
+        values = metrics(http_port)
+        if received_total(values) == last:
+            return values
+        last = received_total(values)
+    return values
+
+
+class Hepop:
+    """python3 hepop.py in a temp folder, with its own ports."""
+
+    def __init__(self, tmp: str, **settings):
+        self.tmp = Path(tmp)
+        self.port, self.http_port = free_port(), free_port()
+        env = {**os.environ, "PORT": str(self.port), "HTTP_PORT": str(self.http_port), "PARQUET_DIR": tmp,
+               "WRITER_ID": "bench", "LOG_LEVEL": "INFO", **settings}
+        self.log_path = self.tmp / "hepop.log"
+        self.process = subprocess.Popen([sys.executable, str(HERE / "hepop.py")], env=env,
+                                        stderr=open(self.log_path, "w"))
+        wait_listening(self.port)
+
+    def stop(self) -> dict:
+        """SIGTERM; the final counters it logged."""
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=300)
+        for line in self.log_path.read_text().splitlines():
             if "final counters" in line:
-                counters = json.loads(line.split("final counters ", 1)[1])
-        return {"transport": transport, "rate": rate, "sent": sent, "stored": rows, "exit": code,
+                return json.loads(line.split("final counters ", 1)[1])
+        return {}
+
+
+def dropped(values: dict[str, float]) -> dict[str, float]:
+    """hepop's drops by reason, and the kernel's drops on its UDP socket."""
+    out = {k.split('"')[1]: v for k, v in values.items() if k.startswith("hepop_hep_dropped_total") and v}
+    kernel = values.get("hepop_udp_kernel_drops_total", 0)
+    return {**out, **({"kernel": kernel} if kernel else {})}
+
+
+def run_hepop(rate: int, seconds: float, transport: str, pool: list[bytes], data_dir: str = "",
+              **settings) -> dict:
+    with tempfile.TemporaryDirectory(prefix="hepop-bench-") as tmp:
+        tmp = data_dir or tmp
+        hepop = Hepop(tmp, **settings)
+        cpu_before = process_cpu_seconds(hepop.process.pid)
+        started = time.perf_counter()
+        sent = send_paced(pool, rate, seconds, hepop.port, transport)
+        achieved = sent / (time.perf_counter() - started)
+        values = settle(hepop.http_port)
+        rss = peak_rss_mib(hepop.process.pid)
+        cpu = process_cpu_seconds(hepop.process.pid) - cpu_before
+        counters = hepop.stop()
+        rows, size = stored(Path(tmp))
+        return {"transport": transport, "rate": rate, "sent": sent, "achieved": achieved, "stored": rows,
                 "loss_pct": 100.0 * (sent - rows) / sent, "cpu_us": 1e6 * cpu / max(rows, 1), "rss_mib": rss,
-                "bytes_per_row": size / max(rows, 1),
+                "bytes_per_row": size / max(rows, 1), "dropped": dropped(values),
+                "compactions": sum(v for k, v in counters.items() if k.startswith("compactions_total")),
                 "loop_busy_ms_max": 1000 * counters.get("loop_busy_seconds_max", 0),
                 "flush_ms_max": 1000 * counters.get("flush_seconds_max", 0)}
+
+
+def zero_loss(r: dict) -> bool:
+    """Everything sent was stored, at (nearly) the rate offered: a TCP sender held back by a slow
+    receiver does not count as a rate taken without loss."""
+    return r["stored"] == r["sent"] and r["achieved"] >= 0.97 * r["rate"]
 
 
 def wait_listening(port: int, timeout=20):
@@ -329,8 +390,6 @@ def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000) -> int:
 
 
 def bench_queries(total_rows: int, runs: int = 5) -> None:
-    import http.client
-    import urllib.parse
     with tempfile.TemporaryDirectory(prefix="hepop-bench-query-") as tmp:
         started = time.monotonic()
         files = write_day(Path(tmp), total_rows)
@@ -374,7 +433,6 @@ def bench_queries(total_rows: int, runs: int = 5) -> None:
 def load_while_querying(port: int, http_port: int, rate: int, seconds: float) -> tuple[int, int, int]:
     """Packets at `rate`/s over UDP while a client runs heavy queries back to back; returns packets
     sent, queries answered and the kernel's drops on hepop's UDP socket (from /metrics)."""
-    import threading
     stop, done = threading.Event(), []
     heavy = "SELECT src_ip, count(*), max(length(payload)) FROM hep_1 WHERE time > now() - INTERVAL 1 DAY " \
             "AND payload LIKE '%BYE%' GROUP BY src_ip ORDER BY 2 DESC LIMIT 10"
@@ -399,8 +457,6 @@ def load_while_querying(port: int, http_port: int, rate: int, seconds: float) ->
 
 
 def http_get(port: int, sql: str) -> tuple[dict, bytes]:
-    import http.client
-    import urllib.parse
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     conn.request("GET", "/query?" + urllib.parse.urlencode({"q": sql}))
     response = conn.getresponse()
@@ -422,27 +478,38 @@ def commit() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short runs at two rates (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="capture only, short runs at two rates (under a minute)")
     parser.add_argument("--seconds", type=float, help="seconds per rate")
     parser.add_argument("--rates", help="comma-separated packets/s")
-    parser.add_argument("--compaction", action="store_true", help="only the compaction figures")
-    parser.add_argument("--capture", action="store_true", help="only the capture figures")
-    parser.add_argument("--query", action="store_true", help="only the query figures")
+    parts = ("capture", "sustained", "overload", "compaction", "query")
+    for part in parts:
+        parser.add_argument(f"--{part}", action="store_true", help=f"only the {part} figures (can be combined)")
+    parser.add_argument("--sustained-rate", type=int, default=100_000, help="packets/s of the sustained run")
     args = parser.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     rates = [int(r) for r in args.rates.split(",")] if args.rates else \
-        ([10_000, 20_000] if args.quick else [10_000, 20_000, 40_000, 60_000, 80_000])
-    print(f"hepop bench: commit {commit()}, {platform.node()}, {os.cpu_count()} cores, "
-          f"{platform.python_implementation()} {platform.python_version()}")
+        ([20_000, 60_000] if args.quick else [20_000, 40_000, 60_000, 80_000, 100_000, 120_000])
+    print(f"hepop bench: commit {commit()}, {platform.node()}, {os.cpu_count()} cores ({cpu_model()}), "
+          f"{platform.python_implementation()} {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
     pool = packets(200_000)
-    chosen = [part for part in ("capture", "compaction", "query") if getattr(args, part)] or \
-        ["capture", "compaction", "query"]
+    chosen = [part for part in parts if getattr(args, part)] or (["capture"] if args.quick else list(parts))
     if "query" in chosen:
         bench_queries(500_000 if args.quick else 10_000_000)
     if "compaction" in chosen:
         compaction_figures(args.quick, pool)
     if "capture" in chosen:
         capture_figures(args, seconds, rates, pool)
+    if "sustained" in chosen:
+        sustained_figures(args.sustained_rate, 60.0, pool)
+    if "overload" in chosen:
+        overload_figures(pool)
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def compaction_figures(quick: bool, pool: list[bytes]) -> None:
@@ -470,22 +537,86 @@ def capture_figures(args, seconds: float, rates: list[int], pool: list[bytes]) -
     ceiling = bare_ceiling(pool, min(seconds, 5.0))
     print(f"bare UDP receive loop: {ceiling['rate']:,.0f} packets/s received "
           f"({ceiling['received']:,} of {ceiling['sent']:,} sent flat out), {ceiling['cpu_us']:.1f} us CPU/packet")
-    header = (f"{'transport':>9} {'offered/s':>10} {'sent':>9} {'stored':>9} {'loss %':>7} {'CPU us/pkt':>10} "
-              f"{'RSS MiB':>8} {'B/row':>6} {'loop max ms':>11} {'flush max ms':>12}")
-    print(header)
+    print(CAPTURE_HEADER)
     best = {}
     for transport in ("udp", "tcp"):
         for rate in rates:
             r = run_hepop(rate, seconds, transport, pool)
-            print(f"{transport:>9} {rate:>10,} {r['sent']:>9,} {r['stored']:>9,} {r['loss_pct']:>7.3f} "
-                  f"{r['cpu_us']:>10.1f} {r['rss_mib']:>8.0f} {r['bytes_per_row']:>6.0f} "
-                  f"{r['loop_busy_ms_max']:>11.1f} {r['flush_ms_max']:>12.1f}", flush=True)
-            if r["stored"] == r["sent"]:
+            print_capture_row(r)
+            if zero_loss(r):
                 best[transport] = max(best.get(transport, 0), rate)
     for transport in ("udp", "tcp"):
-        zero_loss = best.get(transport, 0)
-        print(f"hepop {transport}: highest zero-loss rate {zero_loss:,}/s = "
-              f"{zero_loss / ceiling['rate']:.2f} of the bare UDP receive ceiling")
+        zero = best.get(transport, 0)
+        print(f"hepop {transport}: highest zero-loss rate {zero:,}/s = {zero / ceiling['rate']:.2f} of the bare UDP "
+              f"receive ceiling")
+
+
+CAPTURE_HEADER = (f"{'transport':>9} {'offered/s':>10} {'achieved/s':>10} {'sent':>9} {'stored':>9} {'loss %':>7} "
+                  f"{'CPU us/pkt':>10} {'RSS MiB':>8} {'B/row':>6} {'loop max ms':>11} {'flush max ms':>12}  dropped")
+
+
+def print_capture_row(r: dict) -> None:
+    drops = ", ".join(f"{reason} {count:,.0f}" for reason, count in r["dropped"].items()) or "-"
+    print(f"{r['transport']:>9} {r['rate']:>10,} {r['achieved']:>10,.0f} {r['sent']:>9,} {r['stored']:>9,} "
+          f"{r['loss_pct']:>7.3f} {r['cpu_us']:>10.1f} {r['rss_mib']:>8.0f} {r['bytes_per_row']:>6.0f} "
+          f"{r['loop_busy_ms_max']:>11.1f} {r['flush_ms_max']:>12.1f}  {drops}", flush=True)
+
+
+def sustained_figures(rate: int, seconds: float, pool: list[bytes]) -> None:
+    """`rate` for `seconds` over UDP and over TCP, while hepop compacts a closed hour of 100 MiB that is on
+    disk when it starts, and flushes and extracts SIP fields as always."""
+    print(f"sustained: {rate:,} packets/s for {seconds:g} s, compacting a closed 100 MiB hour meanwhile")
+    print(CAPTURE_HEADER + ", compactions")
+    for transport in ("udp", "tcp"):
+        with tempfile.TemporaryDirectory(prefix="hepop-bench-hour-") as hour:
+            _, old_rows, old_bytes = write_closed_hour(Path(hour), 100 << 20)
+            r = run_hepop(rate, seconds, transport, pool, data_dir=hour, COMPACT_INTERVAL_S="5",
+                          COMPACT_GRACE_S="1")
+        r["stored"] -= old_rows
+        r["loss_pct"] = 100.0 * (r["sent"] - r["stored"]) / r["sent"]
+        r["bytes_per_row"] = float("nan")          # the files mix the old hour and the new rows
+        print_capture_row(r)
+        print(f"{'':>9} compactions during the run: {r['compactions']:.0f}; zero loss: {zero_loss(r)}", flush=True)
+
+
+def overload_figures(pool: list[bytes]) -> None:
+    """Far more than hepop can take, then a normal load: what it drops and says it dropped, how fast it
+    answers a query meanwhile, and whether it loses anything once the load is back to normal."""
+    with tempfile.TemporaryDirectory(prefix="hepop-bench-overload-") as tmp:
+        hepop = Hepop(tmp)
+        result: dict = {}
+        worker = threading.Thread(target=lambda: result.update(sent=send_flat_out(pool, 5.0, hepop.port)))
+        worker.start()
+        time.sleep(2.0)
+        started = time.perf_counter()
+        body = http_get(hepop.http_port, "SELECT COUNT(*) AS n FROM hep_1")[1]
+        query_ms = 1000 * (time.perf_counter() - started)
+        worker.join()
+        during = settle(hepop.http_port)
+        rows_during = stored(Path(tmp))[0]
+        after_sent = send_paced(pool, 20_000, 5.0, hepop.port, "udp")
+        after = settle(hepop.http_port)
+        hepop.stop()
+        rows, _ = stored(Path(tmp))
+    counted = dropped(during)
+    new_drops = sum(v - counted.get(k, 0) for k, v in dropped(after).items())
+    print(f"overload: {result['sent']:,} UDP packets sent flat out in 5 s ({result['sent'] / 5:,.0f}/s): hepop "
+          f"received {received_total(during):,.0f}, stored {rows_during:,}; drops it reports on /metrics: "
+          f"{', '.join(f'{k} {v:,.0f}' for k, v in counted.items()) or 'none'}")
+    print(f"  a COUNT(*) query during the overload answered in {query_ms:.0f} ms: {body.decode().strip()[:80]}")
+    print(f"  then 20,000/s for 5 s: {after_sent:,} sent, {rows - rows_during:,} stored, new drops "
+          f"{new_drops:,.0f}", flush=True)
+
+
+def send_flat_out(pool: list[bytes], seconds: float, port: int) -> int:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sent, deadline = 0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for data in pool[sent % len(pool):sent % len(pool) + 1000]:
+            sock.sendto(data, ("127.0.0.1", port))
+        sent += 1000
+    sock.close()
+    return sent
 
 
 if __name__ == "__main__":
