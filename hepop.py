@@ -32,19 +32,22 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import contextlib
+import ctypes
 import csv
 import dataclasses
 import datetime
 import decimal
-import glob
 import functools
 import gc
+import glob
 import hmac
 import http.server
 import io
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import queue
 import re
@@ -1199,10 +1202,102 @@ def lower_priority(nice: int) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 HOUR_US = 3600 * 1_000_000
+# A new interpreter for each compaction: fork() is unsafe in a process that runs threads (DuckDB's,
+# Arrow's, ours), and spawn works the same from python3 hepop.py and from the PyInstaller binary.
+PROCESSES = multiprocessing.get_context("spawn")
 BLOOM_FILTER_COLUMNS = ("call_id", "correlation_id")    # a call is looked up by these over whole days
 # The writer keeps every row group's filters until the file is closed: about 4 KiB each as written (a
 # row group holds a few thousand calls) keeps that small even for a 1 GB hour.
 BLOOM_FILTER = {"ndv": 8192, "fpp": 0.02}
+
+
+class HourMerger:
+    """Writes the rows of one hour's files as one file sorted by time, within COMPACT_MEMORY_MB.
+
+    DuckDB sorts one piece of the hour at a time, within half of the budget and spilling to a temp
+    folder inside PARQUET_DIR; pieces are disjoint time ranges sized from the row groups in the files'
+    footers, so writing them one after the other gives a sorted hour while the memory needed stays that
+    of one piece, however large the hour.  pyarrow writes the file with the type's one schema, as the raw
+    files are written, in row groups of a sixteenth of the budget.
+    """
+
+    def __init__(self, memory_mb: int, temp_dir: str):
+        duckdb_mb = max(64, memory_mb // 2)
+        self.piece_bytes = duckdb_mb * (1 << 20) // 9      # measured: DuckDB's sort and the Arrow export
+        #                                                    take several times a piece
+        self.row_group_bytes = max(1 << 20, memory_mb * (1 << 20) // 16)
+        self.db = duckdb.connect(config={"memory_limit": f"{duckdb_mb}MB", "threads": 1,
+                                         "temp_directory": temp_dir, "preserve_insertion_order": False})
+        self.db.execute("SET TimeZone = 'UTC'")
+
+    def merge(self, out, schema: pa.Schema, files: list[str]) -> None:
+        """Write the rows of `files` to `out` sorted by time, one piece of the hour at a time."""
+        with pq.ParquetWriter(out, schema, compression="zstd", bloom_filter_options={
+                name: BLOOM_FILTER for name in BLOOM_FILTER_COLUMNS if name in schema.names}) as writer:
+            pending, pending_bytes = [], 0
+            for low, high, piece_files in self._pieces(files):
+                query = self.db.sql("SELECT * FROM read_parquet($files) WHERE time >= make_timestamp($low) "
+                                    "AND time < make_timestamp($high) ORDER BY time",
+                                    params={"files": piece_files, "low": low, "high": high})
+                for batch in query.to_arrow_reader(4096):
+                    pending.append(batch)
+                    pending_bytes += batch.nbytes
+                    if pending_bytes >= self.row_group_bytes:
+                        self._write_row_group(writer, schema, pending)
+                        pending, pending_bytes = [], 0
+            if pending:
+                self._write_row_group(writer, schema, pending)
+
+    def _pieces(self, files: list[str]) -> list[tuple[int, int, list[str]]]:
+        """Consecutive time ranges [low, high) that together cover all time, each holding about
+        `piece_bytes` of rows (DuckDB sorts that much in its memory limit), with the files that have
+        rows in it.  Sizes and time ranges come from the row groups' statistics in the files' footers."""
+        units = []
+        for path in files:
+            footer = pq.read_metadata(path)
+            for index in range(footer.num_row_groups):
+                group = footer.row_group(index)
+                stats = group.column(0).statistics          # `time` is the first column
+                units.append((stats.min_raw, stats.max_raw, group.total_byte_size, path))
+        units.sort()
+        edges, size = [0], 0
+        for low, _, group_bytes, _ in units:
+            if size and size + group_bytes > self.piece_bytes and low > edges[-1]:
+                edges.append(low)
+                size = 0
+            size += group_bytes
+        edges.append(1 << 62)
+        return [(low, high, sorted({path for first, last, _, path in units if first < high and last >= low}))
+                for low, high in zip(edges, edges[1:])]
+
+
+    def _write_row_group(self, writer: pq.ParquetWriter, schema: pa.Schema, batches: list) -> None:
+        table = pa.Table.from_batches(batches).cast(schema)
+        writer.write_table(table, row_group_size=row_group_rows(table, self.row_group_bytes))
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def merge_hour(path: str, schema: pa.Schema, files: list[str], memory_mb: int, temp_dir: str,
+               parent_pid: int) -> None:
+    """The compaction process: write the rows of `files` to `path` sorted by time, and fsync it.
+
+    Compaction runs in a process of its own, at nice 19, started for each hour: its memory is returned
+    when it ends, so the capture process stays flat however large the hour; it never holds the capture
+    process's GIL; and if DuckDB fails hard, or the kernel kills it for memory, capture goes on.  It dies
+    with its parent, so that a killed hepop leaves no writer behind on a temp file."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.setpriority(os.PRIO_PROCESS, 0, COMPACTION_NICE)
+    except (OSError, AttributeError):
+        pass                                # not Linux, or not allowed: it still works, less guarded
+    if os.getppid() != parent_pid:
+        return                              # the parent died before the signal was armed
+    with open(path, "wb") as out:
+        HourMerger(memory_mb, temp_dir).merge(out, schema, files)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 class Compactor(threading.Thread):
@@ -1210,11 +1305,7 @@ class Compactor(threading.Thread):
 
     An hour is compacted once it ended COMPACT_GRACE_S ago: its raw files (and the compacted file of an
     earlier pass, when late packets came) become one c_NNNNNNNNNN.parquet in the hour's HH-00 folder,
-    sorted by time.  DuckDB sorts one piece of the hour at a time, within COMPACT_MEMORY_MB and spilling to
-    a temp folder inside PARQUET_DIR; pieces are disjoint time ranges sized from the row groups in the
-    files' footers, so writing them one after the other gives a sorted hour while the memory needed
-    stays that of one piece, however large the hour.  pyarrow writes the file with the type's one
-    schema, as the raw files are written.
+    sorted by time, written by a process of its own (merge_hour, HourMerger).
 
     The swap: the output is written to a temp name, fsynced and renamed; one atomic metadata.json write
     replaces the inputs by it; the inputs are deleted on the next pass, so that a reader that listed them
@@ -1228,18 +1319,11 @@ class Compactor(threading.Thread):
         self.storage = storage
         self.counters = counters
         self.retention_us = {t: int(s * 1e6) for t, s in config.retention_by_type}
-        memory_mb = max(64, config.compact_memory_mb // 2)     # DuckDB's share; the rest is the writer's
-        self.piece_bytes = memory_mb * (1 << 20) // 9            # measured: DuckDB's sort and the Arrow
-        #                                                          export take several times a piece
-        self.row_group_bytes = max(1 << 20, config.compact_memory_mb * (1 << 20) // 16)
         self.stopping = threading.Event()
         self.merged: list[tuple[TypeStore, list[dict]]] = []     # inputs to delete on the next pass
-        temp_dir = os.path.join(config.parquet_dir, config.writer_id, ".compaction-tmp")
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        self.db = duckdb.connect(config={
-            "memory_limit": f"{memory_mb}MB", "threads": 1,
-            "temp_directory": temp_dir, "preserve_insertion_order": False})
-        self.db.execute("SET TimeZone = 'UTC'")
+        self.temp_dir = os.path.join(config.parquet_dir, config.writer_id, ".compaction-tmp")
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.merging: Optional[multiprocessing.process.BaseProcess] = None
 
     def run(self) -> None:
         lower_priority(COMPACTION_NICE)     # compaction takes the CPU that capture leaves
@@ -1254,13 +1338,14 @@ class Compactor(threading.Thread):
                 self.counters.add("compaction_errors_total")
 
     def close(self) -> None:
-        """Stop at once: a compaction under way is interrupted and its temp file removed."""
+        """Stop at once: a compaction under way is killed and its temp file removed."""
         self.stopping.set()
-        self.db.interrupt()
+        merging = self.merging
+        if merging is not None:
+            merging.kill()
         if self.is_alive():
             self.join()
         self.delete_merged()
-        self.db.close()
 
     def run_once(self, now_us: Optional[int] = None) -> None:
         now_us = now_us or time.time_ns() // 1000
@@ -1291,13 +1376,20 @@ class Compactor(threading.Thread):
         make_dirs(os.path.dirname(path))
         relpaths = [entry["path"] for entry in inputs]
         schema = store.schema.with_metadata({INPUTS_KEY: json.dumps(relpaths).encode()})
-        write_atomically(path, lambda out: self._merge(out, schema, [store.path(e) for e in inputs]))
-        output = {"id": int(os.path.basename(path)[2:12]), "path": os.path.relpath(path, store.root),
-                  **describe_file(path), "chunk_time": hour_start_us * 1000, "range": "1h",
-                  "type": "compacted"}
-        if output["row_count"] != sum(entry["row_count"] for entry in inputs):
-            os.remove(path)                 # never swap in a file that lost or gained rows
-            raise RuntimeError(f"compaction of {relpaths} wrote {output['row_count']} rows")
+        temp = path + TEMP_SUFFIX
+        try:
+            self._merge_in_a_process(temp, schema, [store.path(e) for e in inputs])
+            output = {"id": int(os.path.basename(path)[2:12]), "path": os.path.relpath(path, store.root),
+                      **describe_file(temp), "chunk_time": hour_start_us * 1000, "range": "1h",
+                      "type": "compacted"}
+            if output["row_count"] != sum(entry["row_count"] for entry in inputs):   # never swap it in
+                raise RuntimeError(f"compaction of {relpaths} wrote {output['row_count']} rows")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temp)
+            raise
+        os.replace(temp, path)
+        fsync_dir(os.path.dirname(path))
         store.swap(inputs, output)
         self.merged.append((store, inputs))
         elapsed = time.perf_counter() - started
@@ -1308,52 +1400,19 @@ class Compactor(threading.Thread):
         log.info("compacted %d files (%d bytes) of hep_%d into %s: %d rows, %d bytes, %.2f s", len(inputs),
                  in_bytes, store.proto_type, output["path"], output["row_count"], output["size_bytes"], elapsed)
 
-    def _merge(self, out, schema: pa.Schema, files: list[str]) -> None:
-        """Write the rows of `files` to `out` sorted by time, one piece of the hour at a time."""
-        with pq.ParquetWriter(out, schema, compression="zstd", bloom_filter_options={
-                name: BLOOM_FILTER for name in BLOOM_FILTER_COLUMNS if name in schema.names}) as writer:
-            self._merge_pieces(writer, schema, files)
-
-    def _merge_pieces(self, writer: pq.ParquetWriter, schema: pa.Schema, files: list[str]) -> None:
-        pending, pending_bytes = [], 0
-        for low, high, piece_files in self._pieces(files):
-            query = self.db.sql("SELECT * FROM read_parquet($files) WHERE time >= make_timestamp($low) "
-                                "AND time < make_timestamp($high) ORDER BY time",
-                                params={"files": piece_files, "low": low, "high": high})
-            for batch in query.to_arrow_reader(4096):
-                pending.append(batch)
-                pending_bytes += batch.nbytes
-                if pending_bytes >= self.row_group_bytes:
-                    self._write_row_group(writer, schema, pending)
-                    pending, pending_bytes = [], 0
-        if pending:
-            self._write_row_group(writer, schema, pending)
-
-    def _pieces(self, files: list[str]) -> list[tuple[int, int, list[str]]]:
-        """Consecutive time ranges [low, high) that together cover all time, each holding about
-        `piece_bytes` of rows (DuckDB sorts that much in its memory limit), with the files that have
-        rows in it.  Sizes and time ranges come from the row groups' statistics in the files' footers."""
-        units = []
-        for path in files:
-            footer = pq.read_metadata(path)
-            for index in range(footer.num_row_groups):
-                group = footer.row_group(index)
-                stats = group.column(0).statistics          # `time` is the first column
-                units.append((stats.min_raw, stats.max_raw, group.total_byte_size, path))
-        units.sort()
-        edges, size = [0], 0
-        for low, _, group_bytes, _ in units:
-            if size and size + group_bytes > self.piece_bytes and low > edges[-1]:
-                edges.append(low)
-                size = 0
-            size += group_bytes
-        edges.append(1 << 62)
-        return [(low, high, sorted({path for first, last, _, path in units if first < high and last >= low}))
-                for low, high in zip(edges, edges[1:])]
-
-    def _write_row_group(self, writer: pq.ParquetWriter, schema: pa.Schema, batches: list) -> None:
-        table = pa.Table.from_batches(batches).cast(schema)
-        writer.write_table(table, row_group_size=row_group_rows(table, self.row_group_bytes))
+    def _merge_in_a_process(self, path: str, schema: pa.Schema, files: list[str]) -> None:
+        process = PROCESSES.Process(target=merge_hour, name="hepop-compaction", daemon=True, args=(
+            path, schema, files, self.config.compact_memory_mb, self.temp_dir, os.getpid()))
+        self.merging = process
+        try:
+            process.start()
+            process.join()
+        finally:
+            self.merging = None
+        if self.stopping.is_set():
+            raise InterruptedError("compaction stopped by shutdown")
+        if process.exitcode != 0:
+            raise RuntimeError(f"the compaction process failed (exit code {process.exitcode})")
 
     def delete_merged(self) -> None:
         """Delete the inputs of earlier swaps; no reader can still be reading them by now."""
@@ -2496,6 +2555,7 @@ def tune_garbage_collector() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    multiprocessing.freeze_support()        # in the binary, a compaction process starts here
     try:
         config = Config.load(sys.argv[1:] if argv is None else argv, dict(os.environ))
     except ConfigError as exc:
