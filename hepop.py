@@ -2253,15 +2253,7 @@ class Ingest:
         if self._full(size):
             self.received[transport, version_of(received[0])] += 1
             return
-        batch = self.batches.get(transport)
-        if batch is None:
-            batch = self.batches[transport] = [[time.time_ns() // 1000], [], 0,
-                                               time.monotonic() + self.config.flush_interval_s]
-        batch[1].append(received)
-        batch[2] += size
-        self.buffered_bytes += size
-        if len(batch[1]) >= self.flush_rows or batch[2] >= self.flush_bytes:
-            self.flush(transport)
+        self._buffer(transport, received, size)
 
     def packet(self, data: bytes, transport: str, peer) -> bool:
         """Take in one HEP message; False when it does not decode (it is then counted as malformed)."""
@@ -2272,19 +2264,24 @@ class Ingest:
         if time_us is None:
             return True
         size = len(packet.payload) + 64
-        if self._full(size):
-            return True
-        batch = self.batches.get(packet.proto_type)
+        if not self._full(size):
+            self._buffer(packet.proto_type, packet, size, time_us)
+        return True
+
+    def _buffer(self, key, item, size: int, time_us: Optional[int] = None) -> None:
+        """Append to the batch of `key`, flushed when it is full; a decoded packet comes with its time,
+        a message as received is timed by the arrival of its batch's first."""
+        batch = self.batches.get(key)
         if batch is None:
-            batch = self.batches[packet.proto_type] = [[], [], 0,
-                                                        time.monotonic() + self.config.flush_interval_s]
-        batch[0].append(time_us)
-        batch[1].append(packet)
+            batch = self.batches[key] = [[] if time_us is not None else [time.time_ns() // 1000], [], 0,
+                                         time.monotonic() + self.config.flush_interval_s]
+        if time_us is not None:
+            batch[0].append(time_us)
+        batch[1].append(item)
         batch[2] += size
         self.buffered_bytes += size
         if len(batch[1]) >= self.flush_rows or batch[2] >= self.flush_bytes:
-            self.flush(packet.proto_type)
-        return True
+            self.flush(key)
 
     def _full(self, size: int) -> bool:
         """True, counted and logged, when `size` more bytes would pass MAX_PENDING_BYTES."""
