@@ -1122,10 +1122,15 @@ class BatchWriter(threading.Thread):
                 self.pending_bytes -= batch.nbytes
 
     def _write(self, batch: Batch) -> None:
-        if isinstance(batch.key, str):
-            tables = self.message_tables(batch)
-        else:
-            tables = {batch.key: packet_table(batch.times, batch.packets)}
+        try:
+            if isinstance(batch.key, str):
+                tables = self.message_tables(batch)
+            else:
+                tables = {batch.key: packet_table(batch.times, batch.packets)}
+        except Exception:                   # a bug, not bad input: say so, count it, keep writing
+            log.exception("decoding a batch of %d packets failed: dropped", len(batch.packets))
+            self.counters.add("hep_dropped_total", len(batch.packets), reason="decode_error")
+            return
         for proto_type, packets in tables.items():
             self._store(proto_type, packets)
 
@@ -1140,14 +1145,16 @@ class BatchWriter(threading.Thread):
             rows = common_layout(datagrams, prefix)
             taken.append(rows)
             received[transport, 3] += len(rows)
-            parts.append(self.check.common(decode_common(datagrams.take(rows), prefix), arrival_us))
+            parts.append(self.check.capture_times(decode_common(datagrams.take(rows), prefix), arrival_us))
         others = pc.indices_nonzero(pc.invert(pc.is_in(pa.array(range(len(datagrams)), pa.int64()),
                                                        value_set=pa.concat_arrays(taken).cast(pa.int64()))))
         times, packets = [], []
         for index in others.to_pylist():
             data, peer = batch.packets[index]
             packet = self.check.decode(data, transport, peer, received)
-            time_us = packet and self.check.capture_time(packet, peer, arrival_us)
+            if packet is None:
+                continue
+            time_us = self.check.capture_time(packet, peer, arrival_us)
             if time_us is not None:
                 times.append(time_us)
                 packets.append(packet)
@@ -1182,8 +1189,7 @@ class BatchWriter(threading.Thread):
 
 
 QUERY_NICE = 10           # a query someone waits for still gets its share of a busy machine
-COMPACTION_NICE = 19      # compaction can wait: measured at 60,000 packets/s, at nice 10 it took enough
-#                           CPU from the writer to fill the buffers
+COMPACTION_NICE = 19      # compaction can wait for the CPU that capture and queries leave
 
 
 def lower_priority(nice: int) -> None:
@@ -2161,8 +2167,8 @@ def publish_received(counters: Counters, received: collections.Counter) -> None:
 
 class PacketCheck:
     """Decoding one message and the checks every decoded packet passes before it is buffered: the auth
-    key and a capture time that makes sense.  The loop uses it for TCP frames, the writer for the UDP
-    datagrams that batch decoding left to decode(), and check.common for those it decoded."""
+    key and a capture time that makes sense.  The loop uses it for the TCP frames it decodes, the writer
+    for the messages that batch decoding left to decode(), and capture_times() for those it decoded."""
 
     def __init__(self, config: Config, counters: Counters):
         self.auth_key = config.hep_auth_key.encode() if config.hep_auth_key else None
@@ -2200,8 +2206,9 @@ class PacketCheck:
                                      time_us, peer)
         return arrival_us or time.time_ns() // 1000
 
-    def common(self, packets: pa.Table, arrival_us: int) -> Optional[pa.Table]:
-        """capture_time() over a table of batch-decoded packets (which carry no auth key)."""
+    def capture_times(self, packets: pa.Table, arrival_us: int) -> Optional[pa.Table]:
+        """capture_time() over a table of batch-decoded packets (which carry no auth key): the table with
+        absurd times replaced, or None when all are dropped for want of the auth key."""
         if not len(packets):
             return packets
         if self.auth_key is not None:

@@ -250,6 +250,26 @@ def test_datagrams_decoded_in_batch_equal_decoding_one_by_one(tmp_path):
     assert sum(v for k, v in metrics.items() if k.startswith('hep_dropped_total{reason="malformed_')) == malformed > 1000
 
 
+def test_a_batch_that_fails_to_decode_is_counted_and_the_writer_goes_on(tmp_path, monkeypatch):
+    counters = hepop.Counters()
+    config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path)})
+    writer = hepop.BatchWriter(hepop.Storage(str(tmp_path), "w"), counters, hepop.PacketCheck(config, counters))
+    writer.start()
+    datagrams = [(hep3(sip(f"d{i}")), ("127.0.0.1", 9)) for i in range(10)]
+    real = hepop.BatchWriter.message_tables
+    monkeypatch.setattr(hepop.BatchWriter, "message_tables", lambda self, batch: 1 / 0)
+    writer.submit(hepop.Batch("udp", [time.time_ns() // 1000], datagrams[:4], 4000))
+    deadline = time.monotonic() + 10
+    while counters.snapshot().get('hep_dropped_total{reason="decode_error"}') != 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    monkeypatch.setattr(hepop.BatchWriter, "message_tables", real)
+    writer.submit(hepop.Batch("udp", [time.time_ns() // 1000], datagrams[4:], 6000))
+    writer.close()
+    metrics = counters.snapshot()
+    assert metrics['hep_dropped_total{reason="decode_error"}'] == 4
+    assert metrics['rows_written_total{type="1"}'] == 6 and writer.pending_bytes == 0
+
+
 def mutations(rng: random.Random, seeds: list[bytes], count: int):
     """Random bytes, truncations, bit flips, wrong lengths and bad chunk lengths of real packets."""
     for i in range(count):
