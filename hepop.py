@@ -299,8 +299,6 @@ _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _V2_TIME = struct.Struct("<IIH")    # HEPv2 time block as real senders write it: little-endian
 _PORTS = struct.Struct("!HH")
-_FIXED_CHUNK_BODY = {1: 1, 2: 1, 3: 4, 4: 4, 5: 16, 6: 16, 7: 2, 8: 2, 9: 4, 10: 4, 11: 1, 12: 4, 13: 2,
-                     18: 2}
 
 
 class CommonPrefix(NamedTuple):
@@ -316,6 +314,8 @@ class CommonPrefix(NamedTuple):
 # How the value of each chunk of a common prefix is read: addresses stay packed.
 _PREFIX_CODES = {1: "B", 2: "B", 3: "4s", 4: "4s", 5: "16s", 6: "16s", 7: "H", 8: "H", 9: "I", 10: "I",
                  11: "B", 12: "I"}
+# The chunks whose body has one size; 13 (keep-alive) and 18 (VLAN) are not in any prefix.
+_FIXED_CHUNK_BODY = {**{kind: struct.calcsize("!" + code) for kind, code in _PREFIX_CODES.items()}, 13: 2, 18: 2}
 
 
 def common_prefix(kinds: tuple) -> CommonPrefix:
@@ -2244,19 +2244,16 @@ class Ingest:
         self.max_pending_bytes = config.max_pending_bytes               # read for every packet
         self.flush_rows, self.flush_bytes = config.flush_rows, config.flush_bytes
 
-    def datagram(self, received: tuple) -> None:
-        """Take in one UDP datagram, (bytes, peer) as recvfrom gave it: buffered as it is."""
-        self._buffer_message(received, "udp")
-
     def frame(self, frame: bytes, peer) -> bool:
         """Take in one TCP frame; False when it does not decode (it is then counted as malformed).  A frame
         of the common layout surely decodes, so it is buffered as it is, like a datagram."""
         if has_common_layout(frame):
-            self._buffer_message((frame, peer), "tcp")
+            self.message((frame, peer), "tcp")
             return True
         return self.packet(frame, "tcp", peer)
 
-    def _buffer_message(self, received: tuple, transport: str) -> None:
+    def message(self, received: tuple, transport: str) -> None:
+        """Take in one message as received, (bytes, peer): buffered as it is, for the writer to decode."""
         size = len(received[0]) + 64
         if self._full(size):
             self.received[transport, version_of(received[0])] += 1
@@ -2419,14 +2416,14 @@ class CaptureServer:
 
     def _on_udp(self, sock, limit: Optional[int] = None) -> int:
         """Read a bounded batch of datagrams (draining until empty would starve flushes under load)."""
-        datagram = self.ingest.datagram
+        message = self.ingest.message
         count = 0
         for _ in range(limit or self.config.udp_batch):
             try:
                 received = sock.recvfrom(65535)
             except (BlockingIOError, InterruptedError):
                 break
-            datagram(received)
+            message(received, "udp")
             count += 1
         return count
 
