@@ -559,13 +559,19 @@ def packet_table(times: list, packets: list[HepPacket]) -> pa.Table:
                     schema=PACKET_SCHEMA)
 
 
-def common_layout(datagrams: pa.BinaryArray, prefix: CommonPrefix) -> pa.Array:
-    """Indices of the datagrams that are HEP3 with exactly `prefix`, then one payload chunk to the end."""
+def decode_common(datagrams: pa.BinaryArray, prefix: CommonPrefix) -> tuple[pa.BooleanArray, pa.Table]:
+    """Over a whole batch: which datagrams are HEP3 with exactly `prefix`, then one payload chunk to the
+    end, and the PACKET_SCHEMA table of those.  Their heads are cut to one fixed width first, so that
+    each check and each field is one pass over a small array, not over the datagrams."""
+    width = prefix.size + 6
     sizes = pc.binary_length(datagrams)
-    long_enough = pc.indices_nonzero(pc.greater_equal(sizes, prefix.size + 6))
-    head = pc.binary_slice(datagrams.take(long_enough), 0, prefix.size + 6)
-    sizes = sizes.take(long_enough)
-    checks = [pc.equal(pc.binary_slice(head, 0, 4), pa.scalar(HEP3_MAGIC)),
+    long_enough = pc.greater_equal(sizes, width)
+    head = pc.binary_slice(datagrams, 0, width)
+    if long_enough.false_count:
+        head = pc.if_else(long_enough, head, pa.scalar(bytes(width)))
+    head = head.cast(pa.binary(width))
+    checks = [long_enough,
+              pc.equal(pc.binary_slice(head, 0, 4), pa.scalar(HEP3_MAGIC)),
               pc.equal(big_endian(head, 4, 2), sizes),
               pc.equal(pc.binary_slice(head, prefix.size, prefix.size + 4),
                        pa.scalar(_CHUNK_HEADER.pack(0, PAYLOAD_CHUNK, 0)[:4])),
@@ -573,11 +579,33 @@ def common_layout(datagrams: pa.BinaryArray, prefix: CommonPrefix) -> pa.Array:
     for kind, code, offset in prefix.chunks:
         header = _CHUNK_HEADER.pack(0, kind, struct.calcsize("!" + code) + 6)
         checks.append(pc.equal(pc.binary_slice(head, offset - 6, offset), pa.scalar(header)))
-    return long_enough.take(pc.indices_nonzero(functools.reduce(pc.and_, checks)))
+    picked = functools.reduce(pc.and_, checks)
+    head, datagrams = kept(head, picked), kept(datagrams, picked)
+    columns = {field.name: pa.nulls(len(datagrams), field.type) for field in PACKET_SCHEMA}
+    times = {}
+    for kind, code, offset in prefix.chunks:
+        size = struct.calcsize("!" + code)
+        if code.endswith("s"):
+            value = pc.binary_slice(head, offset, offset + size).cast(pa.binary())
+        else:
+            value = big_endian(head, offset, size)
+        if kind in (9, 10):
+            times[kind] = value.cast(pa.int64())
+        else:
+            name = _COLUMN_OF_CHUNK[kind]
+            columns[name] = value.cast(PACKET_SCHEMA.field(name).type)
+    columns["time"] = pc.add(pc.multiply(times[9], 1_000_000), times[10])
+    columns["payload"] = pc.binary_slice(datagrams, width, 1 << 16)
+    return picked, pa.table(columns, schema=PACKET_SCHEMA)
+
+
+def kept(values: pa.Array, mask: pa.BooleanArray) -> pa.Array:
+    """values.filter(mask), without the copy when the mask keeps them all, as it does in most batches."""
+    return values if mask.true_count == len(values) else values.filter(mask)
 
 
 def has_common_layout(message: bytes) -> bool:
-    """common_layout() for one message: for a TCP frame, whose framing must know whether it decodes."""
+    """decode_common()'s check for one message: for a TCP frame, whose framing must know whether it decodes."""
     size = len(message)
     for prefix in COMMON_PREFIXES:
         if (size >= prefix.size + 6 and message[:4] == HEP3_MAGIC and _U16.unpack_from(message, 4)[0] == size
@@ -585,26 +613,6 @@ def has_common_layout(message: bytes) -> bool:
                 and _CHUNK_HEADER.unpack_from(message, prefix.size) == (0, PAYLOAD_CHUNK, size - prefix.size)):
             return True
     return False
-
-
-def decode_common(datagrams: pa.BinaryArray, prefix: CommonPrefix) -> pa.Table:
-    """The PACKET_SCHEMA table of datagrams that common_layout() picked for `prefix`."""
-    columns = {field.name: pa.nulls(len(datagrams), field.type) for field in PACKET_SCHEMA}
-    times = {}
-    for kind, code, offset in prefix.chunks:
-        width = struct.calcsize("!" + code)
-        if code.endswith("s"):
-            value = pc.binary_slice(datagrams, offset, offset + width)
-        else:
-            value = big_endian(datagrams, offset, width)
-        if kind in (9, 10):
-            times[kind] = value.cast(pa.int64())
-        else:
-            name = _COLUMN_OF_CHUNK[kind]
-            columns[name] = value.cast(PACKET_SCHEMA.field(name).type)
-    columns["time"] = pc.add(pc.multiply(times[9], 1_000_000), times[10])
-    columns["payload"] = pc.binary_slice(datagrams, prefix.size + 6, 1 << 16)
-    return pa.table(columns, schema=PACKET_SCHEMA)
 
 
 def big_endian(values: pa.BinaryArray, offset: int, width: int) -> pa.Array:
@@ -1141,14 +1149,16 @@ class BatchWriter(threading.Thread):
         transport, arrival_us = batch.key, batch.times[0]
         datagrams = pa.array([data for data, _ in batch.packets], pa.binary())
         received: collections.Counter = collections.Counter()
-        parts, taken = [], []
+        parts, others = [], None          # others: where the messages that no prefix took are in the batch
         for prefix in COMMON_PREFIXES:
-            rows = common_layout(datagrams, prefix)
-            taken.append(rows)
-            received[transport, 3] += len(rows)
-            parts.append(self.check.capture_times(decode_common(datagrams.take(rows), prefix), arrival_us))
-        others = pc.indices_nonzero(pc.invert(pc.is_in(pa.array(range(len(datagrams)), pa.int64()),
-                                                       value_set=pa.concat_arrays(taken).cast(pa.int64()))))
+            picked, packets = decode_common(datagrams, prefix)
+            received[transport, 3] += len(packets)
+            parts.append(self.check.capture_times(packets, arrival_us))
+            left = pc.invert(picked)
+            others = pc.indices_nonzero(left) if others is None else others.filter(left)
+            if not len(others):
+                break
+            datagrams = datagrams.filter(left)
         times, packets = [], []
         for index in others.to_pylist():
             data, peer = batch.packets[index]
