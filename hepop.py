@@ -632,39 +632,41 @@ def big_endian(values: pa.BinaryArray, offset: int, width: int) -> pa.Array:
 
 SIP_COLUMNS = ("sip_method", "sip_status", "call_id", "from_user", "to_user", "ruri_user", "cseq", "user_agent")
 _URI_USER = r"(?:sips?:(?P<{0}>[^@;?>\s:]+)(?::[^@\s>]*)?@|tel:(?P<{0}_tel>[^;?>\s]+))"
-# The request or status line.
-FIRST_LINE = (r"^(?:(?P<sip_method>[A-Z][A-Za-z_-]*) " + _URI_USER.format("ruri_user") + r"?\S* SIP/2\.0"
-              r"|SIP/2\.0 (?P<sip_status>[1-6][0-9][0-9]))")
+URI_USER = _URI_USER.format("user")
+# The start line: checked whole by a regex without captures (a DFA, fast), then cut into its words.
+REQUEST_LINE = r"^[A-Z][A-Za-z_-]* \S* SIP/2\.0"
+STATUS_LINE = r"^SIP/2\.0 [1-6][0-9][0-9]"
 # Header fields: found by the start of their line as agents write it, with plain string compares.  The
 # headers every SIP message has are searched again with a regex in the messages where that found nothing
 # (compact forms such as "i:", other letter case, space before the colon: every form RFC 3261 allows).
-# User-Agent and Server are optional, so a message without them is common: they are matched in any
-# letter case and not searched again.
+# User-Agent and Server are optional: the messages that have neither are searched again in any letter case.
 SIP_HEADERS = {
     "call_id": ("Call-ID:", r"(?mi)^(?:Call-ID|i)[ \t]*:(?P<value>[^\r\n]*)"),
     "from_user": ("From:", r"(?mi)^(?:From|f)[ \t]*:(?P<value>[^\r\n]*)"),
     "to_user": ("To:", r"(?mi)^(?:To|t)[ \t]*:(?P<value>[^\r\n]*)"),
     "cseq": ("CSeq:", r"(?mi)^CSeq[ \t]*:(?P<value>[^\r\n]*)"),
 }
-URI_USER = _URI_USER.format("user")
 
 
 def extract_sip_fields(payload: pa.Array) -> dict[str, pa.Array]:
     """The SIP columns of a batch of payload strings; null where a message lacks the field."""
     lines = pc.split_pattern(payload, "\r\n")
-    first = pc.extract_regex(pc.list_element(lines, 0), FIRST_LINE)
-    columns = {"sip_method": first.field("sip_method"), "sip_status": first.field("sip_status"),
-               "ruri_user": either(first.field("ruri_user"), first.field("ruri_user_tel"))}
-    header = HeaderLines(lines)
+    columns = start_line_fields(pc.list_element(lines, 0))
+    header = HeaderLines.of(lines)
     for name, (prefix, pattern) in SIP_HEADERS.items():
         values = header.values(prefix)
         missing = pc.is_null(values)
-        if pc.any(missing).as_py():
+        if missing.true_count:
             searched = pc.extract_regex(payload.filter(missing), pattern).field("value")
             values = pc.replace_with_mask(values, missing, searched)
         columns[name] = values
-    columns["user_agent"] = pc.coalesce(header.values("User-Agent:", ignore_case=True),
-                                        header.values("Server:", ignore_case=True))
+    agent = pc.coalesce(header.values("User-Agent:"), header.values("Server:"))
+    missing = pc.is_null(agent)
+    if missing.true_count:
+        rest = header.of_messages(missing)
+        agent = pc.coalesce(agent, rest.values("User-Agent:", ignore_case=True),
+                            rest.values("Server:", ignore_case=True))
+    columns["user_agent"] = agent
     for name in ("from_user", "to_user"):
         users = pc.extract_regex(columns[name], URI_USER)
         columns[name] = either(users.field("user"), users.field("user_tel"))
@@ -675,6 +677,18 @@ def extract_sip_fields(payload: pa.Array) -> dict[str, pa.Array]:
     return {name: columns[name] for name in SIP_COLUMNS}
 
 
+def start_line_fields(first: pa.Array) -> dict[str, pa.Array]:
+    """Method and Request-URI user of request lines, code of status lines; null in the others."""
+    request = pc.match_substring_regex(first, REQUEST_LINE)
+    status = pc.match_substring_regex(first, STATUS_LINE)
+    words = pc.split_pattern(first.filter(request), " ", max_splits=2)
+    users = pc.extract_regex(pc.list_element(words, 1), "^" + URI_USER)
+    of_requests = lambda values: pc.replace_with_mask(pa.nulls(len(first), pa.string()), request, values)
+    return {"sip_method": of_requests(pc.list_element(words, 0)),
+            "sip_status": pc.if_else(status, pc.utf8_slice_codeunits(first, 8, 11), None),
+            "ruri_user": of_requests(either(users.field("user"), users.field("user_tel")))}
+
+
 def either(first: pa.Array, second: pa.Array) -> pa.Array:
     """`first` where it is not empty, else `second`."""
     return pc.if_else(pc.equal(first, ""), second, first)
@@ -683,16 +697,25 @@ def either(first: pa.Array, second: pa.Array) -> pa.Array:
 class HeaderLines:
     """The lines of a batch of SIP messages, flattened, and the message each line belongs to."""
 
-    def __init__(self, lines: pa.ListArray):
-        self.lines = lines.flatten()
-        self.message_of_line = pc.list_parent_indices(lines)
-        self.messages = pa.array(range(len(lines)), pa.int64())
+    def __init__(self, lines: pa.Array, message_of_line: pa.Array, messages: pa.Array):
+        self.lines = lines
+        self.message_of_line = message_of_line
+        self.messages = messages
+
+    @classmethod
+    def of(cls, lines: pa.ListArray) -> "HeaderLines":
+        return cls(lines.flatten(), pc.list_parent_indices(lines), pa.array(range(len(lines)), pa.int64()))
+
+    def of_messages(self, mask: pa.BooleanArray) -> "HeaderLines":
+        """The lines of the messages where `mask` is true only."""
+        keep = pc.take(mask, self.message_of_line)
+        return HeaderLines(self.lines.filter(keep), self.message_of_line.filter(keep), self.messages)
 
     def values(self, prefix: str, ignore_case: bool = False) -> pa.Array:
         """Per message, what follows `prefix` on its first line that starts with it; null if none does."""
         hits = pc.indices_nonzero(pc.starts_with(self.lines, prefix, ignore_case=ignore_case))
-        first_hit = pc.index_in(self.messages, pc.take(self.message_of_line, hits))
-        return pc.utf8_slice_codeunits(pc.take(pc.take(self.lines, hits), first_hit), len(prefix))
+        first_hits = pc.take(hits, pc.index_in(self.messages, pc.take(self.message_of_line, hits)))
+        return pc.utf8_slice_codeunits(pc.take(self.lines, first_hits), len(prefix))
 
 
 # ---------------------------------------------------------------------------------------------------------

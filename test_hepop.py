@@ -383,6 +383,14 @@ def test_sip_fields_of_requests_and_responses():
     assert set(sip_row(b"not sip at all").values()) == {None}
 
 
+def test_user_agent_and_server_in_any_letter_case_in_one_batch():
+    extras = ["User-Agent: A 1\r\n", "user-agent: B 2\r\n", "", "SERVER: C 3\r\n", "Server: D 4\r\nuser-agent: E\r\n"]
+    packets = [hepop.decode(hep3(sip(f"ua{i}", extra=extra))) for i, extra in enumerate(extras)]
+    table = hepop.build_table(1, [p.time_us for p in packets], packets)
+    assert table["user_agent"].to_pylist() == ["A 1", "B 2", None, "C 3", "D 4"]
+    assert table["call_id"].to_pylist() == [f"ua{i}" for i in range(5)]
+
+
 def test_payload_bytes_that_are_not_utf8_are_kept_exactly():
     packets = [hepop.decode(hep3(p)) for p in (b"plain text", b"bin\xff\xfe\x00ary", "caf\u00e9 \ufffd".encode())]
     table = hepop.build_table(5, [p.time_us for p in packets], packets)
