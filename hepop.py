@@ -631,8 +631,7 @@ def big_endian(values: pa.BinaryArray, offset: int, width: int) -> pa.Array:
 # ---------------------------------------------------------------------------------------------------------
 
 SIP_COLUMNS = ("sip_method", "sip_status", "call_id", "from_user", "to_user", "ruri_user", "cseq", "user_agent")
-_URI_USER = r"(?:sips?:(?P<{0}>[^@;?>\s:]+)(?::[^@\s>]*)?@|tel:(?P<{0}_tel>[^;?>\s]+))"
-URI_USER = _URI_USER.format("user")
+URI_USER = r"(?:sips?:(?P<user>[^@;?>\s:]+)(?::[^@\s>]*)?@|tel:(?P<user_tel>[^;?>\s]+))"
 # The start line: checked whole by a regex without captures (a DFA, fast), then cut into its words.
 REQUEST_LINE = r"^[A-Z][A-Za-z_-]* \S* SIP/2\.0"
 STATUS_LINE = r"^SIP/2\.0 [1-6][0-9][0-9]"
@@ -668,10 +667,9 @@ def extract_sip_fields(payload: pa.Array) -> dict[str, pa.Array]:
                             rest.values("Server:", ignore_case=True))
     columns["user_agent"] = agent
     for name in ("from_user", "to_user"):
-        users = pc.extract_regex(columns[name], URI_USER)
-        columns[name] = either(users.field("user"), users.field("user_tel"))
-    for name, values in columns.items():
-        values = pc.utf8_trim_whitespace(values)
+        columns[name] = uri_user(columns[name], URI_USER)
+    for name in ("call_id", "cseq", "user_agent"):       # the others hold no spaces and are never empty
+        values = pc.utf8_trim_whitespace(columns[name])
         columns[name] = pc.if_else(pc.equal(values, ""), None, values)
     columns["sip_status"] = columns["sip_status"].cast(pa.uint16())
     return {name: columns[name] for name in SIP_COLUMNS}
@@ -682,40 +680,47 @@ def start_line_fields(first: pa.Array) -> dict[str, pa.Array]:
     request = pc.match_substring_regex(first, REQUEST_LINE)
     status = pc.match_substring_regex(first, STATUS_LINE)
     words = pc.split_pattern(first.filter(request), " ", max_splits=2)
-    users = pc.extract_regex(pc.list_element(words, 1), "^" + URI_USER)
     of_requests = lambda values: pc.replace_with_mask(pa.nulls(len(first), pa.string()), request, values)
     return {"sip_method": of_requests(pc.list_element(words, 0)),
             "sip_status": pc.if_else(status, pc.utf8_slice_codeunits(first, 8, 11), None),
-            "ruri_user": of_requests(either(users.field("user"), users.field("user_tel")))}
+            "ruri_user": of_requests(uri_user(pc.list_element(words, 1), "^" + URI_USER))}
 
 
-def either(first: pa.Array, second: pa.Array) -> pa.Array:
-    """`first` where it is not empty, else `second`."""
-    return pc.if_else(pc.equal(first, ""), second, first)
+def uri_user(values: pa.Array, pattern: str) -> pa.Array:
+    """The user part of the SIP, SIPS or tel URI that `pattern` (URI_USER, maybe anchored) finds in each
+    value; null where it finds none."""
+    users = pc.extract_regex(values, pattern)
+    sip, tel = pc.struct_field(users, "user"), pc.struct_field(users, "user_tel")
+    return pc.if_else(pc.equal(sip, ""), tel, sip)         # the branch that did not match is empty
 
 
 class HeaderLines:
     """The lines of a batch of SIP messages, flattened, and the message each line belongs to."""
 
-    def __init__(self, lines: pa.Array, message_of_line: pa.Array, messages: pa.Array):
+    def __init__(self, lines: pa.Array, message_of_line: pa.Array, count: int):
         self.lines = lines
         self.message_of_line = message_of_line
-        self.messages = messages
+        self.count = count
 
     @classmethod
     def of(cls, lines: pa.ListArray) -> "HeaderLines":
-        return cls(lines.flatten(), pc.list_parent_indices(lines), pa.array(range(len(lines)), pa.int64()))
+        return cls(lines.flatten(), pc.list_parent_indices(lines), len(lines))
 
     def of_messages(self, mask: pa.BooleanArray) -> "HeaderLines":
         """The lines of the messages where `mask` is true only."""
         keep = pc.take(mask, self.message_of_line)
-        return HeaderLines(self.lines.filter(keep), self.message_of_line.filter(keep), self.messages)
+        return HeaderLines(self.lines.filter(keep), self.message_of_line.filter(keep), self.count)
 
     def values(self, prefix: str, ignore_case: bool = False) -> pa.Array:
         """Per message, what follows `prefix` on its first line that starts with it; null if none does."""
         hits = pc.indices_nonzero(pc.starts_with(self.lines, prefix, ignore_case=ignore_case))
-        first_hits = pc.take(hits, pc.index_in(self.messages, pc.take(self.message_of_line, hits)))
-        return pc.utf8_slice_codeunits(pc.take(self.lines, first_hits), len(prefix))
+        messages = pc.take(self.message_of_line, hits)              # in order, as the lines are
+        first = pc.fill_null(pc.not_equal(pc.pairwise_diff(messages), 0), True)
+        lines = pc.take(self.lines, pc.scatter(hits.filter(first), messages.filter(first),
+                                               max_index=self.count - 1))
+        if ignore_case:             # what matched may not have the prefix's length in bytes
+            return pc.utf8_slice_codeunits(lines, len(prefix))
+        return pc.binary_slice(lines.cast(pa.binary()), len(prefix), 1 << 16).cast(pa.string())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -745,6 +750,9 @@ PAYLOAD_FIELDS = [
 SIP_TYPE = 1
 FOLDER_SPAN_US = 600 * 1_000_000            # raw files go to 10-minute folders
 ROW_GROUP_BYTES = 32 << 20
+# Raw files are written plain: zstd makes them smaller than dictionaries do (58 bytes a SIP row against
+# 65), in less time.  Min/max statistics of the payload would prune no query: they are not written.
+RAW_STATISTICS = [field.name for field in BASE_FIELDS + SIP_FIELDS]
 TEMP_SUFFIX = ".tmp"
 
 
@@ -916,7 +924,8 @@ class TypeStore:
         make_dirs(folder)
         path = os.path.join(folder, f"{self.sequence:010d}.parquet")
         write_atomically(path, lambda out: pq.write_table(
-            table, out, compression="zstd", row_group_size=row_group_rows(table, ROW_GROUP_BYTES)))
+            table, out, compression="zstd", row_group_size=row_group_rows(table, ROW_GROUP_BYTES),
+            use_dictionary=False, write_statistics=RAW_STATISTICS))
         times = table.column("time").cast(pa.int64())
         low, high = pc.min_max(times).values()
         entry = {"id": self.sequence, "path": os.path.relpath(path, self.root),
