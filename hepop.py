@@ -2290,17 +2290,28 @@ class Ingest:
         """Take in one TCP frame; False when it does not decode (it is then counted as malformed).  A frame
         of the common layout surely decodes, so it is buffered as it is, like a datagram."""
         if has_common_layout(frame):
-            self.message((frame, peer), "tcp")
+            self.messages([(frame, peer)], "tcp")
             return True
         return self.packet(frame, "tcp", peer)
 
-    def message(self, received: tuple, transport: str) -> None:
-        """Take in one message as received, (bytes, peer): buffered as it is, for the writer to decode."""
-        size = len(received[0]) + 64
-        if self._full(size):
-            self.received[transport, version_of(received[0])] += 1
-            return
-        self._buffer(transport, received, size)
+    def messages(self, received: list, transport: str) -> None:
+        """Take in messages as received, (bytes, peer) each: buffered as they are, for the writer to decode.
+        One call for all that one wake-up of the loop read, so that a datagram costs the loop little more
+        than its recvfrom.  Those that would pass MAX_PENDING_BYTES are dropped."""
+        size = sum(len(data) for data, _ in received) + 64 * len(received)
+        room = self.max_pending_bytes - self.buffered_bytes - self.writer.pending_bytes
+        if size > room:
+            fit = 0
+            while fit < len(received) and len(received[fit][0]) + 64 <= room:
+                room -= len(received[fit][0]) + 64
+                fit += 1
+            for data, _ in received[fit:]:
+                self.received[transport, version_of(data)] += 1
+            self._drop_for_room(len(received) - fit)
+            received = received[:fit]
+            size = sum(len(data) for data, _ in received) + 64 * len(received)
+        if received:
+            self._buffer(transport, received, size)
 
     def packet(self, data: bytes, transport: str, peer) -> bool:
         """Take in one HEP message; False when it does not decode (it is then counted as malformed)."""
@@ -2311,32 +2322,31 @@ class Ingest:
         if time_us is None:
             return True
         size = len(packet.payload) + 64
-        if not self._full(size):
-            self._buffer(packet.proto_type, packet, size, time_us)
+        if self.buffered_bytes + self.writer.pending_bytes + size <= self.max_pending_bytes:
+            self._buffer(packet.proto_type, [packet], size, time_us)
+        else:
+            self._drop_for_room(1)
         return True
 
-    def _buffer(self, key, item, size: int, time_us: Optional[int] = None) -> None:
+    def _buffer(self, key, items: list, size: int, time_us: Optional[int] = None) -> None:
         """Append to the batch of `key`, flushed when it is full; a decoded packet comes with its time,
-        a message as received is timed by the arrival of its batch's first."""
+        messages as received are timed by the arrival of their batch's first."""
         batch = self.batches.get(key)
         if batch is None:
             batch = self.batches[key] = [[] if time_us is not None else [time.time_ns() // 1000], [], 0,
                                          time.monotonic() + self.config.flush_interval_s]
         if time_us is not None:
             batch[0].append(time_us)
-        batch[1].append(item)
+        batch[1].extend(items)
         batch[2] += size
         self.buffered_bytes += size
         if len(batch[1]) >= self.flush_rows or batch[2] >= self.flush_bytes:
             self.flush(key)
 
-    def _full(self, size: int) -> bool:
-        """True, counted and logged, when `size` more bytes would pass MAX_PENDING_BYTES."""
-        if self.buffered_bytes + self.writer.pending_bytes + size <= self.max_pending_bytes:
-            return False
-        self.counters.add("hep_dropped_total", reason="buffer_full")
+    def _drop_for_room(self, count: int) -> None:
+        """Count and log `count` packets dropped because they would pass MAX_PENDING_BYTES."""
+        self.counters.add("hep_dropped_total", count, reason="buffer_full")
         self.check.bad_packets.warning("buffer_full", "buffers full (MAX_PENDING_BYTES): dropping packets")
-        return True
 
     def publish_counts(self) -> None:
         """Move the packets counted since the last call into the counters: once per pass of the loop
@@ -2370,6 +2380,7 @@ class CaptureServer:
     TCP_READ_BYTES = 256 * 1024
     TCP_DRAIN_QUIET_S = 0.2
     TCP_DRAIN_MAX_S = 5.0
+    UDP_DRAIN_MAX = 1 << 20         # datagrams read at shutdown at most: an agent may go on sending
 
     def __init__(self, config: Config, ingest: Ingest, counters: Counters):
         self.config = config
@@ -2456,18 +2467,18 @@ class CaptureServer:
         except BlockingIOError:
             pass
 
-    def _on_udp(self, sock, limit: Optional[int] = None) -> int:
+    def _on_udp(self, sock) -> int:
         """Read a bounded batch of datagrams (draining until empty would starve flushes under load)."""
-        message = self.ingest.message
-        count = 0
-        for _ in range(limit or self.config.udp_batch):
+        received = []
+        append, recvfrom = received.append, sock.recvfrom
+        for _ in range(self.config.udp_batch):
             try:
-                received = sock.recvfrom(65535)
+                append(recvfrom(65535))
             except (BlockingIOError, InterruptedError):
                 break
-            message(received, "udp")
-            count += 1
-        return count
+        if received:
+            self.ingest.messages(received, "udp")
+        return len(received)
 
     def _on_accept(self, listener) -> None:
         while True:
@@ -2525,7 +2536,9 @@ class CaptureServer:
         self.selector.unregister(self.tcp)
         self._on_accept(self.tcp)                   # agents still in the backlog may have sent already
         self.tcp.close()
-        self._on_udp(self.udp, limit=1 << 20)       # stops at the first EAGAIN
+        read = 0
+        while read < self.UDP_DRAIN_MAX and (count := self._on_udp(self.udp)):     # until the first EAGAIN
+            read += count
         # An agent's bytes still in flight on the connection arrive as we read; read until none came for
         # TCP_DRAIN_QUIET_S, or for TCP_DRAIN_MAX_S at most (an agent may go on sending).
         deadline = time.monotonic() + self.TCP_DRAIN_MAX_S
