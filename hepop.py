@@ -61,7 +61,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import duckdb
 import pyarrow as pa
@@ -2271,9 +2271,9 @@ class PacketCheck:
 
 
 class Ingest:
-    """From raw HEP bytes to the batch buffers: UDP datagrams buffered as they come, for the writer to
-    decode in batches; TCP frames decoded and checked here, since the framing needs to know at once
-    whether a frame decodes."""
+    """From raw HEP bytes to the batch buffers: UDP datagrams, and TCP frames of the common layout,
+    buffered as they come, for the writer to decode in batches; other TCP frames decoded and checked
+    here, since the framing needs to know at once whether a frame decodes."""
 
     def __init__(self, config: Config, writer: BatchWriter, counters: Counters, check: PacketCheck):
         self.config = config
@@ -2285,14 +2285,6 @@ class Ingest:
         self.received: collections.Counter = collections.Counter()     # (transport, version) -> packets
         self.max_pending_bytes = config.max_pending_bytes               # read for every packet
         self.flush_rows, self.flush_bytes = config.flush_rows, config.flush_bytes
-
-    def frame(self, frame: bytes, peer) -> bool:
-        """Take in one TCP frame; False when it does not decode (it is then counted as malformed).  A frame
-        of the common layout surely decodes, so it is buffered as it is, like a datagram."""
-        if has_common_layout(frame):
-            self.messages([(frame, peer)], "tcp")
-            return True
-        return self.packet(frame, "tcp", peer)
 
     def messages(self, received: list, transport: str) -> None:
         """Take in messages as received, (bytes, peer) each: buffered as they are, for the writer to decode.
@@ -2510,8 +2502,7 @@ class CaptureServer:
             log.info("TCP agent %s: %s", peer, exc)
             data = b""
         if not data:
-            for frame in stream.finish():
-                self.ingest.frame(frame, peer)
+            self._take_frames(stream, peer, stream.finish())
             self._count_garbage(stream)
             self.selector.unregister(conn)
             del self.connections[conn]
@@ -2519,11 +2510,22 @@ class CaptureServer:
             log.debug("TCP agent %s disconnected", peer)
             return False
         stream.feed(data)
-        while (frame := stream.next_frame()) is not None:
-            if not self.ingest.frame(frame, peer):
-                stream.reject()      # search inside it: its length may have swallowed good frames
+        self._take_frames(stream, peer, iter(stream.next_frame, None))
         self._count_garbage(stream)
         return True
+
+    def _take_frames(self, stream: HepStream, peer, frames: Iterable[bytes]) -> None:
+        """Frames of the common layout surely decode: buffered as they are, like datagrams, all in one call.
+        Any other frame is decoded now, and when it does not decode, the stream searches inside it (its
+        length may have swallowed good frames)."""
+        common = []
+        for frame in frames:
+            if has_common_layout(frame):
+                common.append((frame, peer))
+            elif not self.ingest.packet(frame, "tcp", peer):
+                stream.reject()
+        if common:
+            self.ingest.messages(common, "tcp")
 
     def _count_garbage(self, stream: HepStream) -> None:
         if stream.garbage_bytes:
@@ -2552,8 +2554,8 @@ class CaptureServer:
         for conn in list(self.connections):
             self.selector.unregister(conn)
             stream, peer = self.connections.pop(conn)
-            for frame in stream.finish():
-                self.ingest.frame(frame, peer)
+            self._take_frames(stream, peer, stream.finish())
+            self._count_garbage(stream)
             conn.close()
         self.udp.close()
 
