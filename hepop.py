@@ -165,7 +165,8 @@ SETTINGS = (
     Setting("FLUSH_BYTES", parse_bytes, lambda s: "16M", "write a type's batch at this many payload bytes"),
     Setting("FLUSH_INTERVAL_S", parse_seconds, lambda s: "1.0", "write a batch once its oldest row is this old"),
     Setting("MAX_PENDING_BYTES", parse_bytes, lambda s: "256M",
-            "bytes buffered and not yet written before new packets are dropped as buffer_full"),
+            "bytes buffered and not yet written; near it reading pauses (UDP waits in the kernel, TCP agents "
+            "are held back), and a packet that does not fit is dropped as buffer_full"),
     Setting("MAX_TCP_CONNECTIONS", parse_positive_int, lambda s: "4096", "concurrent TCP agents accepted"),
     Setting("COMPACT_INTERVAL_S", parse_seconds, lambda s: "60",
             "how often closed hours are merged into one sorted file and retention is applied"),
@@ -2291,16 +2292,17 @@ class Ingest:
         One call for all that one wake-up of the loop read, so that a datagram costs the loop little more
         than its recvfrom.  Those that would pass MAX_PENDING_BYTES are dropped."""
         size = sum(len(data) for data, _ in received) + 64 * len(received)
-        room = self.max_pending_bytes - self.buffered_bytes - self.writer.pending_bytes
+        room = self.room()
         if size > room:
-            fit = 0
-            while fit < len(received) and len(received[fit][0]) + 64 <= room:
-                room -= len(received[fit][0]) + 64
-                fit += 1
-            for data, _ in received[fit:]:
-                self.received[transport, version_of(data)] += 1
-            self._drop_for_room(len(received) - fit)
-            received = received[:fit]
+            fitting = []
+            for message in received:
+                if len(message[0]) + 64 <= room:
+                    fitting.append(message)
+                    room -= len(message[0]) + 64
+                else:
+                    self.received[transport, version_of(message[0])] += 1
+            self._drop_for_room(len(received) - len(fitting))
+            received = fitting
             size = sum(len(data) for data, _ in received) + 64 * len(received)
         if received:
             self._buffer(transport, received, size)
@@ -2314,7 +2316,7 @@ class Ingest:
         if time_us is None:
             return True
         size = len(packet.payload) + 64
-        if self.buffered_bytes + self.writer.pending_bytes + size <= self.max_pending_bytes:
+        if size <= self.room():
             self._buffer(packet.proto_type, [packet], size, time_us)
         else:
             self._drop_for_room(1)
@@ -2334,6 +2336,10 @@ class Ingest:
         self.buffered_bytes += size
         if len(batch[1]) >= self.flush_rows or batch[2] >= self.flush_bytes:
             self.flush(key)
+
+    def room(self) -> int:
+        """The bytes that may still be buffered before MAX_PENDING_BYTES."""
+        return self.max_pending_bytes - self.buffered_bytes - self.writer.pending_bytes
 
     def _drop_for_room(self, count: int) -> None:
         """Count and log `count` packets dropped because they would pass MAX_PENDING_BYTES."""
@@ -2373,6 +2379,9 @@ class CaptureServer:
     TCP_DRAIN_QUIET_S = 0.2
     TCP_DRAIN_MAX_S = 5.0
     UDP_DRAIN_MAX = 1 << 20         # datagrams read at shutdown at most: an agent may go on sending
+    READ_ROOM_BYTES = 4 << 20       # reading pauses while the buffers have less room than this
+    PAUSED_POLL_S = 0.01
+    DRAIN_WAIT_MAX_S = 60.0         # at shutdown, how long to wait for the writer to make room at most
 
     def __init__(self, config: Config, ingest: Ingest, counters: Counters):
         self.config = config
@@ -2381,6 +2390,8 @@ class CaptureServer:
         self.selector = selectors.DefaultSelector()
         self.connections: dict[socket.socket, tuple[HepStream, object]] = {}
         self.stopping = False
+        self.reading = True
+        self.notices = RateLimitedLog()
         self.udp: Optional[socket.socket] = None
         self.tcp: Optional[socket.socket] = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
@@ -2435,12 +2446,13 @@ class CaptureServer:
         next_flush = None
         while not self.stopping:
             timeout = min(next_stats, next_flush or next_stats) - time.monotonic()
-            events = self.selector.select(max(0.0, min(timeout, 1.0)))
+            events = self.selector.select(max(0.0, min(timeout, 1.0 if self.reading else self.PAUSED_POLL_S)))
             started = time.monotonic()
             for key, _ in events:
                 key.data(key.fileobj)
             self.ingest.publish_counts()
             next_flush = self.ingest.flush_due(started)
+            self._pace_reading()
             if started >= next_stats:
                 self.log_counters("counters")
                 next_stats = started + self.config.stats_interval_s
@@ -2448,6 +2460,39 @@ class CaptureServer:
         self._drain()
         self.ingest.publish_counts()
         self.ingest.flush_all()
+
+    def _pace_reading(self) -> None:
+        """Stop reading the sockets while the buffers have no room for what a wake-up reads, instead of
+        dropping packets here: datagrams wait in the kernel's receive buffer (RCVBUF_BYTES more to absorb
+        a burst; what overflows it is counted as the kernel's drops) and TCP agents are held back by flow
+        control.  Reading goes on once the writer has made room."""
+        room = self.ingest.room()
+        if self.reading and room < self._pause_below():
+            self._set_reading(False)
+            self.ingest.flush_all()                 # the writer can make room only from what it has
+            self.counters.add("reading_paused_total")
+            self.notices.warning("paused", "buffers full (MAX_PENDING_BYTES): reading paused until the writer "
+                                 "catches up")
+        elif not self.reading and room >= 2 * self._pause_below():
+            self._set_reading(True)
+
+    def _pause_below(self) -> int:
+        return min(self.READ_ROOM_BYTES, self.config.max_pending_bytes // 2)
+
+    def _wait_for_room(self, deadline: float) -> None:
+        """At shutdown: while the buffers are full, hand them to the writer and wait for it to make room,
+        rather than drop what the kernel still holds (until `deadline`)."""
+        while self.ingest.room() < self._pause_below() and time.monotonic() < deadline:
+            self.ingest.flush_all()
+            time.sleep(self.PAUSED_POLL_S)
+
+    def _set_reading(self, reading: bool) -> None:
+        for sock, on_read in [(self.udp, self._on_udp), *((conn, self._on_tcp) for conn in self.connections)]:
+            if reading:
+                self.selector.register(sock, selectors.EVENT_READ, on_read)
+            else:
+                self.selector.unregister(sock)
+        self.reading = reading
 
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True
@@ -2487,7 +2532,8 @@ class CaptureServer:
             conn.setblocking(False)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             self.connections[conn] = (HepStream(), peer)
-            self.selector.register(conn, selectors.EVENT_READ, self._on_tcp)
+            if self.reading:
+                self.selector.register(conn, selectors.EVENT_READ, self._on_tcp)
             self.counters.add("tcp_connections_total")
             log.debug("TCP agent %s connected", peer)
 
@@ -2533,13 +2579,20 @@ class CaptureServer:
             stream.garbage_bytes = 0
 
     def _drain(self) -> None:
-        """At shutdown: take in every datagram and TCP byte the kernel already holds for us."""
+        """At shutdown: take in every datagram and TCP byte the kernel already holds for us.  When the buffers
+        are full, the writer is given DRAIN_WAIT_MAX_S to make room; what then has none is counted as dropped."""
+        if not self.reading:
+            self._set_reading(True)
         self.selector.unregister(self.udp)
         self.selector.unregister(self.tcp)
         self._on_accept(self.tcp)                   # agents still in the backlog may have sent already
         self.tcp.close()
+        wait_until = time.monotonic() + self.DRAIN_WAIT_MAX_S
         read = 0
-        while read < self.UDP_DRAIN_MAX and (count := self._on_udp(self.udp)):     # until the first EAGAIN
+        while read < self.UDP_DRAIN_MAX:
+            self._wait_for_room(wait_until)
+            if not (count := self._on_udp(self.udp)):       # the first EAGAIN
+                break
             read += count
         # An agent's bytes still in flight on the connection arrive as we read; read until none came for
         # TCP_DRAIN_QUIET_S, or for TCP_DRAIN_MAX_S at most (an agent may go on sending).
@@ -2550,6 +2603,7 @@ class CaptureServer:
             if not connections:
                 break
             for conn in connections:
+                self._wait_for_room(wait_until)
                 self._on_tcp(conn)
         for conn in list(self.connections):
             self.selector.unregister(conn)

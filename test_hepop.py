@@ -850,13 +850,35 @@ def test_types_go_to_their_own_tables_and_ipv6_listener_takes_ipv4_too(servers, 
 
 
 def test_buffer_full_drops_are_counted_never_silent(servers, tmp_path):
-    server = servers(MAX_PENDING_BYTES="4096", FLUSH_INTERVAL_S="30")
-    server.udp([hep3(sip(f"b{i}")) for i in range(50)])
+    server = servers(MAX_PENDING_BYTES="1000", FLUSH_INTERVAL_S="30")
+    small = [hep3(sip(f"s{i}")[:120]) for i in range(20)]          # a few fit in MAX_PENDING_BYTES
+    large = [hep3(sip(f"l{i}") + b"x" * 1000) for i in range(20)]  # never fit
+    server.udp([packet for pair in zip(small, large) for packet in pair])
     assert server.stop() == 0
-    stored = len(stored_rows(tmp_path / "data", columns="time"))
+    stored = stored_rows(tmp_path / "data", columns="payload")
     counters = server.counters()
-    assert 0 < stored < 50
-    assert stored + counters['hep_dropped_total{reason="buffer_full"}'] == 50
+    small_payloads = {hepop.decode(p).payload.decode() for p in small}
+    assert stored and all(row["payload"] in small_payloads for row in stored)
+    assert counters['hep_dropped_total{reason="buffer_full"}'] == 40 - len(stored)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_full_buffers_pause_reading_instead_of_dropping(servers, tmp_path, transport):
+    """A burst four times MAX_PENDING_BYTES: the loop stops reading while the writer makes room (datagrams
+    wait in the kernel's buffer, the TCP agent is held back), and shutdown waits for room too, so the
+    whole burst is stored and nothing is dropped."""
+    server = servers(MAX_PENDING_BYTES="1M")
+    packets = [hep3(sip(f"burst{i}")) for i in range(20_000)]
+    assert sum(map(len, packets)) > 4 * (1 << 20)
+    if transport == "udp":
+        server.udp(packets)
+    else:
+        server.tcp(b"".join(packets))
+    assert server.stop() == 0
+    counters = server.counters()
+    assert len(stored_rows(tmp_path / "data", columns="time")) == len(packets)
+    assert not any(key.startswith("hep_dropped_total") for key in counters)
+    assert counters["reading_paused_total"] >= 1
 
 
 # ---------------------------------------------------------------------------------------------------------
