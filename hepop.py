@@ -676,23 +676,29 @@ def extract_sip_fields(payload: pa.Array) -> dict[str, pa.Array]:
     return {name: columns[name] for name in SIP_COLUMNS}
 
 
-def start_line_fields(first: pa.Array) -> dict[str, pa.Array]:
-    """Method and Request-URI user of request lines, code of status lines; null in the others."""
+def start_line_fields(lines: pa.Array) -> dict[str, pa.Array]:
+    """Method and Request-URI user of request lines, code of status lines; null in the others.  Worked out
+    once for each distinct line: the messages of a dialog repeat theirs."""
+    distinct = pc.dictionary_encode(lines)
+    first = distinct.dictionary
     request = pc.match_substring_regex(first, REQUEST_LINE)
     status = pc.match_substring_regex(first, STATUS_LINE)
     words = pc.split_pattern(first.filter(request), " ", max_splits=2)
     of_requests = lambda values: pc.replace_with_mask(pa.nulls(len(first), pa.string()), request, values)
-    return {"sip_method": of_requests(pc.list_element(words, 0)),
-            "sip_status": pc.if_else(status, pc.utf8_slice_codeunits(first, 8, 11), None),
-            "ruri_user": of_requests(uri_user(pc.list_element(words, 1), "^" + URI_USER))}
+    fields = {"sip_method": of_requests(pc.list_element(words, 0)),
+              "sip_status": pc.if_else(status, pc.utf8_slice_codeunits(first, 8, 11), None),
+              "ruri_user": of_requests(uri_user(pc.list_element(words, 1), "^" + URI_USER))}
+    return {name: pc.take(values, distinct.indices) for name, values in fields.items()}
 
 
 def uri_user(values: pa.Array, pattern: str) -> pa.Array:
     """The user part of the SIP, SIPS or tel URI that `pattern` (URI_USER, maybe anchored) finds in each
-    value; null where it finds none."""
-    users = pc.extract_regex(values, pattern)
+    value; null where it finds none.  The regex runs once for each distinct value (From and To repeat
+    in every message of a dialog): finding its groups costs far more than finding the distinct values."""
+    distinct = pc.dictionary_encode(values)
+    users = pc.extract_regex(distinct.dictionary, pattern)
     sip, tel = pc.struct_field(users, "user"), pc.struct_field(users, "user_tel")
-    return pc.if_else(pc.equal(sip, ""), tel, sip)         # the branch that did not match is empty
+    return pc.take(pc.if_else(pc.equal(sip, ""), tel, sip), distinct.indices)   # the branch not matched is empty
 
 
 class HeaderLines:
