@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import collections
 import contextlib
 import ctypes
@@ -1131,8 +1132,14 @@ class Batch(NamedTuple):
     key: object                 # a HEP type (int): packets the loop decoded; "udp" or "tcp": messages as
     #                             received, of any type, that the writer decodes
     times: list                 # the capture time of each packet; of messages, when the first came
-    packets: list               # HepPacket, or (message, peer)
+    packets: list               # HepPacket, or the message's bytes
     nbytes: int
+    senders: list               # of messages: (index of a message, its peer) where the peer changes
+
+
+def sender_of(senders: list, index: int):
+    """The peer that sent message `index` of a batch, from the batch's senders."""
+    return senders[bisect.bisect_right(senders, index, key=lambda sender: sender[0]) - 1][1]
 
 
 class BatchWriter(threading.Thread):
@@ -1187,7 +1194,7 @@ class BatchWriter(threading.Thread):
         """The packets of a flush of messages as received, by type: the common layouts decoded by Arrow over
         the batch, every other message by decode() and the checks the loop makes of the rest."""
         transport, arrival_us = batch.key, batch.times[0]
-        datagrams = pa.array([data for data, _ in batch.packets], pa.binary())
+        datagrams = pa.array(batch.packets, pa.binary())
         received: collections.Counter = collections.Counter()
         parts, others = [], None          # others: where the messages that no prefix took are in the batch
         for prefix in COMMON_PREFIXES:
@@ -1201,7 +1208,7 @@ class BatchWriter(threading.Thread):
             datagrams = datagrams.filter(left)
         times, packets = [], []
         for index in others.to_pylist():
-            data, peer = batch.packets[index]
+            data, peer = batch.packets[index], sender_of(batch.senders, index)
             packet = self.check.decode(data, transport, peer, received)
             if packet is None:
                 continue
@@ -2294,25 +2301,29 @@ class Ingest:
         self.max_pending_bytes = config.max_pending_bytes               # read for every packet
         self.flush_rows, self.flush_bytes = config.flush_rows, config.flush_bytes
 
-    def messages(self, received: list, transport: str) -> None:
-        """Take in messages as received, (bytes, peer) each: buffered as they are, for the writer to decode.
-        One call for all that one wake-up of the loop read, so that a datagram costs the loop little more
-        than its recvfrom.  Those that would pass MAX_PENDING_BYTES are dropped."""
-        size = sum(len(data) for data, _ in received) + 64 * len(received)
+    def messages(self, messages: list, senders: list, transport: str) -> None:
+        """Take in messages as received (bytes, and `senders`: (index, peer) where the peer changes),
+        buffered as they are for the writer to decode.  One call for all that one wake-up of the loop read,
+        so that a datagram costs the loop little more than its recvfrom.  Those that would pass
+        MAX_PENDING_BYTES are dropped."""
+        size = sum(map(len, messages)) + 64 * len(messages)
         room = self.room()
         if size > room:
-            fitting = []
-            for message in received:
-                if len(message[0]) + 64 <= room:
-                    fitting.append(message)
-                    room -= len(message[0]) + 64
+            fitting, fitting_senders = [], []
+            for index, data in enumerate(messages):
+                peer = sender_of(senders, index)
+                if len(data) + 64 <= room:
+                    if not fitting_senders or fitting_senders[-1][1] != peer:
+                        fitting_senders.append((len(fitting), peer))
+                    fitting.append(data)
+                    room -= len(data) + 64
                 else:
-                    self.received[transport, version_of(message[0])] += 1
-            self._drop_for_room(len(received) - len(fitting))
-            received = fitting
-            size = sum(len(data) for data, _ in received) + 64 * len(received)
-        if received:
-            self._buffer(transport, received, size)
+                    self.received[transport, version_of(data)] += 1
+            self._drop_for_room(len(messages) - len(fitting))
+            messages, senders = fitting, fitting_senders
+            size = sum(map(len, messages)) + 64 * len(messages)
+        if messages:
+            self._buffer(transport, messages, size, senders=senders)
 
     def packet(self, data: bytes, transport: str, peer) -> bool:
         """Take in one HEP message; False when it does not decode (it is then counted as malformed)."""
@@ -2329,15 +2340,16 @@ class Ingest:
             self._drop_for_room(1)
         return True
 
-    def _buffer(self, key, items: list, size: int, time_us: Optional[int] = None) -> None:
+    def _buffer(self, key, items: list, size: int, time_us: Optional[int] = None, senders: list = ()) -> None:
         """Append to the batch of `key`, flushed when it is full; a decoded packet comes with its time,
         messages as received are timed by the arrival of their batch's first."""
         batch = self.batches.get(key)
         if batch is None:
             batch = self.batches[key] = [[] if time_us is not None else [time.time_ns() // 1000], [], 0,
-                                         time.monotonic() + self.config.flush_interval_s]
+                                         time.monotonic() + self.config.flush_interval_s, []]
         if time_us is not None:
             batch[0].append(time_us)
+        batch[4].extend((len(batch[1]) + index, peer) for index, peer in senders)
         batch[1].extend(items)
         batch[2] += size
         self.buffered_bytes += size
@@ -2361,9 +2373,9 @@ class Ingest:
 
     def flush(self, key) -> None:
         """Hand one batch to the writer thread: a swap of lists, no I/O on the loop."""
-        times, packets, nbytes, _ = self.batches.pop(key)
+        times, packets, nbytes, _, senders = self.batches.pop(key)
         self.buffered_bytes -= nbytes
-        self.writer.submit(Batch(key, times, packets, nbytes))
+        self.writer.submit(Batch(key, times, packets, nbytes, senders))
 
     def flush_due(self, now: float) -> Optional[float]:
         """Flush the batches whose oldest row is FLUSH_INTERVAL_S old; the next deadline, if any."""
@@ -2512,17 +2524,25 @@ class CaptureServer:
             pass
 
     def _on_udp(self, sock) -> int:
-        """Read a bounded batch of datagrams (draining until empty would starve flushes under load)."""
-        received = []
-        append, recvfrom = received.append, sock.recvfrom
-        for _ in range(self.config.udp_batch):
+        """Read a bounded batch of datagrams (draining until empty would starve flushes under load).
+
+        Only the bytes are kept, and the peer where it changes: bytes are not tracked by the garbage
+        collector, while (bytes, peer) tuples kept by the hundred thousand made it run every few thousand
+        packets, holding the GIL 20-50 ms each time."""
+        datagrams, senders, sender = [], [], None
+        append, recvfrom = datagrams.append, sock.recvfrom
+        for index in range(self.config.udp_batch):
             try:
-                append(recvfrom(65535))
+                data, peer = recvfrom(65535)
             except (BlockingIOError, InterruptedError):
                 break
-        if received:
-            self.ingest.messages(received, "udp")
-        return len(received)
+            append(data)
+            if peer != sender:
+                senders.append((index, peer))
+                sender = peer
+        if datagrams:
+            self.ingest.messages(datagrams, senders, "udp")
+        return len(datagrams)
 
     def _on_accept(self, listener) -> None:
         while True:
@@ -2574,11 +2594,11 @@ class CaptureServer:
         common = []
         for frame in frames:
             if has_common_layout(frame):
-                common.append((frame, peer))
+                common.append(frame)
             elif not self.ingest.packet(frame, "tcp", peer):
                 stream.reject()
         if common:
-            self.ingest.messages(common, "tcp")
+            self.ingest.messages(common, [(0, peer)], "tcp")
 
     def _count_garbage(self, stream: HepStream) -> None:
         if stream.garbage_bytes:

@@ -218,7 +218,7 @@ def test_datagrams_decoded_in_batch_equal_decoding_one_by_one(tmp_path):
     counters = hepop.Counters()
     config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path)})
     writer = hepop.BatchWriter(hepop.Storage(str(tmp_path), "w"), counters, hepop.PacketCheck(config, counters))
-    tables = writer.message_tables(hepop.Batch("udp", [arrival_us], [(d, ("127.0.0.1", 9)) for d in datagrams], 0))
+    tables = writer.message_tables(hepop.Batch("udp", [arrival_us], datagrams, 0, [(0, ("127.0.0.1", 9))]))
 
     expected: dict[int, tuple[list, list]] = {}
     received, malformed = collections.Counter(), 0
@@ -256,15 +256,15 @@ def test_a_batch_that_fails_to_decode_is_counted_and_the_writer_goes_on(tmp_path
     config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path)})
     writer = hepop.BatchWriter(hepop.Storage(str(tmp_path), "w"), counters, hepop.PacketCheck(config, counters))
     writer.start()
-    datagrams = [(hep3(sip(f"d{i}")), ("127.0.0.1", 9)) for i in range(10)]
+    datagrams = [hep3(sip(f"d{i}")) for i in range(10)]
     real = hepop.BatchWriter.message_tables
     monkeypatch.setattr(hepop.BatchWriter, "message_tables", lambda self, batch: 1 / 0)
-    writer.submit(hepop.Batch("udp", [time.time_ns() // 1000], datagrams[:4], 4000))
+    writer.submit(hepop.Batch("udp", [time.time_ns() // 1000], datagrams[:4], 4000, [(0, ("127.0.0.1", 9))]))
     deadline = time.monotonic() + 10
     while counters.snapshot().get('hep_dropped_total{reason="decode_error"}') != 4 and time.monotonic() < deadline:
         time.sleep(0.05)
     monkeypatch.setattr(hepop.BatchWriter, "message_tables", real)
-    writer.submit(hepop.Batch("udp", [time.time_ns() // 1000], datagrams[4:], 6000))
+    writer.submit(hepop.Batch("udp", [time.time_ns() // 1000], datagrams[4:], 6000, [(0, ("127.0.0.1", 9))]))
     writer.close()
     metrics = counters.snapshot()
     assert metrics['hep_dropped_total{reason="decode_error"}'] == 4
@@ -733,6 +733,24 @@ def test_a_flood_of_malformed_packets_is_counted_and_good_ones_still_stored(serv
     assert stored + dropped == received                       # every packet: stored, or counted dropped
     assert any("malformed HEP" in line for line in server.lines)
     assert sum("malformed HEP" in line for line in server.lines) < 200          # rate-limited
+
+
+def test_a_malformed_datagram_is_logged_with_the_agent_that_sent_it(servers, tmp_path):
+    server = servers()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as good, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as bad:
+        good.bind(("127.0.0.1", 0))
+        bad.bind(("127.0.0.1", 0))
+        for i in range(200):                 # one batch: the writer finds the peer among the batch's senders
+            good.sendto(hep3(sip(f"g{i}")), ("127.0.0.1", server.port))
+            if i in (50, 150):
+                bad.sendto(b"GET / HTTP/1.1\r\n\r\n", ("127.0.0.1", server.port))
+        good_port, bad_port = good.getsockname()[1], bad.getsockname()[1]
+    assert server.stop() == 0
+    logged = [line for line in server.lines if "malformed HEP" in line]
+    assert len(logged) == 2 and all(f"'127.0.0.1', {bad_port})" in line for line in logged)
+    assert not any(str(good_port) in line for line in logged)
+    assert len(stored_rows(tmp_path / "data", columns="time")) == 200
 
 
 def test_sigterm_flushes_every_packet_received(servers, tmp_path):
