@@ -1293,6 +1293,7 @@ class HourMerger:
         self.db = duckdb.connect(config={"memory_limit": f"{duckdb_mb}MB", "threads": 1,
                                          "temp_directory": temp_dir, "preserve_insertion_order": False})
         self.db.execute("SET TimeZone = 'UTC'")
+        self.db.execute("SET enable_progress_bar = false")       # it prints to stdout: the journal
 
     def merge(self, out, schema: pa.Schema, files: list[str]) -> None:
         """Write the rows of `files` to `out` sorted by time, one piece of the hour at a time."""
@@ -1592,6 +1593,7 @@ class QueryEngine:
         self.db = duckdb.connect(config={"memory_limit": f"{config.query_memory_mb}MB",
                                          "threads": config.query_threads})
         self.db.execute("SET TimeZone = 'UTC'")
+        self.db.execute("SET enable_progress_bar = false")
         self.db.execute("SET allowed_directories = $dirs", {"dirs": [self.root.rstrip("/") + "/"]})
         self.db.execute("SET enable_external_access = false")
         self.db.execute("SET lock_configuration = true")
