@@ -677,17 +677,17 @@ def extract_sip_fields(payload: pa.Array) -> dict[str, pa.Array]:
     return {name: columns[name] for name in SIP_COLUMNS}
 
 
-def start_line_fields(lines: pa.Array) -> dict[str, pa.Array]:
+def start_line_fields(start_lines: pa.Array) -> dict[str, pa.Array]:
     """Method and Request-URI user of request lines, code of status lines; null in the others.  Worked out
     once for each distinct line: the messages of a dialog repeat theirs."""
-    distinct = pc.dictionary_encode(lines)
-    first = distinct.dictionary
-    request = pc.match_substring_regex(first, REQUEST_LINE)
-    status = pc.match_substring_regex(first, STATUS_LINE)
-    words = pc.split_pattern(first.filter(request), " ", max_splits=2)
-    of_requests = lambda values: pc.replace_with_mask(pa.nulls(len(first), pa.string()), request, values)
+    distinct = pc.dictionary_encode(start_lines)
+    lines = distinct.dictionary
+    request = pc.match_substring_regex(lines, REQUEST_LINE)
+    status = pc.match_substring_regex(lines, STATUS_LINE)
+    words = pc.split_pattern(lines.filter(request), " ", max_splits=2)
+    of_requests = lambda values: pc.replace_with_mask(pa.nulls(len(lines), pa.string()), request, values)
     fields = {"sip_method": of_requests(pc.list_element(words, 0)),
-              "sip_status": pc.if_else(status, pc.utf8_slice_codeunits(first, 8, 11), None),
+              "sip_status": pc.if_else(status, pc.utf8_slice_codeunits(lines, 8, 11), None),
               "ruri_user": of_requests(uri_user(pc.list_element(words, 1), "^" + URI_USER))}
     return {name: pc.take(values, distinct.indices) for name, values in fields.items()}
 
