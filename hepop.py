@@ -2300,7 +2300,7 @@ class Ingest:
         self.batches: dict[object, list] = {}        # Batch.key -> [times, packets, nbytes, deadline]
         self.buffered_bytes = 0
         self.received: collections.Counter = collections.Counter()     # (transport, version) -> packets
-        self.max_pending_bytes = config.max_pending_bytes               # read for every packet
+        self.max_pending_bytes = config.max_pending_bytes               # read at every read of the loop
         self.flush_rows, self.flush_bytes = config.flush_rows, config.flush_bytes
 
     def messages(self, messages: list, senders: list, transport: str) -> None:
