@@ -529,13 +529,12 @@ class HepStream:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Batch decoding: the UDP datagrams of one flush, decoded by Arrow over the whole batch.
+# Batch decoding: the UDP datagrams and TCP frames of one flush, decoded by Arrow over the whole batch.
 #
 # Most agents send the common prefix and then the payload chunk, and nothing else (Kamailio, OpenSIPS and
-# heplify without an auth key).  Such datagrams are recognised and decoded by Arrow compute over the whole
-# batch, outside the GIL, for about a third of what decode() costs per packet in Python; every other
-# datagram (another layout, HEP v1 or v2, an auth key, a correlation id, a malformed one) goes through
-# decode().  Both give a table of PACKET_SCHEMA.
+# heplify without an auth key).  Such messages are recognised and decoded by Arrow compute over the whole
+# batch, outside the GIL; every other message (another layout, HEP v1 or v2, an auth key, a correlation
+# id, a malformed one) goes through decode().  Both give a table of PACKET_SCHEMA.
 # ---------------------------------------------------------------------------------------------------------
 
 PACKET_SCHEMA = pa.schema([
@@ -872,20 +871,26 @@ def row_group_rows(table: pa.Table, target_bytes: int) -> int:
 
 
 def describe_file(path: str) -> dict:
-    """Row count and time range of a Parquet file, from its footer (raises if unreadable).
-
-    The footer's statistics on `time` give the range without reading the column: reading it costs
-    8 bytes a row, 127 MiB for a compacted hour of 16 million rows, over the compactor's budget."""
+    """Row count and time range of a Parquet file, from its footer (raises if unreadable)."""
     footer = pq.read_metadata(path)
-    ranges = [footer.row_group(i).column(0).statistics for i in range(footer.num_row_groups)]
-    if all(stats is not None and stats.has_min_max for stats in ranges):
-        low = min((stats.min_raw for stats in ranges), default=0)
-        high = max((stats.max_raw for stats in ranges), default=0)
-    else:                                   # written by another tool without statistics
-        times = pq.read_table(path, columns=["time"]).column("time").cast(pa.int64())
-        low, high = (value.as_py() or 0 for value in pc.min_max(times).values())
+    ranges = row_group_times(path, footer)
+    low, high = min((low for low, _ in ranges), default=0), max((high for _, high in ranges), default=0)
     return {"size_bytes": os.path.getsize(path), "row_count": footer.num_rows,
             "min_time": low * 1000, "max_time": high * 1000}
+
+
+def row_group_times(path: str, footer: pq.FileMetaData) -> list[tuple[int, int]]:
+    """The (min, max) `time` in microseconds of each row group of a file.
+
+    The footer's statistics give them without reading the column: reading it costs 8 bytes a row, 127 MiB
+    for a compacted hour of 16 million rows, over the compactor's budget.  A file written without them
+    (by another tool) is read, and its whole range given for each row group."""
+    stats = [footer.row_group(index).column(0).statistics for index in range(footer.num_row_groups)]
+    if all(group is not None and group.has_min_max for group in stats):
+        return [(group.min_raw, group.max_raw) for group in stats]
+    times = pq.read_table(path, columns=["time"]).column("time").cast(pa.int64())
+    low, high = (value.as_py() or 0 for value in pc.min_max(times).values())
+    return [(low, high)] * footer.num_row_groups
 
 
 class TypeStore:
@@ -1200,7 +1205,7 @@ class BatchWriter(threading.Thread):
         for prefix in COMMON_PREFIXES:
             picked, packets = decode_common(datagrams, prefix)
             received[transport, 3] += len(packets)
-            parts.append(self.check.capture_times(packets, arrival_us))
+            parts.append(self.check.capture_times(packets, arrival_us, transport))
             left = pc.invert(picked)
             others = pc.indices_nonzero(left) if others is None else others.filter(left)
             if not len(others):
@@ -1320,10 +1325,8 @@ class HourMerger:
         units = []
         for path in files:
             footer = pq.read_metadata(path)
-            for index in range(footer.num_row_groups):
-                group = footer.row_group(index)
-                stats = group.column(0).statistics          # `time` is the first column
-                units.append((stats.min_raw, stats.max_raw, group.total_byte_size, path))
+            for index, (low, high) in enumerate(row_group_times(path, footer)):
+                units.append((low, high, footer.row_group(index).total_byte_size, path))
         units.sort()
         edges, size = [0], 0
         for low, _, group_bytes, _ in units:
@@ -1334,7 +1337,6 @@ class HourMerger:
         edges.append(1 << 62)
         return [(low, high, sorted({path for first, last, _, path in units if first < high and last >= low}))
                 for low, high in zip(edges, edges[1:])]
-
 
     def _write_row_group(self, writer: pq.ParquetWriter, schema: pa.Schema, batches: list) -> None:
         table = pa.Table.from_batches(batches).cast(schema)
@@ -2168,9 +2170,7 @@ class Counters:
         self._lock = threading.Lock()
 
     def add(self, name: str, amount: float = 1, **labels: str) -> None:
-        self.add_key(metric_key(name, **labels), amount)
-
-    def add_key(self, key: str, amount: float = 1) -> None:
+        key = metric_key(name, **labels)
         with self._lock:
             self._values[key] += amount
 
@@ -2266,14 +2266,15 @@ class PacketCheck:
                                      time_us, peer)
         return arrival_us or time.time_ns() // 1000
 
-    def capture_times(self, packets: pa.Table, arrival_us: int) -> Optional[pa.Table]:
+    def capture_times(self, packets: pa.Table, arrival_us: int, transport: str) -> Optional[pa.Table]:
         """capture_time() over a table of batch-decoded packets (which carry no auth key): the table with
         absurd times replaced, or None when all are dropped for want of the auth key."""
         if not len(packets):
             return packets
         if self.auth_key is not None:
             self.counters.add("hep_dropped_total", len(packets), reason="auth")
-            self.bad_packets.warning("auth", "%d HEP packets over UDP without an auth key: dropped", len(packets))
+            self.bad_packets.warning("auth", "%d HEP packets over %s without an auth key: dropped", len(packets),
+                                     transport)
             return None
         times = packets["time"]
         sane = pc.and_(pc.greater_equal(times, MIN_CAPTURE_TIME_US),
@@ -2281,8 +2282,8 @@ class PacketCheck:
         absurd = len(packets) - pc.sum(sane).as_py()
         if absurd:
             self.counters.add("hep_time_replaced_total", absurd, why="absurd")
-            self.bad_packets.warning("bad_time", "%d packets over UDP with an absurd capture time: using arrival "
-                                     "time", absurd)
+            self.bad_packets.warning("bad_time", "%d packets over %s with an absurd capture time: using arrival "
+                                     "time", absurd, transport)
             packets = packets.set_column(0, "time", pc.if_else(sane, times, pa.scalar(arrival_us, pa.int64())))
         return packets
 
@@ -2297,7 +2298,7 @@ class Ingest:
         self.writer = writer
         self.counters = counters
         self.check = check
-        self.batches: dict[object, list] = {}        # Batch.key -> [times, packets, nbytes, deadline]
+        self.batches: dict[object, list] = {}        # Batch.key -> [times, packets, nbytes, deadline, senders]
         self.buffered_bytes = 0
         self.received: collections.Counter = collections.Counter()     # (transport, version) -> packets
         self.max_pending_bytes = config.max_pending_bytes               # read at every read of the loop

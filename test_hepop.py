@@ -1177,6 +1177,24 @@ def test_compaction_merges_a_closed_hour_into_one_sorted_file_with_exactly_the_s
     compactor.close()
 
 
+def test_an_hour_with_a_file_without_statistics_is_compacted(tmp_path):
+    """A raw file written without min/max statistics (by another tool) is read for its time range: the
+    hour is compacted with every row once, instead of the compaction process failing on every pass."""
+    storage, compactor = open_store(tmp_path)
+    store = storage.store(1)
+    for batch in range(3):
+        store.write(sip_table([HOUR + 600 * batch + i for i in range(200)], f"s{batch}"))
+    bare = store.path(store.snapshot()[1])
+    pq.write_table(pq.read_table(bare), bare, write_statistics=False)
+    assert pq.read_metadata(bare).row_group(0).column(0).statistics is None
+    before = rows_of(store)
+    compactor.run_once(now_us=(HOUR + 3600 + 61) * 1_000_000)
+    compactor.run_once(now_us=(HOUR + 3600 + 62) * 1_000_000)
+    assert [(f["type"], f["row_count"]) for f in store.snapshot()] == [("compacted", 600)]
+    assert canonical(rows_of(store)) == canonical(before)
+    compactor.close()
+
+
 def test_row_groups_are_sized_by_bytes(tmp_path):
     storage, compactor = open_store(tmp_path, COMPACT_MEMORY_MB="8")        # 1 MiB row groups
     store = storage.store(1)
