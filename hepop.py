@@ -265,6 +265,79 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Shared: counters and their metric names, the rate-limited log, CPU priorities.
+# ---------------------------------------------------------------------------------------------------------
+
+def metric_key(name: str, **labels: str) -> str:
+    """A counter's name in Prometheus form: name{label="value",...}."""
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{key}="{value}"' for key, value in sorted(labels.items())) + "}"
+
+
+class Counters:
+    """Every counter of the server in one place, safe to update from the loop and the writer."""
+
+    def __init__(self):
+        self._values: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+
+    def add(self, name: str, amount: float = 1, **labels: str) -> None:
+        key = metric_key(name, **labels)
+        with self._lock:
+            self._values[key] += amount
+
+    def maximum(self, name: str, value: float) -> None:
+        with self._lock:
+            self._values[name] = max(self._values[name], value)
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(sorted(self._values.items()))
+
+
+class RateLimitedLog:
+    """Logs at most `burst` lines per reason in each `interval_s`, then says how many it held back."""
+
+    def __init__(self, interval_s: float = 10.0, burst: int = 5):
+        self.interval_s = interval_s
+        self.burst = burst
+        self._windows: dict[str, list] = {}
+        self._lock = threading.Lock()           # the loop and the writer both log bad packets
+
+    def warning(self, reason: str, message: str, *args) -> None:
+        with self._lock:
+            self._warning(reason, message, *args)
+
+    def _warning(self, reason: str, message: str, *args) -> None:
+        now = time.monotonic()
+        window = self._windows.setdefault(reason, [now, 0, 0])   # start, logged, suppressed
+        if now - window[0] >= self.interval_s:
+            if window[2]:
+                log.warning("%d more '%s' messages were not logged", window[2], reason)
+            window[:] = [now, 0, 0]
+        if window[1] < self.burst:
+            window[1] += 1
+            log.warning(message, *args)
+        else:
+            window[2] += 1
+
+
+QUERY_NICE = 10           # a query someone waits for still gets its share of a busy machine
+COMPACTION_NICE = 19      # compaction can wait for the CPU that capture and queries leave
+
+
+def lower_priority(nice: int) -> None:
+    """Run the calling thread (a query's or the compactor's; DuckDB executes in it with one thread)
+    below the capture loop, so that heavy work takes the CPU that capture leaves, not the reverse."""
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, max(os.getpriority(os.PRIO_PROCESS, thread), nice))
+    except OSError:
+        pass                            # not allowed here (a seccomp filter): run at normal priority
+
+
+# ---------------------------------------------------------------------------------------------------------
 # HEP protocol: decoding versions 1, 2 and 3, and TCP stream framing.  Pure code, no I/O.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -625,6 +698,88 @@ def big_endian(values: pa.BinaryArray, offset: int, width: int) -> pa.Array:
         return native
     low_first = [pc.bit_wise_and(pc.shift_right(native, 8 * byte), 0xFF) for byte in range(width)]
     return functools.reduce(lambda high, low: pc.bit_wise_or(pc.shift_left(high, 8), low), low_first)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packet checks: capture-time bounds, the auth key, what is counted as received and dropped.
+# ---------------------------------------------------------------------------------------------------------
+
+MIN_CAPTURE_TIME_US = 946_684_800 * 1_000_000     # 2000-01-01: anything before is absurd
+MAX_CLOCK_AHEAD_US = 86_400 * 1_000_000           # a day ahead of our clock is absurd too
+
+
+def version_of(data: bytes):
+    """The HEP version a message claims, for counting what did not decode."""
+    return 3 if data[:4] == HEP3_MAGIC else data[0] if data[:1] in (b"\1", b"\2") else "unknown"
+
+
+def publish_received(counters: Counters, received: collections.Counter) -> None:
+    """Add packets counted by (transport, version) to hep_received_total."""
+    for (transport, version), count in received.items():
+        counters.add("hep_received_total", count, transport=transport, version=str(version))
+
+
+class PacketCheck:
+    """Decoding one message and the checks every decoded packet passes before it is buffered: the auth
+    key and a capture time that makes sense.  The loop uses it for the TCP frames it decodes, the writer
+    for the messages that batch decoding left to decode(), and capture_times() for those it decoded."""
+
+    def __init__(self, config: Config, counters: Counters):
+        self.auth_key = config.hep_auth_key.encode() if config.hep_auth_key else None
+        self.counters = counters
+        self.bad_packets = RateLimitedLog()
+
+    def decode(self, data: bytes, transport: str, peer, received: collections.Counter) -> Optional[HepPacket]:
+        """The packet, counted as received; None when it does not decode (counted as malformed)."""
+        try:
+            packet = decode(data)
+        except HepError as exc:
+            received[transport, version_of(data)] += 1
+            self.counters.add("hep_dropped_total", reason="malformed_" + exc.reason)
+            self.bad_packets.warning(exc.reason, "malformed HEP (%s) from %s over %s: %d bytes",
+                                     exc.reason, peer, transport, len(data))
+            return None
+        received[transport, packet.version] += 1
+        return packet
+
+    def capture_time(self, packet: HepPacket, peer, arrival_us: Optional[int] = None) -> Optional[int]:
+        """The time to store the packet under; None when it is dropped for its auth key.  A packet without
+        a capture time, or with an absurd one, gets its arrival time."""
+        if self.auth_key is not None and not hmac.compare_digest(packet.auth_key or b"", self.auth_key):
+            self.counters.add("hep_dropped_total", reason="auth")
+            self.bad_packets.warning("auth", "HEP from %s without the right auth key: dropped", peer)
+            return None
+        time_us = packet.time_us
+        if time_us is not None and MIN_CAPTURE_TIME_US <= time_us <= time.time_ns() // 1000 + MAX_CLOCK_AHEAD_US:
+            return time_us
+        if time_us is None:
+            self.counters.add("hep_time_replaced_total", why="missing")
+        else:
+            self.counters.add("hep_time_replaced_total", why="absurd")
+            self.bad_packets.warning("bad_time", "absurd capture time %d us from %s: using arrival time",
+                                     time_us, peer)
+        return arrival_us or time.time_ns() // 1000
+
+    def capture_times(self, packets: pa.Table, arrival_us: int, transport: str) -> Optional[pa.Table]:
+        """capture_time() over a table of batch-decoded packets (which carry no auth key): the table with
+        absurd times replaced, or None when all are dropped for want of the auth key."""
+        if not len(packets):
+            return packets
+        if self.auth_key is not None:
+            self.counters.add("hep_dropped_total", len(packets), reason="auth")
+            self.bad_packets.warning("auth", "%d HEP packets over %s without an auth key: dropped", len(packets),
+                                     transport)
+            return None
+        times = packets["time"]
+        sane = pc.and_(pc.greater_equal(times, MIN_CAPTURE_TIME_US),
+                       pc.less_equal(times, time.time_ns() // 1000 + MAX_CLOCK_AHEAD_US))
+        absurd = len(packets) - pc.sum(sane).as_py()
+        if absurd:
+            self.counters.add("hep_time_replaced_total", absurd, why="absurd")
+            self.bad_packets.warning("bad_time", "%d packets over %s with an absurd capture time: using arrival "
+                                     "time", absurd, transport)
+            packets = packets.set_column(0, "time", pc.if_else(sane, times, pa.scalar(arrival_us, pa.int64())))
+        return packets
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1133,6 +1288,10 @@ class Storage:
         return self.types[proto_type]
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Writer thread: the batches the loop hands over, turned into Parquet files.
+# ---------------------------------------------------------------------------------------------------------
+
 class Batch(NamedTuple):
     key: object                 # a HEP type (int): packets the loop decoded; "udp" or "tcp": messages as
     #                             received, of any type, that the writer decodes
@@ -1249,20 +1408,6 @@ class BatchWriter(threading.Thread):
         self.counters.add("bytes_written_total", sum(entry["size_bytes"] for entry in entries))
         self.counters.add("flush_seconds_total", elapsed)
         self.counters.maximum("flush_seconds_max", elapsed)
-
-
-QUERY_NICE = 10           # a query someone waits for still gets its share of a busy machine
-COMPACTION_NICE = 19      # compaction can wait for the CPU that capture and queries leave
-
-
-def lower_priority(nice: int) -> None:
-    """Run the calling thread (a query's or the compactor's; DuckDB executes in it with one thread)
-    below the capture loop, so that heavy work takes the CPU that capture leaves, not the reverse."""
-    try:
-        thread = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, thread, max(os.getpriority(os.PRIO_PROCESS, thread), nice))
-    except OSError:
-        pass                            # not allowed here (a seccomp filter): run at normal priority
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1803,490 +1948,8 @@ def sql_string(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# HTTP: /query, /health and /metrics on HTTP_PORT, errors answered as JSON in one place.
+# Capture: from raw HEP bytes to batches (Ingest), and the selectors loop over the sockets.
 # ---------------------------------------------------------------------------------------------------------
-
-MAX_BODY_BYTES = 1 << 20
-READ_AHEAD_BYTES = 8 << 20          # a result this small is sent knowing whether the row cap cut it
-
-
-class Api:
-    """What the HTTP handlers serve: the query engine, the counters, and the state /health reports."""
-
-    def __init__(self, config: Config, counters: "Counters", writer: "BatchWriter", udp_inode: Callable):
-        self.config = config
-        self.counters = counters
-        self.writer = writer
-        self.udp_inode = udp_inode
-        self.engine = QueryEngine(config, counters)
-        self.started = time.time()
-
-    def health(self) -> dict:
-        last = self.writer.last_flush
-        return {"status": "ok", "version": __version__, "writer_id": self.config.writer_id,
-                "uptime_s": round(time.time() - self.started, 1),
-                "last_flush": None if last is None else format_time(int(last * 1e6))}
-
-    def metrics(self) -> str:
-        """Every counter in Prometheus text format, plus the kernel's drops on our UDP socket."""
-        values = self.counters.snapshot()
-        values["uptime_seconds"] = time.time() - self.started
-        values["pending_bytes"] = self.writer.pending_bytes
-        values["udp_kernel_drops_total"] = udp_kernel_drops(self.udp_inode())
-        lines, typed = [], set()
-        for key, value in sorted(values.items()):
-            name = "hepop_" + key.split("{")[0]
-            if name not in typed:
-                kind = "counter" if name.endswith("_total") else "gauge"
-                lines.append(f"# TYPE {name} {kind}")
-                typed.add(name)
-            lines.append(f"hepop_{key} {value:g}" if isinstance(value, float) else f"hepop_{key} {value}")
-        return "\n".join(lines) + "\n"
-
-
-def udp_kernel_drops(inode: Optional[int]) -> int:
-    """Datagrams the kernel dropped on our UDP socket (receive buffer full), from /proc/net/udp[6]."""
-    if inode is None:
-        return 0
-    for table in ("/proc/net/udp", "/proc/net/udp6"):
-        try:
-            with open(table) as source:
-                for line in source.readlines()[1:]:
-                    fields = line.split()
-                    if len(fields) > 12 and int(fields[9]) == inode:
-                        return int(fields[-1])
-        except OSError:
-            continue
-    return 0
-
-
-def json_value(value):
-    """JSON for what json.dumps cannot write itself: times as ISO 8601 UTC, bytes as base64."""
-    if isinstance(value, datetime.datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
-        return value.isoformat(timespec="microseconds") + "Z"
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode()
-    if isinstance(value, decimal.Decimal):
-        return float(value)
-    return str(value)
-
-
-class ResultWriter:
-    """Writes Arrow batches as JSON (an array of objects), NDJSON, CSV or an Arrow IPC stream."""
-
-    TYPES = {"json": "application/json", "ndjson": "application/x-ndjson", "csv": "text/csv; charset=utf-8",
-             "arrow": "application/vnd.apache.arrow.stream"}
-
-    def __init__(self, fmt: str, schema: pa.Schema, write: Callable[[bytes], None]):
-        self.fmt = fmt
-        self.write = write
-        self.schema = schema
-        self.rows = 0
-        self.json_columns = {f.name for f in schema if f.name == "rcinfo" and pa.types.is_string(f.type)}
-        self.ipc = None
-        if fmt == "json":
-            write(b"[")
-        elif fmt == "csv":
-            self._csv_rows([schema.names])
-        elif fmt == "arrow":
-            self.ipc = pa.ipc.new_stream(WriteAdapter(write), schema)
-
-    def batch(self, batch: pa.RecordBatch) -> None:
-        if self.fmt == "arrow":
-            self.ipc.write_batch(batch)
-            self.rows += len(batch)
-            return
-        rows = batch.to_pylist()
-        for row in rows:
-            for name in self.json_columns:
-                if row[name] is not None:
-                    row[name] = json.loads(row[name])
-        if self.fmt == "csv":
-            self._csv_rows([[json_value(v) if not isinstance(v, (str, int, float, type(None))) else v
-                             for v in row.values()] for row in rows])
-        else:
-            separator = "\n" if self.fmt == "ndjson" else ",\n"
-            text = separator.join(json.dumps(row, default=json_value, ensure_ascii=False) for row in rows)
-            if self.fmt == "json" and self.rows and rows:
-                text = ",\n" + text
-            elif self.fmt == "ndjson" and rows:
-                text += "\n"
-            self.write(text.encode())
-        self.rows += len(rows)
-
-    def _csv_rows(self, rows: list) -> None:
-        out = io.StringIO()
-        csv.writer(out, lineterminator="\n").writerows(rows)
-        self.write(out.getvalue().encode())
-
-    def close(self) -> None:
-        if self.fmt == "json":
-            self.write(b"]\n")
-        elif self.fmt == "arrow":
-            self.ipc.close()
-
-
-class WriteAdapter:
-    """The file-like face that pyarrow's IPC writer needs, over a write function."""
-
-    def __init__(self, write: Callable[[bytes], None]):
-        self._write = write
-        self.closed = False
-
-    def write(self, data) -> int:
-        self._write(bytes(data))
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
-class ApiHandler(http.server.BaseHTTPRequestHandler):
-    """GET /health, GET /metrics, GET or POST /query; every error is JSON with an `error`."""
-
-    server_version = f"hepop/{__version__}"
-    protocol_version = "HTTP/1.1"
-
-    @property
-    def api(self) -> Api:
-        return self.server.api
-
-    def parse_request(self) -> bool:
-        """Also take a request line whose URL has raw spaces (a query typed as is), as %20."""
-        words = self.raw_requestline.split()
-        if len(words) > 3 and words[-1].startswith(b"HTTP/"):
-            self.raw_requestline = b" ".join([words[0], b"%20".join(words[1:-1]), words[-1]]) + b"\r\n"
-        return super().parse_request()
-
-    def do_GET(self) -> None:
-        self.route()
-
-    def do_POST(self) -> None:
-        self.route()
-
-    def route(self) -> None:
-        url = urllib.parse.urlsplit(self.path)
-        try:
-            if url.path == "/health":
-                return self.send_json(200, self.api.health())
-            if not self.authorized():
-                return self.send_json(401, {"error": "this server needs 'Authorization: Bearer <API_TOKEN>'"})
-            if url.path == "/metrics":
-                return self.send_body(200, self.api.metrics().encode(), "text/plain; version=0.0.4")
-            if url.path == "/query":
-                return self.query(url)
-            self.send_json(404, {"error": f"no such route: {url.path} (try /query, /health, /metrics)"})
-        except QueryError as exc:
-            self.send_json(exc.status, {"error": str(exc)})
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception:
-            log.exception("HTTP %s %s failed", self.command, url.path)
-            self.send_json(500, {"error": "internal error; see hepop's log"})
-
-    def authorized(self) -> bool:
-        token = self.api.config.api_token
-        if not token:
-            return True
-        given = self.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
-
-    def query(self, url) -> None:
-        sql, fmt = self.query_request(url)
-        lower_priority(QUERY_NICE)
-        started = time.perf_counter()
-        status = 200
-        try:
-            self.stream_query(sql, fmt)
-        except QueryError as exc:
-            status = exc.status
-            raise
-        finally:
-            elapsed = time.perf_counter() - started
-            self.api.counters.add("queries_total", status=str(status))
-            self.api.counters.add("query_seconds_total", elapsed)
-            self.api.counters.maximum("query_seconds_max", elapsed)
-
-    def query_request(self, url) -> tuple[str, str]:
-        """The SQL and the format, from ?q= and ?format=, or a POST body (JSON, form or plain SQL)."""
-        params = dict(urllib.parse.parse_qsl(url.query))
-        sql, fmt = params.get("q") or params.get("query"), params.get("format", "json")
-        if self.command == "POST":
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                self.close_connection = True
-                raise QueryError(f"the request body is over {MAX_BODY_BYTES} bytes", 413)
-            body = self.rfile.read(length).decode("utf-8", "replace")
-            kind = self.headers.get("Content-Type", "").split(";")[0].strip()
-            if kind == "application/json":
-                try:
-                    request = json.loads(body)
-                    sql, fmt = request.get("query") or request.get("q"), request.get("format", fmt)
-                except (ValueError, AttributeError):
-                    raise QueryError('the body is not a JSON object like {"query": "SELECT ..."}') from None
-            elif kind == "application/x-www-form-urlencoded":
-                form = dict(urllib.parse.parse_qsl(body))
-                sql, fmt = form.get("q") or form.get("query"), form.get("format", fmt)
-            else:
-                sql = body
-        if not sql or not str(sql).strip():
-            raise QueryError("no query: give it as ?q=SELECT... or a POST body {\"query\": \"SELECT ...\"}")
-        if fmt not in ResultWriter.TYPES:
-            raise QueryError(f"unknown format {fmt!r}: use one of {', '.join(ResultWriter.TYPES)}")
-        return str(sql), fmt
-
-    def stream_query(self, sql: str, fmt: str) -> None:
-        """Run the query under QUERY_TIMEOUT_S and stream its rows; the first rows are read before the
-        headers go out so that errors still get their status and small results say if the cap cut."""
-        engine, cap = self.api.engine, self.api.config.query_max_rows
-        cursor = engine.db.cursor()
-        timed_out = threading.Event()
-        timer = threading.Timer(self.api.config.query_timeout_s, lambda: (timed_out.set(), cursor.interrupt()))
-        timer.start()
-        headers_sent = False
-        try:
-            reader, window, opened = engine.run(cursor, sql)
-            self.api.counters.add("query_files_total", opened)
-            batches = CappedBatches(reader, cap)
-            ahead, size, finished = [], 0, True
-            for batch in batches:
-                ahead.append(batch)
-                size += batch.nbytes
-                if size >= READ_AHEAD_BYTES:
-                    finished = False
-                    break
-            headers = {"X-Hepop-Time-Window": window.header(), "X-Hepop-Files": str(opened),
-                       "X-Hepop-Row-Cap": str(cap)}
-            if finished:
-                headers["X-Hepop-Truncated"] = "true" if batches.cut else "false"
-            else:
-                headers["Trailer"] = "X-Hepop-Truncated"
-            self.send_response(200)
-            headers_sent = True
-            self.send_header("Content-Type", ResultWriter.TYPES[fmt])
-            self.send_header("Transfer-Encoding", "chunked")
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            out = ResultWriter(fmt, reader.schema, self.write_chunk)
-            sent = 0
-            for batch in itertools.chain(ahead, [] if finished else batches):
-                batch = batch.slice(0, cap - sent)
-                if len(batch):
-                    out.batch(batch)
-                    sent += len(batch)
-            out.close()
-            trailer = b"" if finished else f"X-Hepop-Truncated: {'true' if batches.cut else 'false'}\r\n".encode()
-            self.wfile.write(b"0\r\n" + trailer + b"\r\n")
-        except duckdb.Error as exc:
-            if headers_sent:                # too late for a status: cut the response short
-                log.warning("query failed while its rows were being sent: %s", exc)
-                self.close_connection = True
-                return
-            if timed_out.is_set():
-                raise QueryError(f"the query ran past QUERY_TIMEOUT_S ({self.api.config.query_timeout_s:g} s) "
-                                 "and was stopped", 504) from None
-            raise QueryError(str(exc)) from None
-        finally:
-            timer.cancel()
-            cursor.close()
-
-    def write_chunk(self, data: bytes) -> None:
-        if data:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-
-    def send_json(self, status: int, body: dict) -> None:
-        self.send_body(status, json.dumps(body).encode() + b"\n", "application/json")
-
-    def send_body(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, fmt: str, *args) -> None:
-        log.debug("HTTP %s: " + fmt, self.client_address[0], *args)
-
-
-class CappedBatches:
-    """The batches of a reader until more than `cap` rows were read; `cut` says if that happened."""
-
-    def __init__(self, reader, cap: int):
-        self.reader = iter(reader)
-        self.cap = cap
-        self.rows = 0
-
-    @property
-    def cut(self) -> bool:
-        return self.rows > self.cap
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> pa.RecordBatch:
-        if self.cut:
-            raise StopIteration
-        batch = next(self.reader)
-        self.rows += len(batch)
-        return batch
-
-
-class ApiServer(http.server.ThreadingHTTPServer):
-    """The threaded HTTP server; '::' takes IPv4 too, as the HEP sockets do."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, config: Config, api: Api):
-        self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-        self.api = api
-        super().__init__((config.host, config.http_port), ApiHandler)
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Server: counters, batch buffers, sockets, the selectors loop, signals.
-# ---------------------------------------------------------------------------------------------------------
-
-def metric_key(name: str, **labels: str) -> str:
-    """A counter's name in Prometheus form: name{label="value",...}."""
-    if not labels:
-        return name
-    return name + "{" + ",".join(f'{key}="{value}"' for key, value in sorted(labels.items())) + "}"
-
-
-class Counters:
-    """Every counter of the server in one place, safe to update from the loop and the writer."""
-
-    def __init__(self):
-        self._values: collections.Counter = collections.Counter()
-        self._lock = threading.Lock()
-
-    def add(self, name: str, amount: float = 1, **labels: str) -> None:
-        key = metric_key(name, **labels)
-        with self._lock:
-            self._values[key] += amount
-
-    def maximum(self, name: str, value: float) -> None:
-        with self._lock:
-            self._values[name] = max(self._values[name], value)
-
-    def snapshot(self) -> dict[str, float]:
-        with self._lock:
-            return dict(sorted(self._values.items()))
-
-
-class RateLimitedLog:
-    """Logs at most `burst` lines per reason in each `interval_s`, then says how many it held back."""
-
-    def __init__(self, interval_s: float = 10.0, burst: int = 5):
-        self.interval_s = interval_s
-        self.burst = burst
-        self._windows: dict[str, list] = {}
-        self._lock = threading.Lock()           # the loop and the writer both log bad packets
-
-    def warning(self, reason: str, message: str, *args) -> None:
-        with self._lock:
-            self._warning(reason, message, *args)
-
-    def _warning(self, reason: str, message: str, *args) -> None:
-        now = time.monotonic()
-        window = self._windows.setdefault(reason, [now, 0, 0])   # start, logged, suppressed
-        if now - window[0] >= self.interval_s:
-            if window[2]:
-                log.warning("%d more '%s' messages were not logged", window[2], reason)
-            window[:] = [now, 0, 0]
-        if window[1] < self.burst:
-            window[1] += 1
-            log.warning(message, *args)
-        else:
-            window[2] += 1
-
-
-MIN_CAPTURE_TIME_US = 946_684_800 * 1_000_000     # 2000-01-01: anything before is absurd
-MAX_CLOCK_AHEAD_US = 86_400 * 1_000_000           # a day ahead of our clock is absurd too
-
-
-def version_of(data: bytes):
-    """The HEP version a message claims, for counting what did not decode."""
-    return 3 if data[:4] == HEP3_MAGIC else data[0] if data[:1] in (b"\1", b"\2") else "unknown"
-
-
-def publish_received(counters: Counters, received: collections.Counter) -> None:
-    """Add packets counted by (transport, version) to hep_received_total."""
-    for (transport, version), count in received.items():
-        counters.add("hep_received_total", count, transport=transport, version=str(version))
-
-
-class PacketCheck:
-    """Decoding one message and the checks every decoded packet passes before it is buffered: the auth
-    key and a capture time that makes sense.  The loop uses it for the TCP frames it decodes, the writer
-    for the messages that batch decoding left to decode(), and capture_times() for those it decoded."""
-
-    def __init__(self, config: Config, counters: Counters):
-        self.auth_key = config.hep_auth_key.encode() if config.hep_auth_key else None
-        self.counters = counters
-        self.bad_packets = RateLimitedLog()
-
-    def decode(self, data: bytes, transport: str, peer, received: collections.Counter) -> Optional[HepPacket]:
-        """The packet, counted as received; None when it does not decode (counted as malformed)."""
-        try:
-            packet = decode(data)
-        except HepError as exc:
-            received[transport, version_of(data)] += 1
-            self.counters.add("hep_dropped_total", reason="malformed_" + exc.reason)
-            self.bad_packets.warning(exc.reason, "malformed HEP (%s) from %s over %s: %d bytes",
-                                     exc.reason, peer, transport, len(data))
-            return None
-        received[transport, packet.version] += 1
-        return packet
-
-    def capture_time(self, packet: HepPacket, peer, arrival_us: Optional[int] = None) -> Optional[int]:
-        """The time to store the packet under; None when it is dropped for its auth key.  A packet without
-        a capture time, or with an absurd one, gets its arrival time."""
-        if self.auth_key is not None and not hmac.compare_digest(packet.auth_key or b"", self.auth_key):
-            self.counters.add("hep_dropped_total", reason="auth")
-            self.bad_packets.warning("auth", "HEP from %s without the right auth key: dropped", peer)
-            return None
-        time_us = packet.time_us
-        if time_us is not None and MIN_CAPTURE_TIME_US <= time_us <= time.time_ns() // 1000 + MAX_CLOCK_AHEAD_US:
-            return time_us
-        if time_us is None:
-            self.counters.add("hep_time_replaced_total", why="missing")
-        else:
-            self.counters.add("hep_time_replaced_total", why="absurd")
-            self.bad_packets.warning("bad_time", "absurd capture time %d us from %s: using arrival time",
-                                     time_us, peer)
-        return arrival_us or time.time_ns() // 1000
-
-    def capture_times(self, packets: pa.Table, arrival_us: int, transport: str) -> Optional[pa.Table]:
-        """capture_time() over a table of batch-decoded packets (which carry no auth key): the table with
-        absurd times replaced, or None when all are dropped for want of the auth key."""
-        if not len(packets):
-            return packets
-        if self.auth_key is not None:
-            self.counters.add("hep_dropped_total", len(packets), reason="auth")
-            self.bad_packets.warning("auth", "%d HEP packets over %s without an auth key: dropped", len(packets),
-                                     transport)
-            return None
-        times = packets["time"]
-        sane = pc.and_(pc.greater_equal(times, MIN_CAPTURE_TIME_US),
-                       pc.less_equal(times, time.time_ns() // 1000 + MAX_CLOCK_AHEAD_US))
-        absurd = len(packets) - pc.sum(sane).as_py()
-        if absurd:
-            self.counters.add("hep_time_replaced_total", absurd, why="absurd")
-            self.bad_packets.warning("bad_time", "%d packets over %s with an absurd capture time: using arrival "
-                                     "time", absurd, transport)
-            packets = packets.set_column(0, "time", pc.if_else(sane, times, pa.scalar(arrival_us, pa.int64())))
-        return packets
-
 
 class Ingest:
     """From raw HEP bytes to the batch buffers: UDP datagrams, and TCP frames of the common layout,
@@ -2647,6 +2310,355 @@ class CaptureServer:
         values = self.counters.snapshot()
         if any(values.values()):
             log.info("%s %s", what, json.dumps(values, separators=(",", ":")))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HTTP: /query, /health and /metrics on HTTP_PORT, errors answered as JSON in one place.
+# ---------------------------------------------------------------------------------------------------------
+
+MAX_BODY_BYTES = 1 << 20
+READ_AHEAD_BYTES = 8 << 20          # a result this small is sent knowing whether the row cap cut it
+
+
+class Api:
+    """What the HTTP handlers serve: the query engine, the counters, and the state /health reports."""
+
+    def __init__(self, config: Config, counters: "Counters", writer: "BatchWriter", udp_inode: Callable):
+        self.config = config
+        self.counters = counters
+        self.writer = writer
+        self.udp_inode = udp_inode
+        self.engine = QueryEngine(config, counters)
+        self.started = time.time()
+
+    def health(self) -> dict:
+        last = self.writer.last_flush
+        return {"status": "ok", "version": __version__, "writer_id": self.config.writer_id,
+                "uptime_s": round(time.time() - self.started, 1),
+                "last_flush": None if last is None else format_time(int(last * 1e6))}
+
+    def metrics(self) -> str:
+        """Every counter in Prometheus text format, plus the kernel's drops on our UDP socket."""
+        values = self.counters.snapshot()
+        values["uptime_seconds"] = time.time() - self.started
+        values["pending_bytes"] = self.writer.pending_bytes
+        values["udp_kernel_drops_total"] = udp_kernel_drops(self.udp_inode())
+        lines, typed = [], set()
+        for key, value in sorted(values.items()):
+            name = "hepop_" + key.split("{")[0]
+            if name not in typed:
+                kind = "counter" if name.endswith("_total") else "gauge"
+                lines.append(f"# TYPE {name} {kind}")
+                typed.add(name)
+            lines.append(f"hepop_{key} {value:g}" if isinstance(value, float) else f"hepop_{key} {value}")
+        return "\n".join(lines) + "\n"
+
+
+def udp_kernel_drops(inode: Optional[int]) -> int:
+    """Datagrams the kernel dropped on our UDP socket (receive buffer full), from /proc/net/udp[6]."""
+    if inode is None:
+        return 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table) as source:
+                for line in source.readlines()[1:]:
+                    fields = line.split()
+                    if len(fields) > 12 and int(fields[9]) == inode:
+                        return int(fields[-1])
+        except OSError:
+            continue
+    return 0
+
+
+def json_value(value):
+    """JSON for what json.dumps cannot write itself: times as ISO 8601 UTC, bytes as base64."""
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        return value.isoformat(timespec="microseconds") + "Z"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    return str(value)
+
+
+class ResultWriter:
+    """Writes Arrow batches as JSON (an array of objects), NDJSON, CSV or an Arrow IPC stream."""
+
+    TYPES = {"json": "application/json", "ndjson": "application/x-ndjson", "csv": "text/csv; charset=utf-8",
+             "arrow": "application/vnd.apache.arrow.stream"}
+
+    def __init__(self, fmt: str, schema: pa.Schema, write: Callable[[bytes], None]):
+        self.fmt = fmt
+        self.write = write
+        self.schema = schema
+        self.rows = 0
+        self.json_columns = {f.name for f in schema if f.name == "rcinfo" and pa.types.is_string(f.type)}
+        self.ipc = None
+        if fmt == "json":
+            write(b"[")
+        elif fmt == "csv":
+            self._csv_rows([schema.names])
+        elif fmt == "arrow":
+            self.ipc = pa.ipc.new_stream(WriteAdapter(write), schema)
+
+    def batch(self, batch: pa.RecordBatch) -> None:
+        if self.fmt == "arrow":
+            self.ipc.write_batch(batch)
+            self.rows += len(batch)
+            return
+        rows = batch.to_pylist()
+        for row in rows:
+            for name in self.json_columns:
+                if row[name] is not None:
+                    row[name] = json.loads(row[name])
+        if self.fmt == "csv":
+            self._csv_rows([[json_value(v) if not isinstance(v, (str, int, float, type(None))) else v
+                             for v in row.values()] for row in rows])
+        else:
+            separator = "\n" if self.fmt == "ndjson" else ",\n"
+            text = separator.join(json.dumps(row, default=json_value, ensure_ascii=False) for row in rows)
+            if self.fmt == "json" and self.rows and rows:
+                text = ",\n" + text
+            elif self.fmt == "ndjson" and rows:
+                text += "\n"
+            self.write(text.encode())
+        self.rows += len(rows)
+
+    def _csv_rows(self, rows: list) -> None:
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(rows)
+        self.write(out.getvalue().encode())
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self.write(b"]\n")
+        elif self.fmt == "arrow":
+            self.ipc.close()
+
+
+class WriteAdapter:
+    """The file-like face that pyarrow's IPC writer needs, over a write function."""
+
+    def __init__(self, write: Callable[[bytes], None]):
+        self._write = write
+        self.closed = False
+
+    def write(self, data) -> int:
+        self._write(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+class ApiHandler(http.server.BaseHTTPRequestHandler):
+    """GET /health, GET /metrics, GET or POST /query; every error is JSON with an `error`."""
+
+    server_version = f"hepop/{__version__}"
+    protocol_version = "HTTP/1.1"
+
+    @property
+    def api(self) -> Api:
+        return self.server.api
+
+    def parse_request(self) -> bool:
+        """Also take a request line whose URL has raw spaces (a query typed as is), as %20."""
+        words = self.raw_requestline.split()
+        if len(words) > 3 and words[-1].startswith(b"HTTP/"):
+            self.raw_requestline = b" ".join([words[0], b"%20".join(words[1:-1]), words[-1]]) + b"\r\n"
+        return super().parse_request()
+
+    def do_GET(self) -> None:
+        self.route()
+
+    def do_POST(self) -> None:
+        self.route()
+
+    def route(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        try:
+            if url.path == "/health":
+                return self.send_json(200, self.api.health())
+            if not self.authorized():
+                return self.send_json(401, {"error": "this server needs 'Authorization: Bearer <API_TOKEN>'"})
+            if url.path == "/metrics":
+                return self.send_body(200, self.api.metrics().encode(), "text/plain; version=0.0.4")
+            if url.path == "/query":
+                return self.query(url)
+            self.send_json(404, {"error": f"no such route: {url.path} (try /query, /health, /metrics)"})
+        except QueryError as exc:
+            self.send_json(exc.status, {"error": str(exc)})
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception:
+            log.exception("HTTP %s %s failed", self.command, url.path)
+            self.send_json(500, {"error": "internal error; see hepop's log"})
+
+    def authorized(self) -> bool:
+        token = self.api.config.api_token
+        if not token:
+            return True
+        given = self.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+    def query(self, url) -> None:
+        sql, fmt = self.query_request(url)
+        lower_priority(QUERY_NICE)
+        started = time.perf_counter()
+        status = 200
+        try:
+            self.stream_query(sql, fmt)
+        except QueryError as exc:
+            status = exc.status
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            self.api.counters.add("queries_total", status=str(status))
+            self.api.counters.add("query_seconds_total", elapsed)
+            self.api.counters.maximum("query_seconds_max", elapsed)
+
+    def query_request(self, url) -> tuple[str, str]:
+        """The SQL and the format, from ?q= and ?format=, or a POST body (JSON, form or plain SQL)."""
+        params = dict(urllib.parse.parse_qsl(url.query))
+        sql, fmt = params.get("q") or params.get("query"), params.get("format", "json")
+        if self.command == "POST":
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY_BYTES:
+                self.close_connection = True
+                raise QueryError(f"the request body is over {MAX_BODY_BYTES} bytes", 413)
+            body = self.rfile.read(length).decode("utf-8", "replace")
+            kind = self.headers.get("Content-Type", "").split(";")[0].strip()
+            if kind == "application/json":
+                try:
+                    request = json.loads(body)
+                    sql, fmt = request.get("query") or request.get("q"), request.get("format", fmt)
+                except (ValueError, AttributeError):
+                    raise QueryError('the body is not a JSON object like {"query": "SELECT ..."}') from None
+            elif kind == "application/x-www-form-urlencoded":
+                form = dict(urllib.parse.parse_qsl(body))
+                sql, fmt = form.get("q") or form.get("query"), form.get("format", fmt)
+            else:
+                sql = body
+        if not sql or not str(sql).strip():
+            raise QueryError("no query: give it as ?q=SELECT... or a POST body {\"query\": \"SELECT ...\"}")
+        if fmt not in ResultWriter.TYPES:
+            raise QueryError(f"unknown format {fmt!r}: use one of {', '.join(ResultWriter.TYPES)}")
+        return str(sql), fmt
+
+    def stream_query(self, sql: str, fmt: str) -> None:
+        """Run the query under QUERY_TIMEOUT_S and stream its rows; the first rows are read before the
+        headers go out so that errors still get their status and small results say if the cap cut."""
+        engine, cap = self.api.engine, self.api.config.query_max_rows
+        cursor = engine.db.cursor()
+        timed_out = threading.Event()
+        timer = threading.Timer(self.api.config.query_timeout_s, lambda: (timed_out.set(), cursor.interrupt()))
+        timer.start()
+        headers_sent = False
+        try:
+            reader, window, opened = engine.run(cursor, sql)
+            self.api.counters.add("query_files_total", opened)
+            batches = CappedBatches(reader, cap)
+            ahead, size, finished = [], 0, True
+            for batch in batches:
+                ahead.append(batch)
+                size += batch.nbytes
+                if size >= READ_AHEAD_BYTES:
+                    finished = False
+                    break
+            headers = {"X-Hepop-Time-Window": window.header(), "X-Hepop-Files": str(opened),
+                       "X-Hepop-Row-Cap": str(cap)}
+            if finished:
+                headers["X-Hepop-Truncated"] = "true" if batches.cut else "false"
+            else:
+                headers["Trailer"] = "X-Hepop-Truncated"
+            self.send_response(200)
+            headers_sent = True
+            self.send_header("Content-Type", ResultWriter.TYPES[fmt])
+            self.send_header("Transfer-Encoding", "chunked")
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            out = ResultWriter(fmt, reader.schema, self.write_chunk)
+            sent = 0
+            for batch in itertools.chain(ahead, [] if finished else batches):
+                batch = batch.slice(0, cap - sent)
+                if len(batch):
+                    out.batch(batch)
+                    sent += len(batch)
+            out.close()
+            trailer = b"" if finished else f"X-Hepop-Truncated: {'true' if batches.cut else 'false'}\r\n".encode()
+            self.wfile.write(b"0\r\n" + trailer + b"\r\n")
+        except duckdb.Error as exc:
+            if headers_sent:                # too late for a status: cut the response short
+                log.warning("query failed while its rows were being sent: %s", exc)
+                self.close_connection = True
+                return
+            if timed_out.is_set():
+                raise QueryError(f"the query ran past QUERY_TIMEOUT_S ({self.api.config.query_timeout_s:g} s) "
+                                 "and was stopped", 504) from None
+            raise QueryError(str(exc)) from None
+        finally:
+            timer.cancel()
+            cursor.close()
+
+    def write_chunk(self, data: bytes) -> None:
+        if data:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def send_json(self, status: int, body: dict) -> None:
+        self.send_body(status, json.dumps(body).encode() + b"\n", "application/json")
+
+    def send_body(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt: str, *args) -> None:
+        log.debug("HTTP %s: " + fmt, self.client_address[0], *args)
+
+
+class CappedBatches:
+    """The batches of a reader until more than `cap` rows were read; `cut` says if that happened."""
+
+    def __init__(self, reader, cap: int):
+        self.reader = iter(reader)
+        self.cap = cap
+        self.rows = 0
+
+    @property
+    def cut(self) -> bool:
+        return self.rows > self.cap
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> pa.RecordBatch:
+        if self.cut:
+            raise StopIteration
+        batch = next(self.reader)
+        self.rows += len(batch)
+        return batch
+
+
+class ApiServer(http.server.ThreadingHTTPServer):
+    """The threaded HTTP server; '::' takes IPv4 too, as the HEP sockets do."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, config: Config, api: Api):
+        self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        self.api = api
+        super().__init__((config.host, config.http_port), ApiHandler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
 
 # ---------------------------------------------------------------------------------------------------------
