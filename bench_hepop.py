@@ -305,7 +305,7 @@ def write_closed_hour(root: Path, target_bytes: int, rows_per_file: int = 5000) 
     """
     sys.path.insert(0, str(HERE))
     import hepop
-    store = hepop.TypeStore(str(root), "bench", 1)
+    store = hepop.Storage(str(root), "bench").store(1)
     raw = packets(300_000, seed=7)
     tables = []
     hour_start = (int(time.time()) // 3600 - 2) * 3600
@@ -313,7 +313,7 @@ def write_closed_hour(root: Path, target_bytes: int, rows_per_file: int = 5000) 
     while size < target_bytes:
         if len(tables) < 60:
             batch = [hepop.decode(p) for p in raw[len(tables) * rows_per_file:(len(tables) + 1) * rows_per_file]]
-            tables.append(hepop.build_table(1, [0] * len(batch), batch))
+            tables.append(hepop.complete_table(1, hepop.packet_table([0] * len(batch), batch)))
         second = hour_start + files % 3600
         times = pa.array([int((second + i / rows_per_file) * 1e6) for i in range(rows_per_file)]).cast(hepop.TIME_TYPE)
         entry, = store.write(tables[files % len(tables)].set_column(0, "time", times))
@@ -371,7 +371,7 @@ def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000) -> int:
     tables = []
     for i in range(10):
         batch = [hepop.decode(p) for p in raw[i * len(raw) // 10:(i + 1) * len(raw) // 10]]
-        tables.append(hepop.build_table(1, [0] * len(batch), batch))
+        tables.append(hepop.complete_table(1, hepop.packet_table([0] * len(batch), batch)))
     table = pa.concat_tables(tables)
     end_us = time.time_ns() // 1000
     start_us = end_us - 86_400 * 1_000_000

@@ -39,6 +39,7 @@ import csv
 import dataclasses
 import datetime
 import decimal
+import fcntl
 import functools
 import gc
 import glob
@@ -48,6 +49,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -82,10 +84,22 @@ class ConfigError(ValueError):
     """A setting that does not parse; the message names the setting."""
 
 
+def number(text: str, kind: type, message: str):
+    """`text` as an int or a float; ValueError(message) for anything else (not Python's own words)."""
+    try:
+        value = kind(text.strip())
+    except ValueError:
+        raise ValueError(message) from None
+    if kind is float and not math.isfinite(value):
+        raise ValueError(message)
+    return value
+
+
 def parse_port(text: str) -> int:
-    port = int(text)
+    message = "must be a port number from 1 to 65535"
+    port = number(text, int, message)
     if not 1 <= port <= 65535:
-        raise ValueError("must be a port number from 1 to 65535")
+        raise ValueError(message)
     return port
 
 
@@ -98,16 +112,18 @@ def parse_bytes(text: str) -> int:
 
 
 def parse_positive_int(text: str) -> int:
-    value = int(text)
+    message = "must be a whole number of at least 1"
+    value = number(text, int, message)
     if value < 1:
-        raise ValueError("must be a whole number of at least 1")
+        raise ValueError(message)
     return value
 
 
 def parse_seconds(text: str) -> float:
-    value = float(text)
+    message = "must be a number of seconds greater than 0 and under 1000000"
+    value = number(text, float, message)
     if not 0 < value < 1e6:
-        raise ValueError("must be a number of seconds greater than 0")
+        raise ValueError(message)
     return value
 
 
@@ -120,9 +136,10 @@ def parse_duration(text: str) -> float:
 
 
 def parse_percent(text: str) -> float:
-    value = float(text)
+    message = "must be a percentage from 0 (off) to 100"
+    value = number(text, float, message)
     if not 0 <= value <= 100:
-        raise ValueError("must be a percentage from 0 (off) to 100")
+        raise ValueError(message)
     return value
 
 
@@ -183,6 +200,8 @@ SETTINGS = (
             "when this writer's files take more, the oldest hours are deleted (0: off)"),
     Setting("QUERY_TIMEOUT_S", parse_seconds, lambda s: "30", "a query running longer is stopped (HTTP 504)"),
     Setting("QUERY_MEMORY_MB", parse_positive_int, lambda s: "512", "memory for queries"),
+    Setting("QUERY_SPILL_BYTES", parse_bytes, lambda s: "2G",
+            "disk that queries may spill to, in WRITER_ID/.query-tmp; the disk guard does not count it"),
     Setting("QUERY_MAX_ROWS", parse_positive_int, lambda s: "100000", "rows a query returns at most"),
     Setting("QUERY_THREADS", parse_positive_int, lambda s: "1",
             "threads a query may use; queries also run at a lower CPU priority than capture"),
@@ -217,6 +236,7 @@ class Config:
     max_disk_bytes: int
     query_timeout_s: float
     query_memory_mb: int
+    query_spill_bytes: int
     query_max_rows: int
     query_threads: int
     api_token: str
@@ -321,6 +341,18 @@ class RateLimitedLog:
             log.warning(message, *args)
         else:
             window[2] += 1
+
+
+def format_time(us: int) -> str:
+    """A time in microseconds as ISO 8601 UTC; one outside years 1-9999 as its number of microseconds."""
+    try:
+        moment = EPOCH + datetime.timedelta(microseconds=us)
+    except OverflowError:
+        return f"{us} us since 1970"
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
 QUERY_NICE = 10           # a query someone waits for still gets its share of a busy machine
@@ -942,11 +974,6 @@ def ip_texts(packed: pa.BinaryArray) -> pa.Array:
     return pc.binary_join_element_wise(*octets, ".")
 
 
-def build_table(proto_type: int, times: list[int], packets: list[HepPacket]) -> pa.Table:
-    """One Arrow table from a batch of decoded packets of one type (times already checked)."""
-    return complete_table(proto_type, packet_table(times, packets))
-
-
 def complete_table(proto_type: int, packets: pa.Table) -> pa.Table:
     """The stored table of one type from a PACKET_SCHEMA table: text addresses, the payload as text
     (and its exact bytes where they are not UTF-8), the SIP columns of SIP."""
@@ -970,6 +997,86 @@ def complete_table(proto_type: int, packets: pa.Table) -> pa.Table:
     return pa.Table.from_pydict(arrays, schema=table_schema(proto_type))
 
 
+# -- the tree ---------------------------------------------------------------------------------------------
+
+class TreeLayout:
+    """The one place that knows the tree's layout and its names::
+
+        PARQUET_DIR/WRITER_ID/.lock                               held by the one hepop writing here
+        PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/metadata.json  the files of a type: the truth
+        PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-MM/NNNNNNNNNN.parquet     raw flushes
+        PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-00/c_NNNNNNNNNN.parquet   compacted hours
+        PARQUET_DIR/WRITER_ID/set-aside/...                        files that could not be read, moved away
+        PARQUET_DIR/WRITER_ID/.compaction-tmp, .query-tmp          DuckDB's spill, bounded, emptied at start
+
+    Dates, hours and 10-minute folders are UTC.  Sequence numbers have ten digits and are never reused.
+    """
+
+    MAX_SEQUENCE = 10 ** 10 - 1
+    FILE_NAME = re.compile(r"(c_)?(\d{10})\.parquet")
+    TYPE_FOLDER = re.compile(r"hep_(\d{1,3})-0")
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def writer_dir(self, writer_id: str) -> str:
+        return os.path.join(self.root, writer_id)
+
+    def types_dir(self, writer_id: str) -> str:
+        return os.path.join(self.root, writer_id, "dbs", "hep-0")
+
+    def type_dir(self, writer_id: str, proto_type: int) -> str:
+        return os.path.join(self.types_dir(writer_id), f"hep_{proto_type}-0")
+
+    def metadata_files(self, proto_type: int) -> list[str]:
+        """The metadata.json of a type for every writer under PARQUET_DIR."""
+        return sorted(glob.glob(os.path.join(self.root, "*", "dbs", "hep-0", f"hep_{proto_type}-0",
+                                             "metadata.json")))
+
+    def relative(self, path: str) -> str:
+        """A path as metadata.json gives it: relative to PARQUET_DIR, so that the tree can be moved."""
+        return os.path.relpath(path, self.root)
+
+    def absolute(self, relpath: str) -> str:
+        return os.path.join(self.root, relpath)
+
+    def compaction_spill_dir(self, writer_id: str) -> str:
+        return os.path.join(self.root, writer_id, ".compaction-tmp")
+
+    def query_spill_dir(self, writer_id: str) -> str:
+        return os.path.join(self.root, writer_id, ".query-tmp")
+
+    def spill_dirs(self, writer_id: str) -> list[str]:
+        return [self.compaction_spill_dir(writer_id), self.query_spill_dir(writer_id)]
+
+    @staticmethod
+    def file_name(sequence: int, compacted: bool) -> str:
+        return f"{'c_' if compacted else ''}{sequence:010d}.parquet"
+
+    @classmethod
+    def parse_file_name(cls, name: str) -> Optional[tuple[int, bool]]:
+        """(sequence, compacted) of one of our file names; None for any other name."""
+        match = cls.FILE_NAME.fullmatch(name)
+        return (int(match.group(2)), bool(match.group(1))) if match else None
+
+    @staticmethod
+    def folder_of(time_us: int) -> str:
+        """The 10-minute folder, YYYY-MM-DD/HH-MM, of a time (an hour's start gives its HH-00)."""
+        start = datetime.datetime.fromtimestamp(time_us // FOLDER_SPAN_US * 600, datetime.timezone.utc)
+        return start.strftime("%Y-%m-%d/%H-%M")
+
+    @staticmethod
+    def folder_start_us(relative: str) -> Optional[int]:
+        """The start of a 'YYYY-MM-DD' or 'YYYY-MM-DD/HH-MM' folder, in us; None for anything else."""
+        for form in ("%Y-%m-%d/%H-%M", "%Y-%m-%d"):
+            try:
+                start = datetime.datetime.strptime(relative.replace(os.sep, "/"), form)
+            except ValueError:
+                continue
+            return int(start.replace(tzinfo=datetime.timezone.utc).timestamp()) * 1_000_000
+        return None
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -978,8 +1085,20 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def publish(temp: str, path: str) -> None:
+    """The atomic publish of a complete, fsynced file: rename it into place, then fsync its folder.
+
+    The rename is the commit: once it is done the file is there, so a failing fsync of the folder is
+    logged and not raised; raising would make the caller write the same rows again under another name."""
+    os.replace(temp, path)
+    try:
+        fsync_dir(os.path.dirname(path))
+    except OSError as exc:
+        log.error("fsync of the folder of %s failed: %s", path, exc)
+
+
 def write_atomically(path: str, write: Callable[[object], None]) -> None:
-    """Write a file under a temporary name, fsync it, rename it into place and fsync its folder."""
+    """Write a file under a temporary name, fsync it and publish it.  On an error nothing is left."""
     temp = path + TEMP_SUFFIX
     try:
         with open(temp, "wb") as out:
@@ -987,10 +1106,10 @@ def write_atomically(path: str, write: Callable[[object], None]) -> None:
             out.flush()
             os.fsync(out.fileno())
     except BaseException:
-        os.remove(temp)
+        with contextlib.suppress(OSError):
+            os.remove(temp)
         raise
-    os.replace(temp, path)
-    fsync_dir(os.path.dirname(path))
+    publish(temp, path)
 
 
 def make_dirs(path: str) -> None:
@@ -1004,10 +1123,14 @@ def make_dirs(path: str) -> None:
         fsync_dir(os.path.dirname(folder))
 
 
-def folder_of(time_us: int) -> str:
-    """The UTC 10-minute folder, YYYY-MM-DD/HH-MM, of a capture time."""
-    start = datetime.datetime.fromtimestamp(time_us // FOLDER_SPAN_US * 600, datetime.timezone.utc)
-    return start.strftime("%Y-%m-%d/%H-%M")
+def folder_size_bytes(path: str) -> int:
+    """The bytes the files below a folder take (DuckDB's spill); 0 when it does not exist."""
+    total = 0
+    for folder, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(folder, name)).st_blocks * 512
+    return total
 
 
 def split_by_folder(table: pa.Table) -> list[tuple[int, pa.Table]]:
@@ -1025,13 +1148,22 @@ def row_group_rows(table: pa.Table, target_bytes: int) -> int:
     return max(1, target_bytes * len(table) // max(1, table.nbytes))
 
 
-def describe_file(path: str) -> dict:
-    """Row count and time range of a Parquet file, from its footer (raises if unreadable)."""
+# -- a file's entry in metadata.json ------------------------------------------------------------------------
+
+class FileFacts(NamedTuple):
+    """What a Parquet file's footer says of it."""
+    size_bytes: int
+    row_count: int
+    min_time_us: int
+    max_time_us: int
+
+
+def describe_file(path: str) -> FileFacts:
+    """Size, row count and time range of a Parquet file, from its footer (raises if unreadable)."""
     footer = pq.read_metadata(path)
     ranges = row_group_times(path, footer)
-    low, high = min((low for low, _ in ranges), default=0), max((high for _, high in ranges), default=0)
-    return {"size_bytes": os.path.getsize(path), "row_count": footer.num_rows,
-            "min_time": low * 1000, "max_time": high * 1000}
+    return FileFacts(os.path.getsize(path), footer.num_rows, min((low for low, _ in ranges), default=0),
+                     max((high for _, high in ranges), default=0))
 
 
 def row_group_times(path: str, footer: pq.FileMetaData) -> list[tuple[int, int]]:
@@ -1048,19 +1180,118 @@ def row_group_times(path: str, footer: pq.FileMetaData) -> list[tuple[int, int]]
     return [(low, high)] * footer.num_row_groups
 
 
+def file_entry(relpath: str, sequence: int, compacted: bool, chunk_time_us: int, facts: FileFacts) -> dict:
+    """A file's entry in metadata.json, in the seed's fields: times in nanoseconds."""
+    return {"id": sequence, "path": relpath, "size_bytes": facts.size_bytes, "row_count": facts.row_count,
+            "chunk_time": chunk_time_us * 1000, "min_time": facts.min_time_us * 1000,
+            "max_time": facts.max_time_us * 1000, "range": "1h" if compacted else "10m",
+            "type": "compacted" if compacted else "raw"}
+
+
+ENTRY_FIELDS = {"id": int, "path": str, "size_bytes": int, "row_count": int, "chunk_time": int, "min_time": int,
+                "max_time": int, "range": str, "type": str}
+MAX_TIME_NS = 253_402_300_800 * 10 ** 9         # 10000-01-01: a listed time past it is damage
+
+
+def entry_problem(entry, type_relpath: str) -> Optional[str]:
+    """What is wrong with an entry read from metadata.json, or None when it is whole and names one of
+    this type's own files where the layout puts it (an entry must never point anywhere else: retention
+    deletes what is listed)."""
+    if not isinstance(entry, dict):
+        return "an entry is not an object"
+    for name, kind in ENTRY_FIELDS.items():
+        value = entry.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{name} of {entry.get('path')!r} is {value!r}, not {'a whole number' if kind is int else 'text'}"
+    parts = entry["path"].split("/")
+    named = TreeLayout.parse_file_name(parts[-1])
+    start_us = TreeLayout.folder_start_us("/".join(parts[-3:-1]))
+    if "/".join(parts[:-3]) != type_relpath or named is None or start_us is None:
+        return f"path {entry['path']!r} is not a file of {type_relpath}"
+    sequence, compacted = named
+    if entry["id"] != sequence or entry["type"] != ("compacted" if compacted else "raw") or \
+            entry["range"] != ("1h" if compacted else "10m") or entry["chunk_time"] != start_us * 1000:
+        return f"id, type, range or chunk_time of {entry['path']!r} disagree with its name"
+    if not (0 <= entry["min_time"] <= entry["max_time"] < MAX_TIME_NS and entry["size_bytes"] >= 0
+            and entry["row_count"] >= 0):
+        return f"times, size or row count of {entry['path']!r} are out of range"
+    return None
+
+
+# -- who may delete a file ---------------------------------------------------------------------------------
+
+class FileLeases:
+    """Files that queries of this process are reading, and files to delete once no query reads them.
+
+    A file that compaction merged or retention expired is unlisted at once and deleted as soon as no
+    query holds it: a glob reader sees each row once within moments of a swap, and a query that listed
+    the file just before never finds it gone.  `release` deletes what its query was the last to hold."""
+
+    def __init__(self):
+        self._held: collections.Counter = collections.Counter()
+        self._doomed: dict[str, int] = {}          # path -> size in bytes, while a query still holds it
+        self.lock = threading.Lock()
+
+    def hold(self, list_files: Callable[[], list[str]]) -> list[str]:
+        """The files that `list_files` names, held until release(): listing and holding are one step, so
+        that no deletion falls between them."""
+        with self.lock:
+            paths = list_files()
+            self._held.update(paths)
+            return paths
+
+    def release(self, paths: list[str]) -> None:
+        with self.lock:
+            self._held.subtract(paths)
+            free = [path for path in set(paths) if self._held[path] <= 0]
+            for path in free:
+                del self._held[path]
+            doomed = [path for path in free if self._doomed.pop(path, None) is not None]
+        for path in doomed:
+            remove_file(path)
+
+    def delete_when_free(self, paths: list[str]) -> None:
+        with self.lock:
+            free = [path for path in paths if not self._held[path]]
+            for path in paths:
+                if self._held[path]:
+                    with contextlib.suppress(OSError):
+                        self._doomed[path] = os.path.getsize(path)
+        for path in free:
+            remove_file(path)
+
+    def doomed_bytes(self) -> int:
+        """Bytes still on disk only because a query reads them: the disk guard does not count them."""
+        with self.lock:
+            return sum(self._doomed.values())
+
+
+def remove_file(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+# -- the files of one type ----------------------------------------------------------------------------------
+
+class StoreError(Exception):
+    """PARQUET_DIR cannot be used: not writable, or held by another hepop.  Exit 2 at start."""
+
+
 class TypeStore:
     """The files of one HEP type: writes them atomically and keeps metadata.json equal to the tree.
 
     metadata.json is the truth about which files exist; a file is visible to readers only once listed.
-    Paths in it are relative to PARQUET_DIR so the tree can be moved.  Sequence numbers never repeat.
-    Every change of the file list (new raw files, a compaction's swap, retention) happens under `lock`
-    and ends with one atomic write of metadata.json.
+    Every change of the file list (new raw files, a compaction's swap, retention, a file set aside)
+    happens under `lock`; save_metadata() writes it atomically.
     """
 
-    def __init__(self, root: str, writer_id: str, proto_type: int):
-        self.root = root
+    def __init__(self, layout: TreeLayout, writer_id: str, proto_type: int, leases: FileLeases):
+        self.layout = layout
         self.proto_type = proto_type
-        self.dir = os.path.join(root, writer_id, "dbs", "hep-0", f"hep_{proto_type}-0")
+        self.leases = leases
+        self.dir = layout.type_dir(writer_id, proto_type)
+        self.relative_dir = layout.relative(self.dir)
+        self.set_aside_dir = os.path.join(layout.writer_dir(writer_id), "set-aside")
         self.metadata_path = os.path.join(self.dir, "metadata.json")
         self.schema = table_schema(proto_type)
         self.lock = threading.Lock()
@@ -1070,7 +1301,7 @@ class TypeStore:
         self.recover()
 
     def path(self, entry: dict) -> str:
-        return os.path.join(self.root, entry["path"])
+        return self.layout.absolute(entry["path"])
 
     def snapshot(self) -> list[dict]:
         with self.lock:
@@ -1080,51 +1311,85 @@ class TypeStore:
 
     def write(self, table: pa.Table) -> list[dict]:
         """Write a batch as one file per 10-minute folder, then list the new files in metadata."""
-        entries = []
-        with self.lock:
-            for folder_start_us, part in split_by_folder(table):
-                entries.append(self._write_raw_file(folder_start_us, part))
-            self._save_metadata()
+        entries = [self.write_file(folder_start_us, part) for folder_start_us, part in split_by_folder(table)]
+        self.save_metadata()
         return entries
 
-    def _write_raw_file(self, folder_start_us: int, table: pa.Table) -> dict:
-        self.sequence += 1
-        folder = os.path.join(self.dir, folder_of(folder_start_us))
-        make_dirs(folder)
-        path = os.path.join(folder, f"{self.sequence:010d}.parquet")
-        write_atomically(path, lambda out: pq.write_table(
-            table, out, compression="zstd", row_group_size=row_group_rows(table, ROW_GROUP_BYTES),
-            use_dictionary=False, write_statistics=RAW_STATISTICS))
-        times = table.column("time").cast(pa.int64())
-        low, high = pc.min_max(times).values()
-        entry = {"id": self.sequence, "path": os.path.relpath(path, self.root),
-                 "size_bytes": os.path.getsize(path), "row_count": len(table),
-                 "chunk_time": folder_start_us * 1000, "min_time": low.as_py() * 1000,
-                 "max_time": high.as_py() * 1000, "range": "10m", "type": "raw"}
-        self.files[entry["path"]] = entry
+    def write_file(self, folder_start_us: int, table: pa.Table) -> dict:
+        """Publish the rows of one 10-minute folder as a new raw file and list it here (metadata.json
+        lists it at the next save_metadata).  On an error no file is left and nothing is listed."""
+        with self.lock:
+            sequence = self._next_sequence()
+            folder = os.path.join(self.dir, self.layout.folder_of(folder_start_us))
+            make_dirs(folder)
+            path = os.path.join(folder, self.layout.file_name(sequence, compacted=False))
+            write_atomically(path, lambda out: pq.write_table(
+                table, out, compression="zstd", row_group_size=row_group_rows(table, ROW_GROUP_BYTES),
+                use_dictionary=False, write_statistics=RAW_STATISTICS))
+            low, high = pc.min_max(table.column("time").cast(pa.int64())).values()
+            entry = file_entry(self.layout.relative(path), sequence, False, folder_start_us,
+                               FileFacts(os.path.getsize(path), len(table), low.as_py(), high.as_py()))
+            self.files[entry["path"]] = entry
         log.debug("wrote %s (%d rows, %d bytes)", entry["path"], entry["row_count"], entry["size_bytes"])
         return entry
 
-    def compacted_path(self, hour_start_us: int) -> str:
-        """A new, never used name for an hour's compacted file."""
-        with self.lock:
-            self.sequence += 1
-            return os.path.join(self.dir, folder_of(hour_start_us), f"c_{self.sequence:010d}.parquet")
+    def _next_sequence(self) -> int:
+        if self.sequence >= self.layout.MAX_SEQUENCE:
+            raise StoreError(f"{self.metadata_path}: sequence numbers are used up")
+        self.sequence += 1
+        return self.sequence
 
-    def swap(self, inputs: list[dict], output: dict) -> None:
-        """Replace a compaction's inputs by its output, in one atomic write of metadata.json."""
+    def compacted_path(self, hour_start_us: int) -> str:
+        """A new, never used name for an hour's compacted file, its folder made."""
+        with self.lock:
+            folder = os.path.join(self.dir, self.layout.folder_of(hour_start_us))
+            make_dirs(folder)
+            return os.path.join(folder, self.layout.file_name(self._next_sequence(), compacted=True))
+
+    def add_compacted(self, temp: str, path: str, hour_start_us: int, inputs: list[dict]) -> dict:
+        """Publish a compaction's complete output and swap it for its inputs in metadata.json; the
+        inputs are deleted once no query reads them.  Raises, publishing nothing, when the output does
+        not hold exactly the inputs' rows."""
+        sequence, _ = self.layout.parse_file_name(os.path.basename(path))
+        output = file_entry(self.layout.relative(path), sequence, True, hour_start_us, describe_file(temp))
+        if output["row_count"] != sum(entry["row_count"] for entry in inputs):     # never swap it in
+            raise RuntimeError(f"compaction of {[e['path'] for e in inputs]} wrote {output['row_count']} rows")
+        publish(temp, path)
         with self.lock:
             for entry in inputs:
                 del self.files[entry["path"]]
             self.files[output["path"]] = output
             self._save_metadata()
+        self.leases.delete_when_free([self.path(entry) for entry in inputs])
+        return output
 
-    def forget(self, entries: list[dict]) -> None:
-        """Unlist files (their deletion follows), in one atomic write of metadata.json."""
+    def delete(self, entries: list[dict]) -> None:
+        """Unlist files in one write of metadata.json, then delete them once no query reads them."""
         with self.lock:
             for entry in entries:
                 self.files.pop(entry["path"], None)
             self._save_metadata()
+        self.leases.delete_when_free([self.path(entry) for entry in entries])
+
+    def set_aside(self, entries: list[dict], why: str) -> None:
+        """Unlist files that cannot be read and move them out of the tree, under set-aside/, where
+        nothing reads or deletes them and whoever looks can."""
+        with self.lock:
+            for entry in entries:
+                self.files.pop(entry["path"], None)
+            self._save_metadata()
+        for entry in entries:
+            self._move_aside(self.path(entry), why)
+
+    def _move_aside(self, path: str, why: str) -> None:
+        target = os.path.join(self.set_aside_dir, os.path.relpath(path, os.path.dirname(self.set_aside_dir)))
+        try:
+            make_dirs(os.path.dirname(target))
+            os.replace(path, target)
+            log.error("set aside %s (%s): moved to %s", self.layout.relative(path), why, target)
+        except OSError as exc:
+            log.error("cannot set aside %s (%s): %s; removing it", path, why, exc)
+            remove_file(path)
 
     def remove_empty_folders(self, before_us: int) -> int:
         """Remove the empty 10-minute and day folders of times before `before_us`; how many went."""
@@ -1134,13 +1399,18 @@ class TypeStore:
                 relative = os.path.relpath(folder, self.dir)
                 if relative == "." or names or any(os.path.isdir(os.path.join(folder, d)) for d in subfolders):
                     continue
-                start = folder_start_us(relative)
+                start = self.layout.folder_start_us(relative)
                 if start is not None and start + (86_400 if os.sep not in relative else 600) * 1_000_000 <= before_us:
                     os.rmdir(folder)
                     removed += 1
             if removed:
                 fsync_dir(self.dir)
         return removed
+
+    def save_metadata(self) -> None:
+        """Write metadata.json from the files listed here."""
+        with self.lock:
+            self._save_metadata()
 
     def _save_metadata(self) -> None:
         files = sorted(self.files.values(), key=lambda entry: entry["id"])
@@ -1168,22 +1438,23 @@ class TypeStore:
           fsynced output holds their rows.  A compacted file that metadata does not list, when
           metadata is whole, is removed: the crash came before the swap and its inputs are still listed.
         - Other unlisted files (raw files renamed just before a crash) are complete, since only fsynced
-          files are renamed: they are adopted if they read, else removed.
-        A missing or unreadable metadata.json is rebuilt from the tree by the same rules.
+          files are renamed: they are adopted if they read, else set aside.
+        - Files whose name is not one of ours are set aside.
+        A missing metadata.json, or one with anything wrong in it, is rebuilt from the tree by the same rules.
         """
         listed, sequence, rebuilding = self._load_metadata()
         on_disk = {}
         for folder, _, names in os.walk(self.dir):
             for name in names:
                 path = os.path.join(folder, name)
-                number = re.match(r"(?:c_)?(\d+)\.parquet", name)
-                if number:                          # numbers of removed files are not reused either
-                    sequence = max(sequence, int(number.group(1)))
                 if name.endswith(TEMP_SUFFIX):
                     log.warning("removing %s left by an interrupted write", path)
                     os.remove(path)
+                elif name.endswith(".parquet") and self.layout.parse_file_name(name) is None:
+                    self._move_aside(path, "not a name hepop writes")
                 elif name.endswith(".parquet"):
-                    on_disk[os.path.relpath(path, self.root)] = path
+                    on_disk[self.layout.relative(path)] = path
+                    sequence = max(sequence, self.layout.parse_file_name(name)[0])   # never reused either
         for relpath in sorted(set(listed) - set(on_disk)):
             log.warning("metadata lists %s, which is gone: dropping it", relpath)
             del listed[relpath]
@@ -1192,7 +1463,7 @@ class TypeStore:
         for relpath in compacted:
             try:
                 merged.update(merged_inputs(on_disk[relpath]))
-            except Exception as exc:       # unreadable: removed below, and its inputs stay
+            except Exception as exc:       # unreadable: set aside below, and its inputs stay
                 log.warning("cannot read %s: %s", on_disk[relpath], exc)
         for relpath in sorted(on_disk):
             path = on_disk[relpath]
@@ -1215,48 +1486,52 @@ class TypeStore:
         try:
             entry = self._entry_for_unlisted(relpath, path)
         except Exception as exc:  # any unreadable file: pyarrow raises several kinds
-            log.warning("removing unreadable %s: %s", path, exc)
-            os.remove(path)
+            self._move_aside(path, f"unreadable: {exc}")
         else:
             log.warning("adopting %s (%d rows), written before a crash", relpath, entry["row_count"])
             listed[relpath] = entry
 
     def _load_metadata(self) -> tuple[dict[str, dict], int, bool]:
-        """Listed files, last sequence number, and whether metadata must be rebuilt from the tree."""
+        """Listed files, last sequence number, and whether metadata must be rebuilt from the tree: when
+        it is missing, or anything in it is not what hepop writes."""
         try:
             with open(self.metadata_path, "rb") as source:
                 metadata = json.load(source)
-            files = {entry["path"]: entry for entry in metadata["files"]}
-            return files, int(metadata.get("wal_sequence") or 0), False
+            problem = self._metadata_problem(metadata)
         except FileNotFoundError:
             return {}, 0, True
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("%s is unreadable (%s): rebuilding it from the files", self.metadata_path, exc)
+        except (ValueError, RecursionError) as exc:
+            problem = f"not JSON: {exc}"
+        if problem:
+            log.warning("%s is damaged (%s): rebuilding it from the files", self.metadata_path, problem)
             return {}, 0, True
+        return {entry["path"]: entry for entry in metadata["files"]}, metadata["wal_sequence"], False
+
+    def _metadata_problem(self, metadata) -> Optional[str]:
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("files"), list):
+            return "no list of files"
+        sequence = metadata.get("wal_sequence")
+        if not isinstance(sequence, int) or isinstance(sequence, bool) or \
+                not 0 <= sequence <= self.layout.MAX_SEQUENCE:
+            return f"wal_sequence is {str(sequence)[:40]!r}"
+        paths = set()
+        for entry in metadata["files"]:
+            problem = entry_problem(entry, self.relative_dir)
+            if problem:
+                return problem
+            if entry["path"] in paths or entry["id"] > sequence:
+                return f"{entry['path']!r} is listed twice or past wal_sequence"
+            paths.add(entry["path"])
+        return None
 
     def _entry_for_unlisted(self, relpath: str, path: str) -> dict:
-        name = os.path.basename(path)
-        sequence = int(name.split(".")[0].removeprefix("c_"))
+        sequence, compacted = self.layout.parse_file_name(os.path.basename(path))
         if pq.read_schema(path).remove_metadata() != self.schema:
             raise ValueError("schema differs from this type's")
-        chunk = folder_start_us(os.path.relpath(os.path.dirname(path), self.dir))
+        chunk = self.layout.folder_start_us(os.path.relpath(os.path.dirname(path), self.dir))
         if chunk is None:
             raise ValueError("not in a YYYY-MM-DD/HH-MM folder")
-        compacted = name.startswith("c_")
-        return {"id": sequence, "path": relpath, **describe_file(path), "chunk_time": chunk * 1000,
-                "range": "1h" if compacted else "10m", "type": "compacted" if compacted else "raw"}
-
-
-def folder_start_us(relative: str) -> Optional[int]:
-    """The start of a 'YYYY-MM-DD' or 'YYYY-MM-DD/HH-MM' folder, in us; None for anything else."""
-    try:
-        start = datetime.datetime.strptime(relative.replace(os.sep, " "), "%Y-%m-%d %H-%M")
-    except ValueError:
-        try:
-            start = datetime.datetime.strptime(relative, "%Y-%m-%d")
-        except ValueError:
-            return None
-    return int(start.replace(tzinfo=datetime.timezone.utc).timestamp()) * 1_000_000
+        return file_entry(relpath, sequence, compacted, chunk, describe_file(path))
 
 
 INPUTS_KEY = b"hepop:inputs"
@@ -1268,64 +1543,150 @@ def merged_inputs(path: str) -> list[str]:
     return json.loads(metadata.get(INPUTS_KEY, b"[]"))
 
 
+def readable(path: str) -> bool:
+    """Whether every row group of a Parquet file reads, one at a time (a truncated or damaged file
+    does not)."""
+    try:
+        parquet = pq.ParquetFile(path)
+        for index in range(parquet.num_row_groups):
+            parquet.read_row_group(index)
+        return True
+    except Exception:                   # pyarrow raises several kinds for damage
+        return False
+
+
 class Storage:
-    """All HEP types of this writer, opened on first use; existing ones recovered at start."""
+    """All HEP types of this writer, opened on first use; existing ones recovered at start.
+
+    The writer's folder is locked first (a POSIX lock on WRITER_ID/.lock, which the kernel releases when
+    the holder dies, kill -9 included): two hepops writing one folder would write the same file names."""
 
     def __init__(self, root: str, writer_id: str):
-        self.root = root
+        self.layout = TreeLayout(root)
         self.writer_id = writer_id
+        self.leases = FileLeases()
         self.types: dict[int, TypeStore] = {}
-        base = os.path.join(root, writer_id, "dbs", "hep-0")
-        if os.path.isdir(base):
+        self._lock_file = self._lock_writer_dir()
+        base = self.layout.types_dir(writer_id)
+        try:
+            make_dirs(base)
+            write_atomically(os.path.join(base, ".write-check"), lambda out: out.write(b"ok"))
+            os.remove(os.path.join(base, ".write-check"))
             for name in sorted(os.listdir(base)):
-                match = re.fullmatch(r"hep_(\d+)-0", name)
+                match = self.layout.TYPE_FOLDER.fullmatch(name)
                 if match:
                     self.store(int(match.group(1)))
+        except OSError as exc:
+            raise StoreError(f"PARQUET_DIR={root}: cannot write {base}: {exc.strerror or exc}") from None
+
+    def _lock_writer_dir(self):
+        path = os.path.join(self.layout.writer_dir(self.writer_id), ".lock")
+        try:
+            make_dirs(os.path.dirname(path))
+            lock_file = open(path, "a+")
+        except OSError as exc:
+            raise StoreError(f"PARQUET_DIR={self.layout.root}: cannot create {os.path.dirname(path)}: "
+                             f"{exc.strerror or exc}") from None
+        try:
+            fcntl.lockf(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "unknown"
+            lock_file.close()
+            raise StoreError(f"PARQUET_DIR={self.layout.root}: {os.path.dirname(path)} is in use by hepop "
+                             f"process {holder} (one hepop per PARQUET_DIR and WRITER_ID)") from None
+        lock_file.truncate(0)
+        lock_file.write(f"{os.getpid()}\n")
+        lock_file.flush()
+        return lock_file
 
     def store(self, proto_type: int) -> TypeStore:
         if proto_type not in self.types:
-            self.types[proto_type] = TypeStore(self.root, self.writer_id, proto_type)
+            self.types[proto_type] = TypeStore(self.layout, self.writer_id, proto_type, self.leases)
         return self.types[proto_type]
+
+    def close(self) -> None:
+        """Let the next hepop have the folder."""
+        self._lock_file.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Writer thread: the batches the loop hands over, turned into Parquet files.
 # ---------------------------------------------------------------------------------------------------------
 
-class Batch(NamedTuple):
-    key: object                 # a HEP type (int): packets the loop decoded; "udp" or "tcp": messages as
-    #                             received, of any type, that the writer decodes
-    times: list                 # the capture time of each packet; of messages, when the first came
-    packets: list               # HepPacket, or the message's bytes
-    nbytes: int
-    senders: list               # of messages: (index of a message, its peer) where the peer changes
+class Sender(NamedTuple):
+    """Where a run of messages from one peer starts in a ReceivedBatch."""
+    first: int                  # index of the run's first message
+    peer: object                # the socket address it came from
 
 
-def sender_of(senders: list, index: int):
-    """The peer that sent message `index` of a batch, from the batch's senders."""
-    return senders[bisect.bisect_right(senders, index, key=lambda sender: sender[0]) - 1][1]
+def sender_of(senders: list[Sender], index: int):
+    """The peer that sent message `index` of a run of messages described by `senders`."""
+    return senders[bisect.bisect_right(senders, index, key=lambda sender: sender.first) - 1].peer
+
+
+@dataclasses.dataclass
+class ReceivedBatch:
+    """Messages as received over one transport, of any HEP type, for the writer to decode."""
+    transport: str              # "udp" or "tcp"
+    arrival_us: int             # when the first came: the time given to packets without a sane one
+    due_s: float                # time.monotonic() at which it is handed over, full or not
+    messages: list = dataclasses.field(default_factory=list)     # bytes of each datagram or frame
+    senders: list = dataclasses.field(default_factory=list)      # Sender where the peer changes
+    nbytes: int = 0
+
+    @property
+    def key(self) -> str:
+        return self.transport
+
+    def sender_of(self, index: int):
+        """The peer that sent message `index`."""
+        return sender_of(self.senders, index)
+
+
+@dataclasses.dataclass
+class DecodedBatch:
+    """Packets of one HEP type that the loop decoded itself (TCP frames of other layouts)."""
+    proto_type: int
+    due_s: float
+    times_us: list = dataclasses.field(default_factory=list)     # the checked capture time of each
+    packets: list = dataclasses.field(default_factory=list)      # HepPacket
+    nbytes: int = 0
+
+    @property
+    def key(self) -> int:
+        return self.proto_type
 
 
 class BatchWriter(threading.Thread):
     """Turns batches handed over by the loop into Parquet files, off the receive loop.
 
-    `pending_bytes` counts what is queued or being written; the loop drops new packets as buffer_full
-    when it passes MAX_PENDING_BYTES (a disk that stalls must not make the process run out of memory).
+    `pending_bytes` counts what is queued or being written; the loop pauses reading near
+    MAX_PENDING_BYTES (a disk that stalls must not make the process run out of memory).
+
+    A write that fails is tried again, RETRIES times with a growing pause, but never a file that was
+    published: the rows of a batch go to one file per 10-minute folder, each published once, and a
+    metadata.json that fails to save is saved again by itself (the files are on disk and listed here;
+    a restart would adopt them too).  Once a stop has begun (`stop_by`), pauses end there: what still
+    fails is counted as dropped, and the process exits on time.  `failing` says why writes fail, for
+    /health, until one succeeds again.
     """
 
     RETRIES = 5
 
-    def __init__(self, storage: Storage, counters: "Counters", check: "PacketCheck"):
+    def __init__(self, storage: Storage, counters: Counters, check: PacketCheck):
         super().__init__(name="hepop-writer", daemon=True)
         self.storage = storage
         self.counters = counters
         self.check = check
-        self.queue: queue.Queue[Optional[Batch]] = queue.Queue()
+        self.queue: queue.Queue = queue.Queue()
         self.pending_bytes = 0
         self.last_flush = None
+        self.failing: Optional[str] = None
+        self.stop_by: Optional[float] = None         # time.monotonic() by which the process must be gone
         self._lock = threading.Lock()
 
-    def submit(self, batch: Batch) -> None:
+    def submit(self, batch) -> None:
         with self._lock:
             self.pending_bytes += batch.nbytes
         self.queue.put(batch)
@@ -1341,24 +1702,26 @@ class BatchWriter(threading.Thread):
             with self._lock:
                 self.pending_bytes -= batch.nbytes
 
-    def _write(self, batch: Batch) -> None:
+    def _write(self, batch) -> None:
         try:
-            if isinstance(batch.key, str):
+            if isinstance(batch, ReceivedBatch):
                 tables = self.message_tables(batch)
             else:
-                tables = {batch.key: packet_table(batch.times, batch.packets)}
+                tables = {batch.proto_type: packet_table(batch.times_us, batch.packets)}
+            tables = {proto_type: complete_table(proto_type, packets) for proto_type, packets in tables.items()}
         except Exception:                   # a bug, not bad input: say so, count it, keep writing
-            log.exception("decoding a batch of %d packets failed: dropped", len(batch.packets))
-            self.counters.add("hep_dropped_total", len(batch.packets), reason="decode_error")
+            count = len(batch.messages if isinstance(batch, ReceivedBatch) else batch.packets)
+            log.exception("decoding a batch of %d packets failed: dropped", count)
+            self.counters.add("hep_dropped_total", count, reason="decode_error")
             return
-        for proto_type, packets in tables.items():
-            self._store(proto_type, packets)
+        for proto_type, table in tables.items():
+            self._store(proto_type, table)
 
-    def message_tables(self, batch: Batch) -> dict[int, pa.Table]:
+    def message_tables(self, batch: ReceivedBatch) -> dict[int, pa.Table]:
         """The packets of a flush of messages as received, by type: the common layouts decoded by Arrow over
         the batch, every other message by decode() and the checks the loop makes of the rest."""
-        transport, arrival_us = batch.key, batch.times[0]
-        datagrams = pa.array(batch.packets, pa.binary())
+        transport, arrival_us = batch.transport, batch.arrival_us
+        datagrams = pa.array(batch.messages, pa.binary())
         received: collections.Counter = collections.Counter()
         parts, others = [], None          # others: where the messages that no prefix took are in the batch
         for prefix in COMMON_PREFIXES:
@@ -1372,7 +1735,7 @@ class BatchWriter(threading.Thread):
             datagrams = datagrams.filter(left)
         times, packets = [], []
         for index in others.to_pylist():
-            data, peer = batch.packets[index], sender_of(batch.senders, index)
+            data, peer = batch.messages[index], batch.sender_of(index)
             packet = self.check.decode(data, transport, peer, received)
             if packet is None:
                 continue
@@ -1388,26 +1751,51 @@ class BatchWriter(threading.Thread):
             return {types[0]: table}
         return {proto_type: table.filter(pc.equal(table["proto_type"], proto_type)) for proto_type in types}
 
-    def _store(self, proto_type: int, packets: pa.Table) -> None:
+    def _store(self, proto_type: int, table: pa.Table) -> None:
+        """Write the rows of one type: each 10-minute folder's file once, then metadata.json."""
         started = time.perf_counter()
-        for attempt in range(1, self.RETRIES + 1):
-            try:
-                entries = self.storage.store(proto_type).write(complete_table(proto_type, packets))
-                break
-            except Exception:
-                log.exception("writing %d rows of type %d failed (attempt %d of %d)",
-                              len(packets), proto_type, attempt, self.RETRIES)
-                time.sleep(min(attempt, 5))
-        else:
-            self.counters.add("hep_dropped_total", len(packets), reason="write_error")
+        what = f"{len(table)} rows of hep_{proto_type}"
+        store = self._attempt(f"opening hep_{proto_type}", lambda: self.storage.store(proto_type))
+        if store is None:
+            self.counters.add("hep_dropped_total", len(table), reason="write_error")
             return
+        entries = []
+        for folder_start_us, part in split_by_folder(table):
+            entry = self._attempt(f"writing {what}", lambda: store.write_file(folder_start_us, part))
+            if entry is None:
+                self.counters.add("hep_dropped_total", len(part), reason="write_error")
+            else:
+                entries.append(entry)
+        if not entries:
+            return
+        if self._attempt(f"listing {what} in metadata.json", store.save_metadata) is not None:
+            self.failing = None
+        else:
+            self.counters.add("metadata_errors_total")     # listed by the next save, or adopted at start
         elapsed = time.perf_counter() - started
         self.last_flush = time.time()
-        self.counters.add("rows_written_total", len(packets), type=str(proto_type))
+        self.counters.add("rows_written_total", sum(entry["row_count"] for entry in entries), type=str(proto_type))
         self.counters.add("files_written_total", len(entries))
         self.counters.add("bytes_written_total", sum(entry["size_bytes"] for entry in entries))
         self.counters.add("flush_seconds_total", elapsed)
         self.counters.maximum("flush_seconds_max", elapsed)
+
+    def _attempt(self, what: str, step: Callable[[], object]):
+        """step()'s result, tried up to RETRIES times (with pauses that end at `stop_by`); None if it
+        never succeeded.  Each failure is logged and kept in `failing` for /health."""
+        for attempt in range(1, self.RETRIES + 1):
+            try:
+                return step() or True
+            except Exception as exc:
+                self.failing = f"{what} failed: {exc}"
+                log.error("%s failed (attempt %d of %d): %s", what, attempt, self.RETRIES, exc)
+                pause_s = min(attempt, 5)
+                if self.stop_by is not None:
+                    pause_s = min(pause_s, self.stop_by - time.monotonic())
+                if pause_s <= 0:
+                    break
+                time.sleep(pause_s)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1441,7 +1829,8 @@ class HourMerger:
         #                                                    take several times a piece
         self.row_group_bytes = max(1 << 20, memory_mb * (1 << 20) // 16)
         self.db = duckdb.connect(config={"memory_limit": f"{duckdb_mb}MB", "threads": 1,
-                                         "temp_directory": temp_dir, "preserve_insertion_order": False})
+                                         "temp_directory": temp_dir, "preserve_insertion_order": False,
+                                         "max_temp_directory_size": f"{8 * memory_mb}MB"})
         self.db.execute("SET TimeZone = 'UTC'")
         self.db.execute("SET enable_progress_bar = false")       # it prints to stdout: the journal
 
@@ -1519,10 +1908,15 @@ class Compactor(threading.Thread):
     earlier pass, when late packets came) become one c_NNNNNNNNNN.parquet in the hour's HH-00 folder,
     sorted by time, written by a process of its own (merge_hour, HourMerger).
 
-    The swap: the output is written to a temp name, fsynced and renamed; one atomic metadata.json write
-    replaces the inputs by it; the inputs are deleted on the next pass, so that a reader that listed them
-    a moment before the swap still finds them.  The output's footer lists its inputs, which is how the
-    restart (TypeStore.recover) tells every intermediate state apart.
+    The swap (TypeStore.add_compacted): the output is written to a temp name and fsynced, then published;
+    one atomic metadata.json write replaces the inputs by it; the inputs are deleted as soon as no query
+    of this process reads them.  The output's footer lists its inputs, which is how the restart
+    (TypeStore.recover) tells every intermediate state apart.
+
+    Each step of a pass (each hour's merge, each type's retention, the disk guard, folder cleanup) fails
+    on its own: one that raises is logged and counted, and the others still run.  An hour that fails
+    to merge is checked file by file; a file that does not read is set aside, and the rest is merged
+    on the next pass.  A stop kills a merge under way and starts no other.
     """
 
     def __init__(self, config: Config, storage: Storage, counters: Counters):
@@ -1532,44 +1926,51 @@ class Compactor(threading.Thread):
         self.counters = counters
         self.retention_us = {t: int(s * 1e6) for t, s in config.retention_by_type}
         self.stopping = threading.Event()
-        self.merged: list[tuple[TypeStore, list[dict]]] = []     # inputs to delete on the next pass
-        self.temp_dir = os.path.join(config.parquet_dir, config.writer_id, ".compaction-tmp")
+        self.temp_dir = storage.layout.compaction_spill_dir(config.writer_id)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         self.merging: Optional[multiprocessing.process.BaseProcess] = None
+        self._merging_lock = threading.Lock()       # a merge starts, or a stop kills it: never both
 
     def run(self) -> None:
         lower_priority(COMPACTION_NICE)     # compaction takes the CPU that capture leaves
         while not self.stopping.wait(self.config.compact_interval_s):
-            try:
-                self.run_once()
-            except Exception:
-                if self.stopping.is_set():
-                    log.info("compaction interrupted by shutdown; it starts over at the next start")
-                    return
-                log.exception("compaction pass failed; the next pass tries again")
-                self.counters.add("compaction_errors_total")
+            self.run_once()
+
+    def stop(self) -> None:
+        """Stop at once: a merge under way is killed (its temp file is removed) and no other starts."""
+        self.stopping.set()
+        with self._merging_lock:
+            if self.merging is not None:
+                self.merging.kill()
 
     def close(self) -> None:
-        """Stop at once: a compaction under way is killed and its temp file removed."""
-        self.stopping.set()
-        merging = self.merging
-        if merging is not None:
-            merging.kill()
+        self.stop()
         if self.is_alive():
             self.join()
-        self.delete_merged()
 
     def run_once(self, now_us: Optional[int] = None) -> None:
         now_us = now_us or time.time_ns() // 1000
-        self.delete_merged()
         for store in list(self.storage.types.values()):
             for hour_start_us, inputs in self.closed_hours(store, now_us):
-                self.compact(store, hour_start_us, inputs)
-            self.expire(store, now_us)
-        self.guard_disk(now_us)
+                self._step(f"compaction of hep_{store.proto_type} at {format_time(hour_start_us)}",
+                           lambda: self.compact(store, hour_start_us, inputs))
+            self._step(f"retention of hep_{store.proto_type}", lambda: self.expire(store, now_us))
+        self._step("the disk guard", lambda: self.guard_disk(now_us))
         for store in list(self.storage.types.values()):
-            removed = store.remove_empty_folders(now_us - int(self.config.compact_grace_s * 1e6))
-            self.counters.add("folders_removed_total", removed)
+            self._step(f"folder cleanup of hep_{store.proto_type}", lambda: self.counters.add(
+                "folders_removed_total", store.remove_empty_folders(now_us - int(self.config.compact_grace_s * 1e6))))
+
+    def _step(self, what: str, step: Callable[[], None]) -> None:
+        if self.stopping.is_set():
+            return
+        try:
+            step()
+        except Exception as exc:
+            if self.stopping.is_set():
+                log.info("%s interrupted by shutdown; it starts over at the next start", what)
+                return
+            log.error("%s failed: %s; the next pass tries again", what, exc)
+            self.counters.add("compaction_errors_total")
 
     # -- compaction -----------------------------------------------------------------------------------
 
@@ -1585,25 +1986,17 @@ class Compactor(threading.Thread):
     def compact(self, store: TypeStore, hour_start_us: int, inputs: list[dict]) -> None:
         started = time.perf_counter()
         path = store.compacted_path(hour_start_us)
-        make_dirs(os.path.dirname(path))
         relpaths = [entry["path"] for entry in inputs]
         schema = store.schema.with_metadata({INPUTS_KEY: json.dumps(relpaths).encode()})
         temp = path + TEMP_SUFFIX
         try:
             self._merge_in_a_process(temp, schema, [store.path(e) for e in inputs])
-            output = {"id": int(os.path.basename(path)[2:12]), "path": os.path.relpath(path, store.root),
-                      **describe_file(temp), "chunk_time": hour_start_us * 1000, "range": "1h",
-                      "type": "compacted"}
-            if output["row_count"] != sum(entry["row_count"] for entry in inputs):   # never swap it in
-                raise RuntimeError(f"compaction of {relpaths} wrote {output['row_count']} rows")
+            output = store.add_compacted(temp, path, hour_start_us, inputs)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(temp)
+            remove_file(temp)
+            if not self.stopping.is_set():
+                self._set_aside_unreadable(store, inputs)
             raise
-        os.replace(temp, path)
-        fsync_dir(os.path.dirname(path))
-        store.swap(inputs, output)
-        self.merged.append((store, inputs))
         elapsed = time.perf_counter() - started
         in_bytes = sum(entry["size_bytes"] for entry in inputs)
         self.counters.add("compactions_total", type=str(store.proto_type))
@@ -1612,29 +2005,32 @@ class Compactor(threading.Thread):
         log.info("compacted %d files (%d bytes) of hep_%d into %s: %d rows, %d bytes, %.2f s", len(inputs),
                  in_bytes, store.proto_type, output["path"], output["row_count"], output["size_bytes"], elapsed)
 
+    def _set_aside_unreadable(self, store: TypeStore, inputs: list[dict]) -> None:
+        """After a failed merge: set aside the inputs that do not read, so that the hour merges next time."""
+        unreadable = [entry for entry in inputs if not readable(store.path(entry))]
+        if unreadable:
+            store.set_aside(unreadable, "it does not read")
+            self.counters.add("files_set_aside_total", len(unreadable), type=str(store.proto_type))
+            self.counters.add("rows_set_aside_total", sum(e["row_count"] for e in unreadable),
+                              type=str(store.proto_type))
+
     def _merge_in_a_process(self, path: str, schema: pa.Schema, files: list[str]) -> None:
         process = PROCESSES.Process(target=merge_hour, name="hepop-compaction", daemon=True, args=(
             path, schema, files, self.config.compact_memory_mb, self.temp_dir, os.getpid()))
-        self.merging = process
-        try:
+        with self._merging_lock:
+            if self.stopping.is_set():
+                raise InterruptedError("compaction stopped by shutdown")
             process.start()
+            self.merging = process
+        try:
             process.join()
         finally:
-            self.merging = None
+            with self._merging_lock:
+                self.merging = None
         if self.stopping.is_set():
             raise InterruptedError("compaction stopped by shutdown")
         if process.exitcode != 0:
             raise RuntimeError(f"the compaction process failed (exit code {process.exitcode})")
-
-    def delete_merged(self) -> None:
-        """Delete the inputs of earlier swaps; no reader can still be reading them by now."""
-        for store, entries in self.merged:
-            for entry in entries:
-                try:
-                    os.remove(store.path(entry))
-                except FileNotFoundError:
-                    pass
-        self.merged = []
 
     # -- retention and the disk guard ------------------------------------------------------------------
 
@@ -1647,7 +2043,7 @@ class Compactor(threading.Thread):
     def guard_disk(self, now_us: int) -> None:
         """While the disk is fuller than allowed, delete the oldest hour of every type; never this hour."""
         current_hour_ns = now_us // HOUR_US * HOUR_US * 1000
-        while self.disk_over_limit():
+        while self.disk_over_limit() and not self.stopping.is_set():
             entries = [(store, e) for store in list(self.storage.types.values()) for e in store.snapshot()]
             hours = sorted({e["chunk_time"] // 1000 // HOUR_US for _, e in entries
                             if e["chunk_time"] < current_hour_ns})
@@ -1659,25 +2055,26 @@ class Compactor(threading.Thread):
                                     == hours[0]], "disk_full")
 
     def disk_over_limit(self) -> bool:
+        """Whether this writer's files or the filesystem are over their limits.  What goes away by itself
+        is not counted: DuckDB's spill (bounded by QUERY_SPILL_BYTES and the compaction's own bound) and
+        files deleted as soon as the query reading them ends; deleting data would not make room for those."""
         if self.config.max_disk_bytes:
             used = sum(e["size_bytes"] for store in list(self.storage.types.values()) for e in store.snapshot())
             if used > self.config.max_disk_bytes:
                 return True
         if self.config.max_disk_percent:
             stat = os.statvfs(self.config.parquet_dir)
-            if 100.0 * (1 - stat.f_bavail / stat.f_blocks) > self.config.max_disk_percent:
+            transient = self.storage.leases.doomed_bytes() + sum(
+                folder_size_bytes(path) for path in self.storage.layout.spill_dirs(self.config.writer_id))
+            used_bytes = (stat.f_blocks - stat.f_bavail) * stat.f_frsize - transient
+            if 100.0 * used_bytes / (stat.f_blocks * stat.f_frsize) > self.config.max_disk_percent:
                 return True
         return False
 
     def delete(self, store: TypeStore, entries: list[dict], why: str) -> None:
         if not entries:
             return
-        store.forget(entries)
-        for entry in entries:
-            try:
-                os.remove(store.path(entry))
-            except FileNotFoundError:
-                pass
+        store.delete(entries)
         rows = sum(entry["row_count"] for entry in entries)
         self.counters.add("deleted_files_total", len(entries), why=why, type=str(store.proto_type))
         self.counters.add("deleted_rows_total", rows, why=why, type=str(store.proto_type))
@@ -1708,7 +2105,8 @@ RCINFO_SQL = ("json_object('protocolFamily', ip_family, 'protocol', protocol, 's
 class TimeWindow(NamedTuple):
     low_us: Optional[int]        # None: unbounded
     high_us: Optional[int]
-    default: bool                # the query constrains time nowhere
+    default: bool                # the query constrains time nowhere: the last 10 minutes
+    unread: bool = False         # the query names time in a condition that could not be read as a range
 
     def overlaps(self, entry: dict) -> bool:
         return ((self.low_us is None or entry["max_time"] >= self.low_us * 1000) and
@@ -1716,11 +2114,9 @@ class TimeWindow(NamedTuple):
 
     def header(self) -> str:
         show = lambda us: "" if us is None else format_time(us)
-        return f"{show(self.low_us)}/{show(self.high_us)}" + (" (default: last 10 minutes)" if self.default else "")
-
-
-def format_time(us: int) -> str:
-    return datetime.datetime.fromtimestamp(us / 1e6, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        note = (" (default: last 10 minutes)" if self.default else
+                " (all files: the condition on time is not one the pruning reads)" if self.unread else "")
+        return f"{show(self.low_us)}/{show(self.high_us)}{note}"
 
 
 class QueryEngine:
@@ -1732,14 +2128,20 @@ class QueryEngine:
     Rows still in memory are not visible: they are at most one flush interval behind.
     """
 
-    def __init__(self, config: Config, counters: "Counters"):
+    def __init__(self, config: Config, storage: Storage):
         self.config = config
-        self.counters = counters
+        self.layout = storage.layout
+        self.leases = storage.leases
         self.root = config.parquet_dir
-        make_dirs(self.root)
+        spill_dir = storage.layout.query_spill_dir(config.writer_id)
+        shutil.rmtree(spill_dir, ignore_errors=True)
+        # Spilling goes to the writer's own bounded folder, which the disk guard leaves out of its count:
+        # DuckDB's default, <cwd>/.tmp, was the data directory under the unit, and a large query there
+        # made the guard delete data.  GLOBAL: every request's cursor gets these, UTC above all.
         self.db = duckdb.connect(config={"memory_limit": f"{config.query_memory_mb}MB",
-                                         "threads": config.query_threads})
-        self.db.execute("SET TimeZone = 'UTC'")
+                                         "threads": config.query_threads, "temp_directory": spill_dir,
+                                         "max_temp_directory_size": f"{config.query_spill_bytes}B"})
+        self.db.execute("SET GLOBAL TimeZone = 'UTC'")
         self.db.execute("SET enable_progress_bar = false")
         self.db.execute("SET allowed_directories = $dirs", {"dirs": [self.root.rstrip("/") + "/"]})
         self.db.execute("SET enable_external_access = false")
@@ -1761,7 +2163,7 @@ class QueryEngine:
         statement = statements[0]
         kind = statement.type
         if kind == duckdb.StatementType.EXPLAIN:
-            inner = re.sub(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", "", statement.query, flags=re.IGNORECASE)
+            inner = EXPLAIN_PREFIX.sub("", statement.query)
             kinds = [s.type for s in duckdb.extract_statements(inner)]
             if kinds != [duckdb.StatementType.SELECT]:
                 raise QueryError("only EXPLAIN of a query is allowed")
@@ -1779,12 +2181,16 @@ class QueryEngine:
         constant leaves it open: the query then reads all the data, as it asked.  The range is a superset of
         what the query selects: DuckDB still applies the query's own conditions.
         """
+        sql = EXPLAIN_PREFIX.sub("", sql)           # EXPLAIN reads what its query would
         tree = json.loads(cursor.execute("SELECT json_serialize_sql($sql)", {"sql": sql}).fetchall()[0][0])
         if tree.get("error"):
             raise QueryError(tree.get("error_message", "cannot parse the query"))
-        ranges = [self._range(where, cursor) for where in find_where_clauses(tree)]
+        wheres = find_where_clauses(tree)
+        ranges = [self._range(where, cursor) for where in wheres]
         ranges = [r for r in ranges if r is not None]
         if not ranges:
+            if any(names_time(where) for where in wheres):
+                return TimeWindow(None, None, False, unread=True)
             return TimeWindow(now_us - DEFAULT_WINDOW_US, None, True)
         low = None if any(r[0] is None for r in ranges) else min(r[0] for r in ranges)
         high = None if any(r[1] is None for r in ranges) else max(r[1] for r in ranges)
@@ -1848,11 +2254,10 @@ class QueryEngine:
     def files(self, proto_type: int, window: TimeWindow) -> list[str]:
         """The files of a type that metadata.json lists, for every writer, overlapping the window."""
         paths = []
-        for metadata_path in sorted(glob.glob(os.path.join(self.root, "*", "dbs", "hep-0",
-                                                            f"hep_{proto_type}-0", "metadata.json"))):
+        for metadata_path in self.layout.metadata_files(proto_type):
             for entry in self._listed(metadata_path):
                 if window.overlaps(entry):
-                    paths.append(os.path.join(self.root, entry["path"]))
+                    paths.append(self.layout.absolute(entry["path"]))
         return paths
 
     def _listed(self, metadata_path: str) -> list[dict]:
@@ -1877,40 +2282,64 @@ class QueryEngine:
             self._metadata_cache[metadata_path] = (key, files)
         return files
 
-    def _create_views(self, cursor, sql: str, window: TimeWindow) -> int:
-        """A temp view per hep_<type> that the query names; how many files they read."""
-        opened = 0
-        for proto_type in sorted({int(n) for n in re.findall(r"\bhep_(\d+)\b", sql, re.IGNORECASE)}):
-            if proto_type > 255:
-                continue
-            files = self.files(proto_type, window)
-            opened += len(files)
-            if files:
-                source = "read_parquet([" + ", ".join(sql_string(path) for path in files) + "])"
-            else:
-                source = f"hep_{proto_type}_empty"
-                cursor.register(source, table_schema(proto_type).empty_table())
-            condition = ""
-            if window.default:
-                condition = f" WHERE time >= make_timestamp({window.low_us})"
-            cursor.execute(f'CREATE TEMP VIEW hep_{proto_type} AS SELECT *, time AS "timestamp", '
-                           f"{RCINFO_SQL} AS rcinfo FROM {source}{condition}")
-        return opened
+    def _create_views(self, cursor, sql: str, window: TimeWindow) -> list[str]:
+        """A temp view per hep_<type> that the query names; the files they read, held (FileLeases) until
+        the caller releases them, so that no compaction or retention deletes them meanwhile."""
+        types = sorted({int(n) for n in re.findall(r"\bhep_(\d+)\b", sql, re.IGNORECASE) if int(n) <= 255})
+        files_by_type = {}
+        held = self.leases.hold(lambda: [path for proto_type in types
+                                          for path in files_by_type.setdefault(proto_type, self.files(proto_type, window))])
+        try:
+            for proto_type in types:
+                self._create_view(cursor, proto_type, files_by_type[proto_type], window)
+        except BaseException:
+            self.leases.release(held)
+            raise
+        return held
+
+    def _create_view(self, cursor, proto_type: int, files: list[str], window: TimeWindow) -> None:
+        if files:
+            source = "read_parquet([" + ", ".join(sql_string(path) for path in files) + "])"
+        else:
+            source = f"hep_{proto_type}_empty"
+            cursor.register(source, table_schema(proto_type).empty_table())
+        condition = ""
+        if window.default:
+            condition = f" WHERE time >= make_timestamp({window.low_us})"
+        cursor.execute(f'CREATE TEMP VIEW hep_{proto_type} AS SELECT *, time AS "timestamp", '
+                       f"{RCINFO_SQL} AS rcinfo FROM {source}{condition}")
 
     # -- running -------------------------------------------------------------------------------------
 
     def run(self, cursor, sql: str):
-        """Start a query on a cursor of `self.db`; returns (batches, window, files read).  Raises
-        QueryError; DuckDB's own errors (an interrupt included) pass through."""
+        """Start a query on a cursor of `self.db`; returns (batches, window, the files it reads, held until
+        the caller passes them to `self.leases.release`).  Raises QueryError; DuckDB's own errors (an
+        interrupt included) pass through."""
         self.check_statement(sql)
         window = self.time_window(cursor, sql, time.time_ns() // 1000)
-        opened = self._create_views(cursor, sql, window)
-        return cursor.sql(sql).to_arrow_reader(2048), window, opened
+        held = self._create_views(cursor, sql, window)
+        try:
+            return cursor.sql(sql).to_arrow_reader(2048), window, held
+        except BaseException:
+            self.leases.release(held)
+            raise
 
 
 FLIPPED = {"COMPARE_GREATERTHAN": "COMPARE_LESSTHAN", "COMPARE_LESSTHAN": "COMPARE_GREATERTHAN",
            "COMPARE_GREATERTHANOREQUALTO": "COMPARE_LESSTHANOREQUALTO",
            "COMPARE_LESSTHANOREQUALTO": "COMPARE_GREATERTHANOREQUALTO"}
+
+
+EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", re.IGNORECASE)
+
+
+def names_time(node) -> bool:
+    """Whether an expression tree refers to the time column anywhere."""
+    if isinstance(node, dict):
+        return is_time_column(node) or any(names_time(value) for value in node.values())
+    if isinstance(node, list):
+        return any(names_time(item) for item in node)
+    return False
 
 
 def is_time_column(node) -> bool:
@@ -1947,6 +2376,110 @@ def sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+# -- results as JSON: exact, valid, and the same in JSON, NDJSON and CSV -----------------------------------
+
+INT64_MAX = (1 << 63) - 1
+INT32_MAX = (1 << 31) - 1
+# The times that ISO 8601 text shows as they are: years 1 to 9999, as Python's datetime can.
+SHOWN_US = (-62_135_596_800 * 1_000_000, 253_402_300_799_999_999)
+US_PER_UNIT = {"s": 1_000_000, "ms": 1000, "us": 1}
+
+
+def json_ready_column(column: pa.Array) -> list:
+    """The values of one result column as JSON carries them exactly and validly: integers of any size
+    as numbers, NaN and infinities as null, times as ISO 8601 UTC (a time past year 9999 or DuckDB's
+    infinity as text that says so), intervals as ISO 8601 durations, binary as base64, nested values as
+    JSON.  The common types are converted by Arrow over the column; only the rest value by value."""
+    kind = column.type
+    if pa.types.is_floating(kind):
+        return pc.if_else(pc.is_finite(column), column, pa.scalar(None, kind)).to_pylist()
+    if pa.types.is_timestamp(kind):
+        return timestamp_texts(column)
+    if pa.types.is_date32(kind):
+        return date_texts(column)
+    if pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_boolean(kind) or \
+            pa.types.is_null(kind) or pa.types.is_large_string(kind):
+        return column.to_pylist()
+    try:
+        return [json_ready(value) for value in column.to_pylist()]
+    except (OverflowError, ValueError) as exc:
+        raise QueryError(f"a value of type {kind} cannot be shown ({exc}): cast it to VARCHAR") from None
+
+
+def timestamp_texts(column: pa.Array) -> list:
+    unit = column.type.unit
+    utc = column.cast(pa.timestamp(unit, "UTC"))
+    texts = pc.strftime(utc, format="%Y-%m-%dT%H:%M:%SZ").to_pylist()
+    if unit == "ns":                        # int64 nanoseconds reach 1677 to 2262 only: all shown
+        return texts
+    raw = utc.cast(pa.int64())
+    low, high = (bound // US_PER_UNIT[unit] for bound in SHOWN_US)
+    unshown = pc.invert(pc.and_(pc.greater_equal(raw, low), pc.less_equal(raw, high)))
+    for index in pc.indices_nonzero(pc.fill_null(unshown, False)).to_pylist():
+        value = raw[index].as_py()
+        texts[index] = unshown_time(value, INT64_MAX, f"{value} {unit} since 1970-01-01")
+    return texts
+
+
+def date_texts(column: pa.Array) -> list:
+    texts = column.cast(pa.string()).to_pylist()
+    for index, text in enumerate(texts):
+        if text is not None and text.startswith("<"):          # Arrow's "value out of range"
+            days = column[index].cast(pa.int32()).as_py()
+            texts[index] = unshown_time(days, INT32_MAX, f"{days} days since 1970-01-01")
+    return texts
+
+
+def unshown_time(raw: int, infinity: int, otherwise: str) -> str:
+    return "infinity" if raw == infinity else "-infinity" if raw == -infinity else otherwise
+
+
+def json_ready(value):
+    """One value of a column that Arrow could not convert as a whole, for json.dumps."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            return None
+        if value == value.to_integral_value():
+            return int(value)
+        return float(value) if decimal.Decimal(repr(float(value))) == value else str(value)
+    if isinstance(value, pa.MonthDayNano):
+        return iso_duration(value.months, value.days, value.nanoseconds)
+    if isinstance(value, datetime.timedelta):
+        return iso_duration(0, 0, (value.days * 86_400_000_000 + value.seconds * 1_000_000 + value.microseconds) * 1000)
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        return value.isoformat(timespec="microseconds") + "Z"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, dict):
+        return {str(key): json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return str(value)                       # UUIDs and whatever else has a text form
+
+
+def iso_duration(months: int, days: int, nanoseconds: int) -> str:
+    """An interval as an ISO 8601 duration: P1Y2M3DT4H5M6.5S; PT0S when empty."""
+    years, months = divmod(months, 12) if months >= 0 else (-(-months // 12), -(-months % 12))
+    sign = "-" if nanoseconds < 0 else ""
+    seconds_ns = abs(nanoseconds)
+    hours, seconds_ns = divmod(seconds_ns, 3_600_000_000_000)
+    minutes, seconds_ns = divmod(seconds_ns, 60_000_000_000)
+    seconds = f"{seconds_ns // 10**9}.{seconds_ns % 10**9:09d}".rstrip("0").rstrip(".")
+    date = "".join(f"{n}{unit}" for n, unit in ((years, "Y"), (months, "M"), (days, "D")) if n)
+    time_part = "".join(f"{sign}{n}{unit}" for n, unit in ((hours, "H"), (minutes, "M")) if n)
+    if seconds != "0":
+        time_part += f"{sign}{seconds}S"
+    return "P" + date + ("T" + time_part if time_part else "") if date or time_part else "PT0S"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Capture: from raw HEP bytes to batches (Ingest), and the selectors loop over the sockets.
 # ---------------------------------------------------------------------------------------------------------
@@ -1961,17 +2494,16 @@ class Ingest:
         self.writer = writer
         self.counters = counters
         self.check = check
-        self.batches: dict[object, list] = {}        # Batch.key -> [times, packets, nbytes, deadline, senders]
+        self.batches: dict[object, ReceivedBatch | DecodedBatch] = {}     # by their key: transport or type
         self.buffered_bytes = 0
         self.received: collections.Counter = collections.Counter()     # (transport, version) -> packets
         self.max_pending_bytes = config.max_pending_bytes               # read at every read of the loop
         self.flush_rows, self.flush_bytes = config.flush_rows, config.flush_bytes
 
-    def messages(self, messages: list, senders: list, transport: str) -> None:
-        """Take in messages as received (bytes, and `senders`: (index, peer) where the peer changes),
-        buffered as they are for the writer to decode.  One call for all that one wake-up of the loop read,
-        so that a datagram costs the loop little more than its recvfrom.  Those that would pass
-        MAX_PENDING_BYTES are dropped."""
+    def messages(self, messages: list, senders: list[Sender], transport: str) -> None:
+        """Take in messages as received, buffered as they are for the writer to decode.  One call for all
+        that one wake-up of the loop read, so that a datagram costs the loop little more than its
+        recvfrom.  Those that would pass MAX_PENDING_BYTES are dropped."""
         size = sum(map(len, messages)) + 64 * len(messages)
         room = self.room()
         if size > room:
@@ -1979,8 +2511,8 @@ class Ingest:
             for index, data in enumerate(messages):
                 peer = sender_of(senders, index)
                 if len(data) + 64 <= room:
-                    if not fitting_senders or fitting_senders[-1][1] != peer:
-                        fitting_senders.append((len(fitting), peer))
+                    if not fitting_senders or fitting_senders[-1].peer != peer:
+                        fitting_senders.append(Sender(len(fitting), peer))
                     fitting.append(data)
                     room -= len(data) + 64
                 else:
@@ -1988,8 +2520,14 @@ class Ingest:
             self._drop_for_room(len(messages) - len(fitting))
             messages, senders = fitting, fitting_senders
             size = sum(map(len, messages)) + 64 * len(messages)
-        if messages:
-            self._buffer(transport, messages, size, senders=senders)
+        if not messages:
+            return
+        batch = self.batches.get(transport)
+        if batch is None:
+            batch = self.batches[transport] = ReceivedBatch(transport, time.time_ns() // 1000, self._due())
+        batch.senders.extend(Sender(len(batch.messages) + sender.first, sender.peer) for sender in senders)
+        batch.messages.extend(messages)
+        self._added(batch, len(batch.messages), size)
 
     def packet(self, data: bytes, transport: str, peer) -> bool:
         """Take in one HEP message; False when it does not decode (it is then counted as malformed)."""
@@ -2000,27 +2538,26 @@ class Ingest:
         if time_us is None:
             return True
         size = len(packet.payload) + 64
-        if size <= self.room():
-            self._buffer(packet.proto_type, [packet], size, time_us)
-        else:
+        if size > self.room():
             self._drop_for_room(1)
+            return True
+        batch = self.batches.get(packet.proto_type)
+        if batch is None:
+            batch = self.batches[packet.proto_type] = DecodedBatch(packet.proto_type, self._due())
+        batch.times_us.append(time_us)
+        batch.packets.append(packet)
+        self._added(batch, len(batch.packets), size)
         return True
 
-    def _buffer(self, key, items: list, size: int, time_us: Optional[int] = None, senders: list = ()) -> None:
-        """Append to the batch of `key`, flushed when it is full; a decoded packet comes with its time,
-        messages as received are timed by the arrival of their batch's first."""
-        batch = self.batches.get(key)
-        if batch is None:
-            batch = self.batches[key] = [[] if time_us is not None else [time.time_ns() // 1000], [], 0,
-                                         time.monotonic() + self.config.flush_interval_s, []]
-        if time_us is not None:
-            batch[0].append(time_us)
-        batch[4].extend((len(batch[1]) + index, peer) for index, peer in senders)
-        batch[1].extend(items)
-        batch[2] += size
+    def _due(self) -> float:
+        return time.monotonic() + self.config.flush_interval_s
+
+    def _added(self, batch: ReceivedBatch | DecodedBatch, rows: int, size: int) -> None:
+        """Account for what was appended to a batch, and hand it over when it is full."""
+        batch.nbytes += size
         self.buffered_bytes += size
-        if len(batch[1]) >= self.flush_rows or batch[2] >= self.flush_bytes:
-            self.flush(key)
+        if rows >= self.flush_rows or batch.nbytes >= self.flush_bytes:
+            self.flush(batch.key)
 
     def room(self) -> int:
         """The bytes that may still be buffered before MAX_PENDING_BYTES."""
@@ -2038,16 +2575,16 @@ class Ingest:
         self.received.clear()
 
     def flush(self, key) -> None:
-        """Hand one batch to the writer thread: a swap of lists, no I/O on the loop."""
-        times, packets, nbytes, _, senders = self.batches.pop(key)
-        self.buffered_bytes -= nbytes
-        self.writer.submit(Batch(key, times, packets, nbytes, senders))
+        """Hand one batch to the writer thread: no copy, no I/O on the loop."""
+        batch = self.batches.pop(key)
+        self.buffered_bytes -= batch.nbytes
+        self.writer.submit(batch)
 
     def flush_due(self, now: float) -> Optional[float]:
         """Flush the batches whose oldest row is FLUSH_INTERVAL_S old; the next deadline, if any."""
-        for key in [key for key, batch in self.batches.items() if batch[3] <= now]:
+        for key in [key for key, batch in self.batches.items() if batch.due_s <= now]:
             self.flush(key)
-        return min((batch[3] for batch in self.batches.values()), default=None)
+        return min((batch.due_s for batch in self.batches.values()), default=None)
 
     def flush_all(self) -> None:
         for key in list(self.batches):
@@ -2066,7 +2603,10 @@ class CaptureServer:
     UDP_DRAIN_MAX = 1 << 20         # datagrams read at shutdown at most: an agent may go on sending
     READ_ROOM_BYTES = 4 << 20       # reading pauses while the buffers have less room than this
     PAUSED_POLL_S = 0.01
-    DRAIN_WAIT_MAX_S = 60.0         # at shutdown, how long to wait for the writer to make room at most
+    # From SIGTERM to exit, at most this (systemd's TimeoutStopSec is 120 s): the kernel's buffers read, the
+    # writer given until then to make room and to retry failing writes; what it still cannot write is
+    # counted as dropped.  A healthy disk writes MAX_PENDING_BYTES (256 MiB) in well under that.
+    STOP_TIMEOUT_S = 8.0
 
     def __init__(self, config: Config, ingest: Ingest, counters: Counters):
         self.config = config
@@ -2077,6 +2617,7 @@ class CaptureServer:
         self.stopping = False
         self.reading = True
         self.notices = RateLimitedLog()
+        self._logged: dict[str, float] = {}            # the counters as log_growth() last saw them
         self.udp: Optional[socket.socket] = None
         self.tcp: Optional[socket.socket] = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
@@ -2139,7 +2680,7 @@ class CaptureServer:
             next_flush = self.ingest.flush_due(started)
             self._pace_reading()
             if started >= next_stats:
-                self.log_counters("counters")
+                self.log_growth()
                 next_stats = started + self.config.stats_interval_s
             self.counters.maximum("loop_busy_seconds_max", time.monotonic() - started)
         self._drain()
@@ -2180,7 +2721,9 @@ class CaptureServer:
         self.reading = reading
 
     def _on_signal(self, signum, frame) -> None:
-        self.stopping = True
+        if not self.stopping:
+            self.stopping = True
+            self.ingest.writer.stop_by = time.monotonic() + self.STOP_TIMEOUT_S
 
     def _on_wakeup(self, sock) -> None:
         try:
@@ -2204,7 +2747,7 @@ class CaptureServer:
                 break
             append(data)
             if peer != sender:
-                senders.append((index, peer))
+                senders.append(Sender(index, peer))
                 sender = peer
         if datagrams:
             self.ingest.messages(datagrams, senders, "udp")
@@ -2264,7 +2807,7 @@ class CaptureServer:
             elif not self.ingest.packet(frame, "tcp", peer):
                 stream.reject()
         if common:
-            self.ingest.messages(common, [(0, peer)], "tcp")
+            self.ingest.messages(common, [Sender(0, peer)], "tcp")
 
     def _count_garbage(self, stream: HepStream) -> None:
         if stream.garbage_bytes:
@@ -2273,14 +2816,15 @@ class CaptureServer:
 
     def _drain(self) -> None:
         """At shutdown: take in every datagram and TCP byte the kernel already holds for us.  When the buffers
-        are full, the writer is given DRAIN_WAIT_MAX_S to make room; what then has none is counted as dropped."""
+        are full, the writer is given until the stop deadline to make room; what then has none is counted as
+        dropped."""
         if not self.reading:
             self._set_reading(True)
         self.selector.unregister(self.udp)
         self.selector.unregister(self.tcp)
         self._on_accept(self.tcp)                   # agents still in the backlog may have sent already
         self.tcp.close()
-        wait_until = time.monotonic() + self.DRAIN_WAIT_MAX_S
+        wait_until = self.ingest.writer.stop_by or time.monotonic() + self.STOP_TIMEOUT_S
         read = 0
         while read < self.UDP_DRAIN_MAX:
             self._wait_for_room(wait_until)
@@ -2306,36 +2850,53 @@ class CaptureServer:
             conn.close()
         self.udp.close()
 
-    def log_counters(self, what: str) -> None:
+    def log_growth(self) -> None:
+        """Log how much each counter grew since the last such line (every STATS_INTERVAL_S); nothing
+        when none did.  Maxima and gauges are on /metrics and in the final line."""
         values = self.counters.snapshot()
-        if any(values.values()):
-            log.info("%s %s", what, json.dumps(values, separators=(",", ":")))
+        grown = {key: value - self._logged.get(key, 0) for key, value in values.items()
+                 if key.split("{")[0].endswith("_total") and value != self._logged.get(key, 0)}
+        self._logged = values
+        if grown:
+            log.info("counters grew %s", json.dumps(grown, separators=(",", ":")))
+
+    def log_counters(self, what: str) -> None:
+        log.info("%s %s", what, json.dumps(self.counters.snapshot(), separators=(",", ":")))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# HTTP: /query, /health and /metrics on HTTP_PORT, errors answered as JSON in one place.
+# HTTP: a route table on HTTP_PORT (/query, /health, /metrics), every answer JSON, errors in one place.
 # ---------------------------------------------------------------------------------------------------------
 
 MAX_BODY_BYTES = 1 << 20
+# A body over MAX_BODY_BYTES but under this is read and thrown away before the 413: a client that is
+# still sending when the server closes gets a broken pipe instead of the answer.  Larger: 413 at once.
+DISCARD_BODY_BYTES = 16 << 20
 READ_AHEAD_BYTES = 8 << 20          # a result this small is sent knowing whether the row cap cut it
 
 
 class Api:
     """What the HTTP handlers serve: the query engine, the counters, and the state /health reports."""
 
-    def __init__(self, config: Config, counters: "Counters", writer: "BatchWriter", udp_inode: Callable):
+    def __init__(self, config: Config, counters: Counters, writer: BatchWriter, storage: Storage,
+                 udp_inode: Callable):
         self.config = config
         self.counters = counters
         self.writer = writer
         self.udp_inode = udp_inode
-        self.engine = QueryEngine(config, counters)
+        self.engine = QueryEngine(config, storage)
         self.started = time.time()
 
-    def health(self) -> dict:
+    def health(self) -> tuple[int, dict]:
+        """200 while writes succeed; 503 with the reason while they fail."""
         last = self.writer.last_flush
-        return {"status": "ok", "version": __version__, "writer_id": self.config.writer_id,
-                "uptime_s": round(time.time() - self.started, 1),
+        failing = self.writer.failing
+        body = {"status": "failing" if failing else "ok", "version": __version__,
+                "writer_id": self.config.writer_id, "uptime_s": round(time.time() - self.started, 1),
                 "last_flush": None if last is None else format_time(int(last * 1e6))}
+        if failing:
+            body["error"] = failing
+        return (503 if failing else 200), body
 
     def metrics(self) -> str:
         """Every counter in Prometheus text format, plus the kernel's drops on our UDP socket."""
@@ -2370,21 +2931,10 @@ def udp_kernel_drops(inode: Optional[int]) -> int:
     return 0
 
 
-def json_value(value):
-    """JSON for what json.dumps cannot write itself: times as ISO 8601 UTC, bytes as base64."""
-    if isinstance(value, datetime.datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
-        return value.isoformat(timespec="microseconds") + "Z"
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode()
-    if isinstance(value, decimal.Decimal):
-        return float(value)
-    return str(value)
-
-
 class ResultWriter:
-    """Writes Arrow batches as JSON (an array of objects), NDJSON, CSV or an Arrow IPC stream."""
+    """Writes Arrow batches as JSON (an array of objects), NDJSON, CSV or an Arrow IPC stream.  The values
+    are those of json_ready_column() in every text format; in CSV a nested value is its JSON text and
+    rcinfo stays the JSON text it is, while JSON and NDJSON carry it as an object."""
 
     TYPES = {"json": "application/json", "ndjson": "application/x-ndjson", "csv": "text/csv; charset=utf-8",
              "arrow": "application/vnd.apache.arrow.stream"}
@@ -2401,32 +2951,34 @@ class ResultWriter:
         elif fmt == "csv":
             self._csv_rows([schema.names])
         elif fmt == "arrow":
-            self.ipc = pa.ipc.new_stream(WriteAdapter(write), schema)
+            self.ipc = pa.ipc.new_stream(WriteAdapter(lambda data: self.write(data)), schema)
 
     def batch(self, batch: pa.RecordBatch) -> None:
         if self.fmt == "arrow":
             self.ipc.write_batch(batch)
             self.rows += len(batch)
             return
-        rows = batch.to_pylist()
-        for row in rows:
-            for name in self.json_columns:
-                if row[name] is not None:
-                    row[name] = json.loads(row[name])
+        columns = [json_ready_column(column) for column in batch.columns]
         if self.fmt == "csv":
-            self._csv_rows([[json_value(v) if not isinstance(v, (str, int, float, type(None))) else v
-                             for v in row.values()] for row in rows])
+            columns = [[json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v for v in values]
+                       for values in columns]
+            self._csv_rows(zip(*columns))
         else:
+            for index, name in enumerate(batch.schema.names):
+                if name in self.json_columns:
+                    columns[index] = [None if v is None else json.loads(v) for v in columns[index]]
+            names = batch.schema.names
             separator = "\n" if self.fmt == "ndjson" else ",\n"
-            text = separator.join(json.dumps(row, default=json_value, ensure_ascii=False) for row in rows)
-            if self.fmt == "json" and self.rows and rows:
+            text = separator.join(json.dumps(dict(zip(names, values)), ensure_ascii=False, allow_nan=False)
+                                  for values in zip(*columns))
+            if self.fmt == "json" and self.rows and len(batch):
                 text = ",\n" + text
-            elif self.fmt == "ndjson" and rows:
+            elif self.fmt == "ndjson" and len(batch):
                 text += "\n"
             self.write(text.encode())
-        self.rows += len(rows)
+        self.rows += len(batch)
 
-    def _csv_rows(self, rows: list) -> None:
+    def _csv_rows(self, rows: Iterable) -> None:
         out = io.StringIO()
         csv.writer(out, lineterminator="\n").writerows(rows)
         self.write(out.getvalue().encode())
@@ -2453,174 +3005,6 @@ class WriteAdapter:
         pass
 
 
-class ApiHandler(http.server.BaseHTTPRequestHandler):
-    """GET /health, GET /metrics, GET or POST /query; every error is JSON with an `error`."""
-
-    server_version = f"hepop/{__version__}"
-    protocol_version = "HTTP/1.1"
-
-    @property
-    def api(self) -> Api:
-        return self.server.api
-
-    def parse_request(self) -> bool:
-        """Also take a request line whose URL has raw spaces (a query typed as is), as %20."""
-        words = self.raw_requestline.split()
-        if len(words) > 3 and words[-1].startswith(b"HTTP/"):
-            self.raw_requestline = b" ".join([words[0], b"%20".join(words[1:-1]), words[-1]]) + b"\r\n"
-        return super().parse_request()
-
-    def do_GET(self) -> None:
-        self.route()
-
-    def do_POST(self) -> None:
-        self.route()
-
-    def route(self) -> None:
-        url = urllib.parse.urlsplit(self.path)
-        try:
-            if url.path == "/health":
-                return self.send_json(200, self.api.health())
-            if not self.authorized():
-                return self.send_json(401, {"error": "this server needs 'Authorization: Bearer <API_TOKEN>'"})
-            if url.path == "/metrics":
-                return self.send_body(200, self.api.metrics().encode(), "text/plain; version=0.0.4")
-            if url.path == "/query":
-                return self.query(url)
-            self.send_json(404, {"error": f"no such route: {url.path} (try /query, /health, /metrics)"})
-        except QueryError as exc:
-            self.send_json(exc.status, {"error": str(exc)})
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception:
-            log.exception("HTTP %s %s failed", self.command, url.path)
-            self.send_json(500, {"error": "internal error; see hepop's log"})
-
-    def authorized(self) -> bool:
-        token = self.api.config.api_token
-        if not token:
-            return True
-        given = self.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
-
-    def query(self, url) -> None:
-        sql, fmt = self.query_request(url)
-        lower_priority(QUERY_NICE)
-        started = time.perf_counter()
-        status = 200
-        try:
-            self.stream_query(sql, fmt)
-        except QueryError as exc:
-            status = exc.status
-            raise
-        finally:
-            elapsed = time.perf_counter() - started
-            self.api.counters.add("queries_total", status=str(status))
-            self.api.counters.add("query_seconds_total", elapsed)
-            self.api.counters.maximum("query_seconds_max", elapsed)
-
-    def query_request(self, url) -> tuple[str, str]:
-        """The SQL and the format, from ?q= and ?format=, or a POST body (JSON, form or plain SQL)."""
-        params = dict(urllib.parse.parse_qsl(url.query))
-        sql, fmt = params.get("q") or params.get("query"), params.get("format", "json")
-        if self.command == "POST":
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                self.close_connection = True
-                raise QueryError(f"the request body is over {MAX_BODY_BYTES} bytes", 413)
-            body = self.rfile.read(length).decode("utf-8", "replace")
-            kind = self.headers.get("Content-Type", "").split(";")[0].strip()
-            if kind == "application/json":
-                try:
-                    request = json.loads(body)
-                    sql, fmt = request.get("query") or request.get("q"), request.get("format", fmt)
-                except (ValueError, AttributeError):
-                    raise QueryError('the body is not a JSON object like {"query": "SELECT ..."}') from None
-            elif kind == "application/x-www-form-urlencoded":
-                form = dict(urllib.parse.parse_qsl(body))
-                sql, fmt = form.get("q") or form.get("query"), form.get("format", fmt)
-            else:
-                sql = body
-        if not sql or not str(sql).strip():
-            raise QueryError("no query: give it as ?q=SELECT... or a POST body {\"query\": \"SELECT ...\"}")
-        if fmt not in ResultWriter.TYPES:
-            raise QueryError(f"unknown format {fmt!r}: use one of {', '.join(ResultWriter.TYPES)}")
-        return str(sql), fmt
-
-    def stream_query(self, sql: str, fmt: str) -> None:
-        """Run the query under QUERY_TIMEOUT_S and stream its rows; the first rows are read before the
-        headers go out so that errors still get their status and small results say if the cap cut."""
-        engine, cap = self.api.engine, self.api.config.query_max_rows
-        cursor = engine.db.cursor()
-        timed_out = threading.Event()
-        timer = threading.Timer(self.api.config.query_timeout_s, lambda: (timed_out.set(), cursor.interrupt()))
-        timer.start()
-        headers_sent = False
-        try:
-            reader, window, opened = engine.run(cursor, sql)
-            self.api.counters.add("query_files_total", opened)
-            batches = CappedBatches(reader, cap)
-            ahead, size, finished = [], 0, True
-            for batch in batches:
-                ahead.append(batch)
-                size += batch.nbytes
-                if size >= READ_AHEAD_BYTES:
-                    finished = False
-                    break
-            headers = {"X-Hepop-Time-Window": window.header(), "X-Hepop-Files": str(opened),
-                       "X-Hepop-Row-Cap": str(cap)}
-            if finished:
-                headers["X-Hepop-Truncated"] = "true" if batches.cut else "false"
-            else:
-                headers["Trailer"] = "X-Hepop-Truncated"
-            self.send_response(200)
-            headers_sent = True
-            self.send_header("Content-Type", ResultWriter.TYPES[fmt])
-            self.send_header("Transfer-Encoding", "chunked")
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            out = ResultWriter(fmt, reader.schema, self.write_chunk)
-            sent = 0
-            for batch in itertools.chain(ahead, [] if finished else batches):
-                batch = batch.slice(0, cap - sent)
-                if len(batch):
-                    out.batch(batch)
-                    sent += len(batch)
-            out.close()
-            trailer = b"" if finished else f"X-Hepop-Truncated: {'true' if batches.cut else 'false'}\r\n".encode()
-            self.wfile.write(b"0\r\n" + trailer + b"\r\n")
-        except duckdb.Error as exc:
-            if headers_sent:                # too late for a status: cut the response short
-                log.warning("query failed while its rows were being sent: %s", exc)
-                self.close_connection = True
-                return
-            if timed_out.is_set():
-                raise QueryError(f"the query ran past QUERY_TIMEOUT_S ({self.api.config.query_timeout_s:g} s) "
-                                 "and was stopped", 504) from None
-            raise QueryError(str(exc)) from None
-        finally:
-            timer.cancel()
-            cursor.close()
-
-    def write_chunk(self, data: bytes) -> None:
-        if data:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-
-    def send_json(self, status: int, body: dict) -> None:
-        self.send_body(status, json.dumps(body).encode() + b"\n", "application/json")
-
-    def send_body(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, fmt: str, *args) -> None:
-        log.debug("HTTP %s: " + fmt, self.client_address[0], *args)
-
-
 class CappedBatches:
     """The batches of a reader until more than `cap` rows were read; `cut` says if that happened."""
 
@@ -2642,6 +3026,267 @@ class CappedBatches:
         batch = next(self.reader)
         self.rows += len(batch)
         return batch
+
+
+class ResponseCut(Exception):
+    """A response that ended short after its 200 went out; counted as aborted, nothing more to send."""
+
+
+class HttpError(Exception):
+    """An answer other than 200, with the reason a client reads in `error`."""
+
+    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+class Route(NamedTuple):
+    """One entry of the route table: a method and a path pattern (a regex matched whole, whose named
+    groups are passed to the handler) served by an ApiHandler method."""
+    method: str
+    pattern: re.Pattern
+    handler: str
+    open: bool = False          # answered without the API token
+
+
+ROUTES = (
+    Route("GET", re.compile(r"/health"), "get_health", open=True),
+    Route("GET", re.compile(r"/metrics"), "get_metrics"),
+    Route("GET", re.compile(r"/query"), "query"),
+    Route("POST", re.compile(r"/query"), "query"),
+)
+
+
+class ApiHandler(http.server.BaseHTTPRequestHandler):
+    """Answers by the route table (ROUTES); every answer, errors included, is JSON with an `error`."""
+
+    server_version = f"hepop/{__version__}"
+    protocol_version = "HTTP/1.1"
+    timeout = 10                    # seconds a client may be silent: idle, or in the middle of a body
+
+    @property
+    def api(self) -> Api:
+        return self.server.api
+
+    def parse_request(self) -> bool:
+        """Also take a request line whose URL has raw spaces (a query typed as is), as %20."""
+        words = self.raw_requestline.split()
+        if len(words) > 3 and words[-1].startswith(b"HTTP/"):
+            self.raw_requestline = b" ".join([words[0], b"%20".join(words[1:-1]), words[-1]]) + b"\r\n"
+        return super().parse_request()
+
+    def route(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        try:
+            route, groups = self.find_route(url.path)
+            if not route.open and not self.authorized():
+                raise HttpError(401, "this server needs 'Authorization: Bearer <API_TOKEN>'")
+            getattr(self, route.handler)(url, **groups)
+        except HttpError as exc:
+            self.send_json(exc.status, {"error": str(exc)}, exc.headers)
+        except QueryError as exc:
+            self.send_json(exc.status, {"error": str(exc)})
+        except RecursionError:
+            self.send_json(400, {"error": "the request is nested too deeply to be read"})
+        except (ResponseCut, BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
+        except Exception:
+            log.exception("HTTP %s %s failed", self.command, url.path)
+            self.send_json(500, {"error": "internal error; see hepop's log"})
+
+    # Every method a client may send reaches the route table, which answers 405 where no route takes it
+    # (http.server answers any other with send_error(501), below, and HEAD likewise: no body to a HEAD).
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = route
+
+    def find_route(self, path: str) -> tuple[Route, dict]:
+        allowed = []
+        for route in ROUTES:
+            match = route.pattern.fullmatch(path)
+            if match and route.method == self.command:
+                return route, match.groupdict()
+            if match:
+                allowed.append(route.method)
+        if allowed:
+            raise HttpError(405, f"{path} takes {', '.join(allowed)}, not {self.command}",
+                            {"Allow": ", ".join(allowed)})
+        raise HttpError(404, f"no such route: {path}")
+
+    def authorized(self) -> bool:
+        token = self.api.config.api_token
+        if not token:
+            return True
+        given = self.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+    def read_body(self) -> bytes:
+        """The request body, read strictly: a Content-Length that is not a number, or a chunked body, is
+        refused without reading on; one over MAX_BODY_BYTES is thrown away (up to DISCARD_BODY_BYTES)
+        and refused; one that stops short of its length times out after `timeout`."""
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise HttpError(411, "send the body with a Content-Length, not Transfer-Encoding")
+        text = self.headers.get("Content-Length") or "0"
+        if not text.isdigit():
+            self.close_connection = True
+            raise HttpError(400, f"Content-Length {text[:40]!r} is not a number of bytes")
+        length = int(text)
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            if length <= DISCARD_BODY_BYTES:
+                while length > 0 and (data := self.rfile.read(min(length, 1 << 16))):
+                    length -= len(data)
+            raise HttpError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True
+            raise HttpError(400, f"the body ended after {len(body)} of its {length} bytes")
+        return body
+
+    # -- routes ----------------------------------------------------------------------------------------
+
+    def get_health(self, url) -> None:
+        self.send_json(*self.api.health())
+
+    def get_metrics(self, url) -> None:
+        self.send_body(200, self.api.metrics().encode(), "text/plain; version=0.0.4")
+
+    def query(self, url) -> None:
+        sql, fmt = self.query_request(url)
+        lower_priority(QUERY_NICE)
+        started = time.perf_counter()
+        status = "200"
+        try:
+            self.stream_query(sql, fmt)
+        except QueryError as exc:
+            status = str(exc.status)
+            raise
+        except BaseException:
+            status = "aborted"
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            self.api.counters.add("queries_total", status=status)
+            self.api.counters.add("query_seconds_total", elapsed)
+            self.api.counters.maximum("query_seconds_max", elapsed)
+
+    def query_request(self, url) -> tuple[str, str]:
+        """The SQL and the format, from ?q= and ?format=, or a POST body (JSON, form or plain SQL)."""
+        params = dict(urllib.parse.parse_qsl(url.query))
+        sql, fmt = params.get("q") or params.get("query"), params.get("format", "json")
+        if self.command == "POST":
+            body = self.read_body().decode("utf-8", "replace")
+            kind = self.headers.get("Content-Type", "").split(";")[0].strip()
+            if kind == "application/json":
+                try:
+                    request = json.loads(body)
+                    sql, fmt = request.get("query") or request.get("q"), request.get("format", fmt)
+                except (ValueError, AttributeError):
+                    raise QueryError('the body is not a JSON object like {"query": "SELECT ..."}') from None
+            elif kind == "application/x-www-form-urlencoded":
+                form = dict(urllib.parse.parse_qsl(body))
+                sql, fmt = form.get("q") or form.get("query"), form.get("format", fmt)
+            else:
+                sql = body
+        if not sql or not str(sql).strip():
+            raise QueryError("no query: give it as ?q=SELECT... or a POST body {\"query\": \"SELECT ...\"}")
+        if fmt not in ResultWriter.TYPES:
+            raise QueryError(f"unknown format {fmt!r}: use one of {', '.join(ResultWriter.TYPES)}")
+        return str(sql), fmt
+
+    def stream_query(self, sql: str, fmt: str) -> None:
+        """Run the query under QUERY_TIMEOUT_S and stream its rows.  The first READ_AHEAD_BYTES of rows are
+        read and encoded before the headers go out, so that their errors still get a status and small
+        results say whether the cap cut them.  An error after that ends the response without its last
+        chunk, which every HTTP client reports as a cut transfer, and is counted as `aborted`."""
+        engine, cap = self.api.engine, self.api.config.query_max_rows
+        cursor = engine.db.cursor()
+        timed_out = threading.Event()
+        timer = threading.Timer(self.api.config.query_timeout_s, lambda: (timed_out.set(), cursor.interrupt()))
+        timer.start()
+        held = []
+        try:
+            reader, window, held = engine.run(cursor, sql)
+            self.api.counters.add("query_files_total", len(held))
+            batches = CappedBatches(reader, cap)
+            encoded: list[bytes] = []
+            out = ResultWriter(fmt, reader.schema, encoded.append)
+            sent, size, finished = 0, 0, True
+            for batch in batches:
+                batch = batch.slice(0, cap - sent)
+                out.batch(batch)
+                sent += len(batch)
+                size += batch.nbytes
+                if size >= READ_AHEAD_BYTES:
+                    finished = False
+                    break
+            if finished:
+                out.close()
+            headers = {"Content-Type": ResultWriter.TYPES[fmt], "Transfer-Encoding": "chunked",
+                       "X-Hepop-Time-Window": window.header(), "X-Hepop-Files": str(len(held)),
+                       "X-Hepop-Row-Cap": str(cap)}
+            headers["X-Hepop-Truncated" if finished else "Trailer"] = \
+                ("true" if batches.cut else "false") if finished else "X-Hepop-Truncated"
+            self.send_response(200)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            out.write = self.write_chunk
+            for data in encoded:
+                self.write_chunk(data)
+            if not finished:
+                self._stream_rest(out, batches, sent, cap)
+            trailer = b"" if finished else f"X-Hepop-Truncated: {'true' if batches.cut else 'false'}\r\n".encode()
+            self.wfile.write(b"0\r\n" + trailer + b"\r\n")
+        except duckdb.Error as exc:
+            if timed_out.is_set():
+                raise QueryError(f"the query ran past QUERY_TIMEOUT_S ({self.api.config.query_timeout_s:g} s) "
+                                 "and was stopped", 504) from None
+            raise QueryError(str(exc)) from None
+        finally:
+            timer.cancel()
+            cursor.close()
+            engine.leases.release(held)
+
+    def _stream_rest(self, out: ResultWriter, batches: CappedBatches, sent: int, cap: int) -> None:
+        try:
+            for batch in batches:
+                batch = batch.slice(0, cap - sent)
+                if len(batch):
+                    out.batch(batch)
+                    sent += len(batch)
+            out.close()
+        except (duckdb.Error, QueryError) as exc:   # too late for a status: cut the response short
+            log.warning("query failed while its rows were being sent: %s", exc)
+            self.close_connection = True
+            raise ResponseCut(str(exc)) from None
+
+    def write_chunk(self, data: bytes) -> None:
+        if data:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def send_json(self, status: int, body: dict, headers: Optional[dict] = None) -> None:
+        self.send_body(status, json.dumps(body).encode() + b"\n", "application/json", headers)
+
+    def send_body(self, status: int, body: bytes, content_type: str, headers: Optional[dict] = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """The errors http.server answers itself (a bad request line, headers too long, HEAD) as JSON."""
+        self.close_connection = True
+        self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
+
+    def log_message(self, fmt: str, *args) -> None:
+        log.debug("HTTP %s: " + fmt, self.client_address[0], *args)
 
 
 class ApiServer(http.server.ThreadingHTTPServer):
@@ -2719,7 +3364,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup_logging(config.log_level)
     log.info("hepop %s: writer %s, data in %s", __version__, config.writer_id, config.parquet_dir)
     counters = Counters()
-    storage = Storage(config.parquet_dir, config.writer_id)
+    try:
+        storage = Storage(config.parquet_dir, config.writer_id)
+    except StoreError as exc:
+        log.error("%s", exc)
+        return 2
     check = PacketCheck(config, counters)
     writer = BatchWriter(storage, counters, check)
     writer.start()
@@ -2731,7 +3380,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("cannot listen on %s port %d: %s", config.host, config.port, exc)
         writer.close()
         return 1
-    api = Api(config, counters, writer, server.udp_inode)
+    api = Api(config, counters, writer, storage, server.udp_inode)
     try:
         http_server = ApiServer(config, api)
     except OSError as exc:
@@ -2747,9 +3396,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     server.serve()
     notify_systemd("STOPPING=1")
     log.info("stopping: writing what is buffered")
+    compactor.stop()                        # a merge under way is killed: the hour is merged at the next start
     http_server.shutdown()
     writer.close()
     compactor.close()
+    storage.close()
     server.log_counters("final counters")
     log.info("stopped")
     return 0

@@ -71,6 +71,11 @@ def sip(call_id: str, method="INVITE", extra="") -> bytes:
             f"CSeq: 1 {method}\r\n{extra}Content-Length: 0\r\n\r\n").encode()
 
 
+def build_table(proto_type: int, times_us: list[int], packets: list) -> pa.Table:
+    """The stored table of decoded packets, as the writer makes it."""
+    return hepop.complete_table(proto_type, hepop.packet_table(times_us, packets))
+
+
 def fixture_packets(name: str) -> list[bytes]:
     return [Path(p).read_bytes() for p in sorted(glob.glob(str(FIXTURES / name / "*.bin")))]
 
@@ -218,7 +223,7 @@ def test_datagrams_decoded_in_batch_equal_decoding_one_by_one(tmp_path):
     counters = hepop.Counters()
     config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path)})
     writer = hepop.BatchWriter(hepop.Storage(str(tmp_path), "w"), counters, hepop.PacketCheck(config, counters))
-    tables = writer.message_tables(hepop.Batch("udp", [arrival_us], datagrams, 0, [(0, ("127.0.0.1", 9))]))
+    tables = writer.message_tables(hepop.ReceivedBatch("udp", arrival_us, 0.0, datagrams, [hepop.Sender(0, ("127.0.0.1", 9))]))
 
     expected: dict[int, tuple[list, list]] = {}
     received, malformed = collections.Counter(), 0
@@ -239,7 +244,7 @@ def test_datagrams_decoded_in_batch_equal_decoding_one_by_one(tmp_path):
     for proto_type, (times, packets) in expected.items():
         rows = lambda table: sorted(map(repr, table.to_pylist()))
         got = hepop.complete_table(proto_type, tables[proto_type])
-        assert len(got) == len(packets) and rows(got) == rows(hepop.build_table(proto_type, times, packets))
+        assert len(got) == len(packets) and rows(got) == rows(build_table(proto_type, times, packets))
     array = pa.array(datagrams, pa.binary())
     picked = [hepop.decode_common(array, prefix)[0] for prefix in hepop.COMMON_PREFIXES]
     batch_decoded = {index for mask in picked for index, kept in enumerate(mask.to_pylist()) if kept}
@@ -259,12 +264,12 @@ def test_a_batch_that_fails_to_decode_is_counted_and_the_writer_goes_on(tmp_path
     datagrams = [hep3(sip(f"d{i}")) for i in range(10)]
     real = hepop.BatchWriter.message_tables
     monkeypatch.setattr(hepop.BatchWriter, "message_tables", lambda self, batch: 1 / 0)
-    writer.submit(hepop.Batch("udp", [time.time_ns() // 1000], datagrams[:4], 4000, [(0, ("127.0.0.1", 9))]))
+    writer.submit(hepop.ReceivedBatch("udp", time.time_ns() // 1000, 0.0, datagrams[:4], [hepop.Sender(0, ("127.0.0.1", 9))], 4000))
     deadline = time.monotonic() + 10
     while counters.snapshot().get('hep_dropped_total{reason="decode_error"}') != 4 and time.monotonic() < deadline:
         time.sleep(0.05)
     monkeypatch.setattr(hepop.BatchWriter, "message_tables", real)
-    writer.submit(hepop.Batch("udp", [time.time_ns() // 1000], datagrams[4:], 6000, [(0, ("127.0.0.1", 9))]))
+    writer.submit(hepop.ReceivedBatch("udp", time.time_ns() // 1000, 0.0, datagrams[4:], [hepop.Sender(0, ("127.0.0.1", 9))], 6000))
     writer.close()
     metrics = counters.snapshot()
     assert metrics['hep_dropped_total{reason="decode_error"}'] == 4
@@ -363,7 +368,7 @@ def test_stream_finish_gives_up_on_an_incomplete_frame_and_keeps_what_follows():
 
 def sip_row(payload: bytes) -> dict:
     packet = hepop.decode(hep3(payload))
-    row = hepop.build_table(1, [packet.time_us], [packet]).to_pylist()[0]
+    row = build_table(1, [packet.time_us], [packet]).to_pylist()[0]
     return {k: row[k] for k in hepop.SIP_COLUMNS}
 
 
@@ -386,14 +391,14 @@ def test_sip_fields_of_requests_and_responses():
 def test_user_agent_and_server_in_any_letter_case_in_one_batch():
     extras = ["User-Agent: A 1\r\n", "user-agent: B 2\r\n", "", "SERVER: C 3\r\n", "Server: D 4\r\nuser-agent: E\r\n"]
     packets = [hepop.decode(hep3(sip(f"ua{i}", extra=extra))) for i, extra in enumerate(extras)]
-    table = hepop.build_table(1, [p.time_us for p in packets], packets)
+    table = build_table(1, [p.time_us for p in packets], packets)
     assert table["user_agent"].to_pylist() == ["A 1", "B 2", None, "C 3", "D 4"]
     assert table["call_id"].to_pylist() == [f"ua{i}" for i in range(5)]
 
 
 def test_payload_bytes_that_are_not_utf8_are_kept_exactly():
     packets = [hepop.decode(hep3(p)) for p in (b"plain text", b"bin\xff\xfe\x00ary", "caf\u00e9 \ufffd".encode())]
-    table = hepop.build_table(5, [p.time_us for p in packets], packets)
+    table = build_table(5, [p.time_us for p in packets], packets)
     rows = table.to_pylist()
     assert [r["payload_raw"] if r["payload_raw"] is not None else r["payload"].encode() for r in rows] == \
         [p.payload for p in packets]
@@ -408,7 +413,7 @@ def test_payload_bytes_that_are_not_utf8_are_kept_exactly():
 
 def table_of(times_s: list[float], proto_type=1) -> pa.Table:
     packets = [hepop.decode(hep3(sip(f"t{i}"), proto_type=proto_type)) for i in range(len(times_s))]
-    return hepop.build_table(proto_type, [int(t * 1e6) for t in times_s], packets)
+    return build_table(proto_type, [int(t * 1e6) for t in times_s], packets)
 
 
 def listed_files(type_dir: Path) -> set[str]:
@@ -421,7 +426,7 @@ def parquet_on_disk(root: Path, type_dir: Path) -> set[str]:
 
 
 def test_a_batch_spanning_ten_minute_folders_is_split(tmp_path):
-    store = hepop.TypeStore(str(tmp_path), "w", 1)
+    store = hepop.Storage(str(tmp_path), "w").store(1)
     base = 1_795_000_200          # 2026-11-18 11:10:00 UTC
     entries = store.write(table_of([base + 1, base + 599, base + 600, base + 3600 * 24 + 5]))
     assert [(Path(e["path"]).parent.parent.name + "/" + Path(e["path"]).parent.name, e["row_count"]) for e in entries] == [
@@ -438,7 +443,7 @@ def test_a_batch_spanning_ten_minute_folders_is_split(tmp_path):
 
 
 def test_recovery_makes_metadata_equal_to_the_tree(tmp_path):
-    store = hepop.TypeStore(str(tmp_path), "w", 1)
+    store = hepop.Storage(str(tmp_path), "w").store(1)
     now = time.time()
     kept = store.write(table_of([now]))[0]
     gone = store.write(table_of([now, now]))[0]
@@ -453,7 +458,7 @@ def test_recovery_makes_metadata_equal_to_the_tree(tmp_path):
     (folder / "0000000005.parquet").write_bytes(b"PAR1 not really")
     os.remove(tmp_path / gone["path"])
 
-    store = hepop.TypeStore(str(tmp_path), "w", 1)
+    store = hepop.Storage(str(tmp_path), "w").store(1)
     assert sorted(glob.glob(str(type_dir / "**/*.tmp"), recursive=True)) == []
     assert not (folder / "0000000005.parquet").exists()
     assert listed_files(type_dir) == parquet_on_disk(tmp_path, type_dir) == {
@@ -464,10 +469,10 @@ def test_recovery_makes_metadata_equal_to_the_tree(tmp_path):
 
     complete = json.loads((type_dir / "metadata.json").read_text())
     (type_dir / "metadata.json").write_text("{ damaged")
-    hepop.TypeStore(str(tmp_path), "w", 1)
+    hepop.Storage(str(tmp_path), "w").store(1)
     assert json.loads((type_dir / "metadata.json").read_text()) == complete        # rebuilt from the tree
     os.remove(type_dir / "metadata.json")
-    hepop.TypeStore(str(tmp_path), "w", 1)
+    hepop.Storage(str(tmp_path), "w").store(1)
     assert json.loads((type_dir / "metadata.json").read_text()) == complete
 
 
@@ -481,9 +486,9 @@ def test_file_description_from_the_footer_equals_the_rows(tmp_path):
         path = tmp_path / f"{name}.parquet"
         pq.write_table(table, path, **options)
         described = hepop.describe_file(str(path))
-        assert described["row_count"] == 5000
-        assert (described["min_time"], described["max_time"]) == (expected_us[0] * 1000, expected_us[-1] * 1000)
-        assert described["size_bytes"] == path.stat().st_size
+        assert described.row_count == 5000
+        assert (described.min_time_us, described.max_time_us) == (expected_us[0], expected_us[-1])
+        assert described.size_bytes == path.stat().st_size
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1130,17 +1135,17 @@ def sip_table(times_s: list[float], tag: str, proto_type=1) -> pa.Table:
         packets.append(hepop.decode(hep3(payload, src=f"10.0.{i % 250}.1", sport=1024 + i, proto_type=proto_type,
                                          extra=chunk(17, f"corr-{i}".encode()) if i % 2 else b"")))
         times.append(int(t * 1e6))
-    return hepop.build_table(proto_type, times, packets)
+    return build_table(proto_type, times, packets)
 
 
 def rows_of(store: hepop.TypeStore) -> list[dict]:
     """Every row of the files metadata.json lists, which must be exactly the files on disk."""
     type_dir = Path(store.dir)
-    assert listed_files(type_dir) == parquet_on_disk(Path(store.root), type_dir)
+    assert listed_files(type_dir) == parquet_on_disk(Path(store.layout.root), type_dir)
     assert not list(type_dir.rglob("*.tmp"))
     rows = []
     for path in sorted(listed_files(type_dir)):
-        rows += pq.read_table(Path(store.root) / path).to_pylist()
+        rows += pq.read_table(Path(store.layout.root) / path).to_pylist()
     return rows
 
 
@@ -1200,7 +1205,7 @@ def test_row_groups_are_sized_by_bytes(tmp_path):
     store = storage.store(1)
     big = b"X" * 20_000
     packets = [hepop.decode(hep3(big + str(i).encode())) for i in range(300)]
-    store.write(hepop.build_table(1, [int((HOUR + i) * 1e6) for i in range(300)], packets))
+    store.write(build_table(1, [int((HOUR + i) * 1e6) for i in range(300)], packets))
     store.write(sip_table([HOUR + 1000], "small"))
     compactor.run_once(now_us=(HOUR + 7200) * 1_000_000)
     meta = pq.ParquetFile(store.path(store.snapshot()[0])).metadata
@@ -1216,7 +1221,7 @@ root, step, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
 config = hepop.Config.load([], {"PARQUET_DIR": root, "WRITER_ID": "w", "COMPACT_GRACE_S": "60", "MAX_DISK_PERCENT": "0"})
 storage = hepop.Storage(root, "w")
 compactor = hepop.Compactor(config, storage, hepop.Counters())
-real_replace, real_remove, real_swap = os.replace, os.remove, hepop.TypeStore.swap
+real_replace, real_remove, real_delete = os.replace, os.remove, hepop.FileLeases.delete_when_free
 removed = 0
 def replace(src, dst):
     compacted = os.path.basename(dst).startswith("c_")
@@ -1231,11 +1236,11 @@ def remove(path):
     removed += 1
     if step == "input_deleted" and removed == nth:
         os._exit(9)
-def swap(self, inputs, output):
-    real_swap(self, inputs, output)
-    if step == "metadata_swapped":
+def delete_when_free(self, paths):
+    if step == "metadata_swapped":          # the swap is in metadata.json, no input deleted yet
         os._exit(9)
-os.replace, os.remove, hepop.TypeStore.swap = replace, remove, swap
+    real_delete(self, paths)
+os.replace, os.remove, hepop.FileLeases.delete_when_free = replace, remove, delete_when_free
 now = (int(sys.argv[5]) + 7200) * 1_000_000
 compactor.run_once(now_us=now)
 compactor.run_once(now_us=now)
@@ -1254,6 +1259,7 @@ def test_a_compactor_killed_after_any_step_leaves_every_row_once(tmp_path, step,
     store.write(sip_table([HOUR + 20, HOUR + 1900], "late-a"))           # late packets: raw files again
     store.write(sip_table([HOUR + 3500], "late-b"))
     compactor.close()
+    storage.close()                                                      # the crashing process takes the folder
     sent = canonical(rows_of(store))
     assert len(store.snapshot()) == 4                                    # c_ + 3 raw: 4 inputs
     result = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(tmp_path), step, str(nth), str(HERE),
