@@ -1989,6 +1989,8 @@ class Compactor(threading.Thread):
         relpaths = [entry["path"] for entry in inputs]
         schema = store.schema.with_metadata({INPUTS_KEY: json.dumps(relpaths).encode()})
         temp = path + TEMP_SUFFIX
+        log.info("compacting %d files (%d rows) of hep_%d for the hour of %s", len(inputs),
+                 sum(entry["row_count"] for entry in inputs), store.proto_type, format_time(hour_start_us))
         try:
             self._merge_in_a_process(temp, schema, [store.path(e) for e in inputs])
             output = store.add_compacted(temp, path, hour_start_us, inputs)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -546,7 +547,7 @@ def free_port(family=socket.AF_INET, host="127.0.0.1") -> int:
 class Server:
     """hepop.py running in a subprocess with its own port and data folder."""
 
-    def __init__(self, data_dir: Path, **settings):
+    def __init__(self, data_dir: Path, preexec_fn=None, wait_ready=True, **settings):
         self.data_dir = data_dir
         self.port = int(settings.pop("PORT", 0)) or free_port()
         settings.setdefault("HTTP_PORT", free_port())
@@ -556,11 +557,12 @@ class Server:
                     **{k: str(v) for k, v in settings.items()}}
         self.lines: list[str] = []
         self.process = subprocess.Popen([sys.executable, str(HERE / "hepop.py")], env=self.env,
-                                        stderr=subprocess.PIPE, text=True)
+                                        stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
         self.http_port = int(self.env.get("HTTP_PORT", 0)) or None
-        self.wait_for_log("ready")
+        if wait_ready:
+            self.wait_for_log("ready")
 
     def _read_stderr(self):
         for line in self.process.stderr:
@@ -1781,3 +1783,279 @@ def test_the_unit_file_verifies_clean(tmp_path):
                               text=True, timeout=60)
     exposure = float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout).group(1))
     assert exposure <= 2.0, security.stdout[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The store stays whole: one writer, a store it cannot write, failed writes, damaged files and metadata
+# ---------------------------------------------------------------------------------------------------------
+
+def without_root_powers():
+    """In the child before exec: drop the capabilities that let root write where the modes say no
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER), so that it meets permissions as hepop's dynamic
+    user does under the unit."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2, 3):
+        if libc.prctl(24, capability, 0, 0, 0) != 0:        # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def count_of(server, sql="SELECT count(*) AS n FROM hep_1 WHERE time > now() - INTERVAL 1 DAY") -> int:
+    return rows_json(server, sql)[0]["n"]
+
+
+def wait_for_rows(server, n, timeout=15):
+    deadline = time.monotonic() + timeout
+    while count_of(server) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} rows after {timeout} s"
+        time.sleep(0.1)
+
+
+def test_a_second_hepop_on_the_same_folder_refuses_and_kill_9_frees_it(servers, tmp_path):
+    first = servers()
+    first.udp([hep3(sip(f"first-{i}")) for i in range(5)])
+    wait_for_rows(first, 5)
+    second = servers(wait_ready=False)
+    assert second.process.wait(timeout=20) == 2
+    log = "".join(second.lines)
+    assert "PARQUET_DIR" in log and f"in use by hepop process {first.process.pid}" in log, log
+    first.stop(signal.SIGKILL)
+    third = servers()                       # the kernel released the lock with the process
+    third.udp([hep3(sip(f"third-{i}")) for i in range(3)])
+    wait_for_rows(third, 8)
+    assert third.stop() == 0
+    assert len(stored_rows(tmp_path / "data", columns="call_id")) == 8
+
+
+def test_a_store_it_cannot_write_is_an_error_at_start_and_on_health_while_it_runs(servers, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chmod(data, 0o555)
+    refused = servers(preexec_fn=without_root_powers, wait_ready=False)
+    assert refused.process.wait(timeout=20) == 2
+    assert "PARQUET_DIR=" in "".join(refused.lines) and "Traceback" not in "".join(refused.lines)
+    os.chmod(data, 0o755)
+    (tmp_path / "file").write_text("not a folder")
+    blocked = Server(tmp_path / "file" / "data", wait_ready=False)
+    assert blocked.process.wait(timeout=20) == 2 and "Traceback" not in "".join(blocked.lines)
+
+    server = servers(preexec_fn=without_root_powers)
+    server.udp([hep3(sip("before"))])
+    wait_for_rows(server, 1)
+    assert http(server, "/health")[0] == 200
+    type_dir = data / "test/dbs/hep-0/hep_1-0"
+    folders = [type_dir, *[p for p in type_dir.rglob("*") if p.is_dir()]]
+    for folder in folders:
+        os.chmod(folder, 0o555)
+    server.udp([hep3(sip("while-read-only"))])
+    deadline = time.monotonic() + 15
+    while (answer := http(server, "/health"))[0] != 503:
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.1)
+    health = json.loads(answer[2])
+    assert health["status"] == "failing" and "Permission denied" in health["error"]
+    for folder in folders:
+        os.chmod(folder, 0o755)
+    server.udp([hep3(sip("after"))])
+    deadline = time.monotonic() + 20
+    while http(server, "/health")[0] != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert server.stop() == 0
+
+
+def test_a_failed_metadata_write_never_doubles_rows(tmp_path, monkeypatch):
+    """metadata.json hits ENOSPC twice after the batch's file was published: the file is not written
+    again, its rows are listed once the save succeeds, and nothing is counted as dropped."""
+    import errno
+    counters = hepop.Counters()
+    config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path), "WRITER_ID": "w"})
+    storage = hepop.Storage(str(tmp_path), "w")
+    writer = hepop.BatchWriter(storage, counters, hepop.PacketCheck(config, counters))
+    storage.store(1)                        # opened before the disk fills: its failures hit the batch
+    real, failures = hepop.write_atomically, [2]
+
+    def full_disk(path, write):
+        if path.endswith("metadata.json") and failures[0]:
+            failures[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(hepop, "write_atomically", full_disk)
+    writer.start()
+    datagrams = [hep3(sip(f"enospc-{i}")) for i in range(88)]
+    writer.submit(hepop.ReceivedBatch("udp", time.time_ns() // 1000, 0.0, datagrams,
+                                      [hepop.Sender(0, ("127.0.0.1", 9))], 88 * 700))
+    writer.close()
+    storage.close()
+    assert failures == [0]
+    rows = rows_of(hepop.Storage(str(tmp_path), "w").store(1))
+    assert sorted(row["call_id"] for row in rows) == sorted(f"enospc-{i}" for i in range(88))
+    values = counters.snapshot()
+    assert not any(key.startswith("hep_dropped_total") for key in values), values
+    assert values['rows_written_total{type="1"}'] == 88 and "metadata_errors_total" not in values
+
+
+def test_an_unreadable_file_is_set_aside_and_retention_still_runs(tmp_path):
+    storage, compactor = open_store(tmp_path, RETENTION="4h")
+    store = storage.store(1)
+    store.write(sip_table([HOUR + 10, HOUR + 700], "old-hour"))
+    for batch in range(3):
+        store.write(sip_table([HOUR + 3 * 3600 + 600 * batch + 5], f"closed-{batch}"))
+    damaged = [e for e in store.snapshot() if "closed-1" in str(pq.read_table(store.path(e))["call_id"])][0]
+    with open(store.path(damaged), "r+b") as file:
+        file.truncate(damaged["size_bytes"] // 2)
+    now_us = (HOUR + 6 * 3600 + 1800) * 1_000_000
+    compactor.run_once(now_us=now_us)
+    hours = {e["chunk_time"] // 10**9 // 3600 * 3600 for e in store.snapshot()}
+    assert hours == {HOUR + 3 * 3600}                           # the 6-hour-old hour went by retention
+    aside = tmp_path / "w/set-aside" / Path(damaged["path"]).relative_to("w")
+    assert aside.exists() and not Path(store.path(damaged)).exists()
+    assert compactor.counters.snapshot()['files_set_aside_total{type="1"}'] == 1
+    compactor.run_once(now_us=now_us)                           # the rest of the hour merges
+    assert [(e["type"], e["row_count"]) for e in store.snapshot()] == [("compacted", 2)]
+    assert sorted(r["call_id"] for r in rows_of(store)) == ["closed-0-0", "closed-2-0"]
+    compactor.close()
+
+
+DAMAGES = {
+    "entry without id": lambda meta: meta["files"][0].pop("id"),
+    "row_count as text": lambda meta: meta["files"][0].update(row_count="3"),
+    "null min_time": lambda meta: meta["files"][0].update(min_time=None),
+    "huge wal_sequence": lambda meta: meta.update(wal_sequence=10 ** 400),
+    "a list, not an object": lambda meta: meta.update(files={"a": 1}),
+    "a path outside the tree": lambda meta: meta["files"][0].update(
+        path="../victim.parquet", min_time=0, max_time=0),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_metadata_is_rebuilt_whatever_the_damage(servers, tmp_path, damage):
+    server = servers(COMPACT_INTERVAL_S="0.5")
+    server.udp([hep3(sip(f"kept-{i}")) for i in range(3)])
+    wait_for_rows(server, 3)
+    assert server.stop() == 0
+    victim = tmp_path / "victim.parquet"
+    victim.write_text("not hepop's")
+    metadata_path = tmp_path / "data/test/dbs/hep-0/hep_1-0/metadata.json"
+    metadata = json.loads(metadata_path.read_text())
+    DAMAGES[damage](metadata)
+    metadata_path.write_text(json.dumps(metadata))
+    server = servers(COMPACT_INTERVAL_S="0.5")
+    assert any("damaged" in line and "rebuilding" in line for line in server.lines)
+    server.udp([hep3(sip("after"))])
+    wait_for_rows(server, 4)
+    time.sleep(1.2)                                              # a compactor pass with retention
+    assert http(server, "/health")[0] == 200 and victim.exists()
+    assert server.stop() == 0
+    assert len(stored_rows(tmp_path / "data", columns="call_id")) == 4
+    assert json.loads(metadata_path.read_text())["wal_sequence"] < 10
+
+
+def test_glob_readers_see_each_row_once_right_after_a_compaction_and_queries_keep_their_files(tmp_path):
+    storage, compactor = open_store(tmp_path)
+    store = storage.store(1)
+    for batch in range(4):
+        store.write(sip_table([HOUR + 600 * batch + i for i in range(50)], f"g{batch}"))
+    glob_count = lambda: duckdb.sql(f"SELECT count(*) FROM '{tmp_path}/*/dbs/hep-0/hep_1-0/*/*/*.parquet'").fetchall()[0][0]
+    assert glob_count() == 200
+    held = storage.leases.hold(lambda: [store.path(e) for e in store.snapshot()[:2]])   # a query reads two
+    compactor.run_once(now_us=(HOUR + 7200) * 1_000_000)
+    assert [e["type"] for e in store.snapshot()] == ["compacted"]
+    assert all(os.path.exists(path) for path in held)            # unlisted, but kept for the query
+    others = [p for p in (tmp_path / "w/dbs/hep-0/hep_1-0").rglob("*.parquet")
+              if not p.name.startswith("c_") and str(p) not in held]
+    assert others == []                                          # nobody held these: gone at once
+    storage.leases.release(held)
+    assert not any(os.path.exists(path) for path in held)
+    assert glob_count() == 200
+    compactor.close()
+
+
+def write_an_old_hour(root: Path, rows: int, files: int) -> None:
+    """A closed hour of `files` raw files of realistic SIP rows, written as the writer writes them."""
+    storage = hepop.Storage(str(root), "test")
+    store = storage.store(1)
+    base = sip_table([HOUR + i * 0.001 for i in range(rows)], "bulk")
+    for n in range(files):
+        store.write(base.set_column(0, "time", pc.add(base["time"].cast(pa.int64()), n * 60_000_000)
+                                    .cast(hepop.TIME_TYPE)))
+    storage.close()
+
+
+def test_sigterm_during_a_compaction_exits_within_10_s(servers, tmp_path):
+    write_an_old_hour(tmp_path / "data", 20_000, 40)
+    server = servers(COMPACT_INTERVAL_S="0.5", RETENTION="3650d", COMPACT_MEMORY_MB="64")
+    server.wait_for_log("compacting 40 files", timeout=30)
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 10
+    assert not list((tmp_path / "data").rglob("*.tmp"))
+    assert len(stored_rows(tmp_path / "data", columns="time")) == 800_000
+
+
+def test_a_stop_between_two_merges_starts_no_other(tmp_path, monkeypatch):
+    """A stop that comes while the compactor is between two hours (not inside a merge, where it is
+    killed) must not let it go on through the backlog: each merge of a large hour took 111 s."""
+    storage, compactor = open_store(tmp_path)
+    store = storage.store(1)
+    for hour in range(3):
+        store.write(sip_table([HOUR + hour * 3600 + 5], f"h{hour}"))
+    started = []
+    real_merge, real_swap = hepop.Compactor._merge_in_a_process, hepop.TypeStore.add_compacted
+    monkeypatch.setattr(hepop.Compactor, "_merge_in_a_process",
+                        lambda self, *args: (started.append(args), real_merge(self, *args)))
+
+    def swap_then_stop(self, *args):
+        output = real_swap(self, *args)
+        threading.Thread(target=compactor.stop).start()      # SIGTERM's stop, from another thread
+        time.sleep(0.2)
+        return output
+
+    monkeypatch.setattr(hepop.TypeStore, "add_compacted", swap_then_stop)
+    compactor.run_once(now_us=(HOUR + 5 * 3600) * 1_000_000)
+    assert len(started) == 1
+    assert sorted(e["type"] for e in store.snapshot()) == ["compacted", "raw", "raw"]
+    compactor.close()
+
+
+def test_sigterm_on_a_store_that_fails_every_write_exits_within_10_s_and_counts_the_rows(servers, tmp_path):
+    server = servers(preexec_fn=without_root_powers, FLUSH_INTERVAL_S="0.1")
+    server.udp([hep3(sip("before"))])
+    wait_for_rows(server, 1)
+    type_dir = tmp_path / "data/test/dbs/hep-0/hep_1-0"
+    for folder in [type_dir, *[p for p in type_dir.rglob("*") if p.is_dir()]]:
+        os.chmod(folder, 0o555)
+    for burst in range(4):                               # several batches queued behind failing writes
+        server.udp([hep3(sip(f"lost-{burst}-{i}")) for i in range(10)])
+        time.sleep(0.25)
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 10
+    counters = server.counters()
+    assert counters['hep_dropped_total{reason="write_error"}'] == 40
+
+
+def test_queries_spill_to_a_bounded_folder_that_the_disk_guard_does_not_count(tmp_path):
+    storage, compactor = open_store(tmp_path)
+    store = storage.store(1)
+    store.write(sip_table([HOUR + 10], "keep"))
+    config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path), "WRITER_ID": "w", "QUERY_SPILL_BYTES": "64M"})
+    engine = hepop.QueryEngine(config, storage)
+    spill_dir = storage.layout.query_spill_dir("w")
+    assert engine.db.execute("SELECT current_setting('temp_directory')").fetchone()[0] == spill_dir
+    assert "64" in engine.db.execute("SELECT current_setting('max_temp_directory_size')").fetchone()[0]
+    os.makedirs(spill_dir, exist_ok=True)
+    stat = os.statvfs(tmp_path)
+    used_percent = 100.0 * (stat.f_blocks - stat.f_bavail) / stat.f_blocks
+    spill_bytes = 1 << 30
+    with open(os.path.join(spill_dir, "duckdb_temp_block"), "wb") as spill:
+        os.posix_fallocate(spill.fileno(), 0, spill_bytes)
+    limit = used_percent + 50.0 * spill_bytes / (stat.f_blocks * stat.f_frsize)   # over it only with the spill
+    guard = hepop.Compactor(hepop.Config.load([], {
+        "PARQUET_DIR": str(tmp_path), "WRITER_ID": "w", "MAX_DISK_PERCENT": f"{limit:.6f}"}), storage, hepop.Counters())
+    guard.guard_disk((HOUR + 7200) * 1_000_000)
+    assert [r["call_id"] for r in rows_of(store)] == ["keep-0"]
+    os.remove(os.path.join(spill_dir, "duckdb_temp_block"))
+    compactor.close()
