@@ -2875,6 +2875,7 @@ MAX_BODY_BYTES = 1 << 20
 # still sending when the server closes gets a broken pipe instead of the answer.  Larger: 413 at once.
 DISCARD_BODY_BYTES = 16 << 20
 READ_AHEAD_BYTES = 8 << 20          # a result this small is sent knowing whether the row cap cut it
+LINGER_S = 2.0                      # how long a connection closed on an unread body drops what still comes
 
 
 class Api:
@@ -3126,24 +3127,33 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         refused without reading on; one over MAX_BODY_BYTES is thrown away (up to DISCARD_BODY_BYTES)
         and refused; one that stops short of its length times out after `timeout`."""
         if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
+            self.unread_body = True
             raise HttpError(411, "send the body with a Content-Length, not Transfer-Encoding")
         text = self.headers.get("Content-Length") or "0"
         if not text.isdigit():
-            self.close_connection = True
+            self.unread_body = True
             raise HttpError(400, f"Content-Length {text[:40]!r} is not a number of bytes")
         length = int(text)
         if length > MAX_BODY_BYTES:
             self.close_connection = True
             if length <= DISCARD_BODY_BYTES:
-                while length > 0 and (data := self.rfile.read(min(length, 1 << 16))):
+                while length > 0 and (data := self._read(min(length, 1 << 16))):
                     length -= len(data)
+            else:
+                self.unread_body = True
             raise HttpError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
-        body = self.rfile.read(length)
+        body = self._read(length)
         if len(body) < length:
             self.close_connection = True
             raise HttpError(400, f"the body ended after {len(body)} of its {length} bytes")
         return body
+
+    def _read(self, size: int) -> bytes:
+        try:
+            return self.rfile.read(size)
+        except TimeoutError:
+            self.close_connection = True
+            raise HttpError(408, f"the body did not come within {self.timeout} s") from None
 
     # -- routes ----------------------------------------------------------------------------------------
 
@@ -3282,9 +3292,39 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    @property
+    def unread_body(self) -> bool:
+        return self.__dict__.get("_unread_body", False)
+
+    @unread_body.setter
+    def unread_body(self, unread: bool) -> None:
+        """A body left unread: the connection closes after the answer, lingering (see finish)."""
+        self._unread_body = unread
+        self.close_connection = self.close_connection or unread
+
+    def finish(self) -> None:
+        """After an answer to a request whose body was left unread: close our side, then read and drop
+        what the client still sends, a little while, before closing.  Closing with unread bytes makes
+        the kernel reset the connection, and a reset can destroy the answer before the client reads it."""
+        super().finish()
+        if not self.unread_body:
+            return
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(LINGER_S)
+            deadline, dropped = time.monotonic() + LINGER_S, 0
+            while time.monotonic() < deadline and dropped < DISCARD_BODY_BYTES:
+                data = self.connection.recv(1 << 16)
+                if not data:
+                    break
+                dropped += len(data)
+
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
-        """The errors http.server answers itself (a bad request line, headers too long, HEAD) as JSON."""
+        """The errors http.server answers itself (a bad request line, headers too long, HEAD) as JSON,
+        with a status line even where the request line was too broken to say its version."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
         self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
 
     def log_message(self, fmt: str, *args) -> None:

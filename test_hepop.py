@@ -2059,3 +2059,165 @@ def test_queries_spill_to_a_bounded_folder_that_the_disk_guard_does_not_count(tm
     assert [r["call_id"] for r in rows_of(store)] == ["keep-0"]
     os.remove(os.path.join(spill_dir, "duckdb_temp_block"))
     compactor.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Answers say exactly what is true: UTC, the time window, exact JSON, EXPLAIN, errors, logs
+# ---------------------------------------------------------------------------------------------------------
+
+def strict_json(body: bytes):
+    """JSON as a browser's JSON.parse takes it: no NaN or Infinity."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(body, parse_constant=refuse)
+
+
+def test_time_literals_are_utc_whatever_the_servers_zone(servers, tmp_path):
+    server = servers(TZ="America/New_York", RETENTION="3650d")
+    server.udp([hep3(sip("utc"), seconds=SEED_HOUR + 30)])               # 2025-02-08T19:00:30Z
+    deadline = time.monotonic() + 10
+    while not stored_rows(tmp_path / "data", columns="call_id", running=True):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    for _ in range(3):                                                   # each request its own cursor
+        rows = rows_json(server, "SELECT call_id, time FROM hep_1 WHERE time BETWEEN '2025-02-08 19:00:00' "
+                                 "AND '2025-02-08 19:01:00'")
+        assert rows == [{"call_id": "utc", "time": "2025-02-08T19:00:30.000000Z"}]
+    assert rows_json(server, "SELECT hour(time) AS h FROM hep_1 WHERE time > '2025-01-01'") == [{"h": 19}]
+    assert server.stop() == 0
+
+
+def test_a_time_condition_the_pruning_cannot_read_reads_every_file(seeded):
+    server, calls = seeded
+    status, head, body = query(server, "SELECT count(*) AS n FROM hep_1 WHERE time::date = '2025-02-08'")
+    assert status == 200 and body == [{"n": len(calls)}]
+    assert "all files" in head["x-hepop-time-window"]
+    status, head, body = query(server, "SELECT count(*) AS n FROM hep_1")            # time not named: default
+    assert "default" in head["x-hepop-time-window"] and body == [{"n": 3}]
+
+
+def test_json_is_exact_and_valid_in_every_format(seeded):
+    server, _ = seeded
+    sql = ("SELECT sum(v) AS s, 9007199254740993 AS big, 'nan'::DOUBLE AS nan, 'infinity'::DOUBLE AS inf, "
+           "INTERVAL 90 MINUTE AS i, [1, 2] AS l, {'a': 'nan'::DOUBLE} AS st, 'infinity'::DATE AS d, "
+           "TIMESTAMP '294246-01-01' AS far, 1.25::DECIMAL(10, 2) AS dec "
+           "FROM (VALUES (9007199254740993::BIGINT)) t(v)")
+    status, _, body = http(server, "/query?" + __import__("urllib.parse").parse.urlencode({"q": sql}))
+    assert status == 200
+    row = strict_json(body)[0]
+    assert row["s"] == 9007199254740993 and isinstance(row["s"], int) and row["big"] == 9007199254740993
+    assert row["nan"] is None and row["inf"] is None and row["i"] == "PT1H30M"
+    assert row["l"] == [1, 2] and row["st"] == {"a": None} and row["d"] == "infinity" and row["dec"] == 1.25
+    assert "since 1970" in row["far"]
+    status, _, body = query(server, sql, "ndjson")
+    assert strict_json(body.decode().splitlines()[0]) == row
+    status, _, body = query(server, "SELECT rcinfo, [1, 2] AS l FROM hep_1 WHERE time >= '2025-02-08' "
+                                    "ORDER BY time LIMIT 1", "csv")
+    record = list(__import__("csv").reader(body.decode().splitlines()))[1]
+    assert json.loads(record[0])["srcIp"] == "10.0.0.1" and json.loads(record[1]) == [1, 2]
+
+
+def test_an_error_after_the_first_byte_cuts_the_response_and_is_counted(servers, tmp_path):
+    from http.client import HTTPConnection, IncompleteRead
+    server = servers()
+    sql = ("SELECT CASE WHEN range < 90000 THEN repeat('x', 200) ELSE error('failed at row ' || range) END AS v "
+           "FROM range(100000)")
+    conn = HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    conn.request("GET", "/query?" + __import__("urllib.parse").parse.urlencode({"q": sql}))
+    response = conn.getresponse()
+    assert response.status == 200
+    with pytest.raises(IncompleteRead):
+        response.read()
+    conn.close()
+    _, _, metrics = http(server, "/metrics")
+    assert 'hepop_queries_total{status="aborted"} 1' in metrics.decode()
+    assert 'status="200"' not in metrics.decode()
+    assert server.stop() == 0
+
+
+def test_explain_and_every_statement_the_readme_lists(seeded):
+    server, _ = seeded
+    for sql in ["EXPLAIN SELECT call_id FROM hep_1 WHERE time >= '2025-02-08'",
+                "EXPLAIN ANALYZE SELECT count(*) FROM hep_1", "DESCRIBE hep_1", "DESCRIBE SELECT 1 AS a",
+                "SUMMARIZE SELECT * FROM hep_1 WHERE time >= '2025-02-08'", "VALUES (1, 'a')", "FROM hep_1 LIMIT 1",
+                "WITH t AS (SELECT 1 AS a) SELECT * FROM t",
+                "SELECT s.call_id FROM hep_1 s JOIN hep_100 l ON s.call_id = l.correlation_id WHERE s.time >= '2025-02-08'"]:
+        status, _, body = query(server, sql)
+        assert status == 200, (sql, body)
+    status, head, body = query(server, "EXPLAIN SELECT call_id FROM hep_1 WHERE time >= '2025-02-08T19:00:00' "
+                                       "AND time < '2025-02-08T19:10:00'")
+    assert head["x-hepop-time-window"].startswith("2025-02-08T19:00:00")
+
+
+def raw_http(server, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=15) as raw:
+        raw.sendall(request)
+        response = b""
+        while data := raw.recv(65536):
+            response += data
+    return response
+
+
+def json_answer(response: bytes) -> tuple[int, dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), strict_json(body)
+
+
+def test_every_error_is_json_with_a_status_that_says_whose_fault(seeded):
+    server, _ = seeded
+    for method, status in (("DELETE", 405), ("PUT", 405), ("PATCH", 405)):
+        code, _, body = http(server, "/query", method=method)
+        assert code == status and "error" in strict_json(body), (method, body)
+    for request, status in ((b"FOO /query HTTP/1.1\r\nHost: x\r\n\r\n", 501),
+                            (b"GET /query HTTP/1.1\r\nX-Long: " + b"x" * 70000 + b"\r\n\r\n", 431),
+                            (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 505)):
+        code, body = json_answer(raw_http(server, request))
+        assert code == status and body["error"], request
+    nested = "SELECT 1 FROM hep_1 WHERE " + "NOT " * 600 + "time > '2025-01-01'"
+    status, _, body = query(server, nested)
+    assert status == 400 and body["error"]
+    status, head, body = query(server, "SELECT count(*) AS n FROM hep_1 WHERE time > '99999-01-01'")
+    assert status == 200 and body == [{"n": 0}] and "since 1970" in head["x-hepop-time-window"]
+
+
+def test_bodies_are_read_strictly_and_the_413_always_reaches_the_client(seeded):
+    server, _ = seeded
+    for _ in range(30):                      # was lost to a broken pipe about one time in three
+        status, _, body = http(server, "/query", b"x" * (2 << 20), {"Content-Type": "text/plain"})
+        assert status == 413 and "error" in strict_json(body)
+    for length, status in ((b"-1", 400), (b"abc", 400), (b"999999999", 413)):
+        code, body = json_answer(raw_http(server, b"POST /query HTTP/1.1\r\nHost: x\r\nContent-Length: " + length +
+                                          b"\r\n\r\nSELECT 1"))
+        assert code == status and body["error"], length
+    code, body = json_answer(raw_http(server, b"POST /query HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                              b"8\r\nSELECT 1\r\n0\r\n\r\n"))
+    assert code == 411
+    started = time.monotonic()               # a body shorter than its length: 408 once the wait ends
+    code, body = json_answer(raw_http(server, b"POST /query HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\nSELECT 1"))
+    assert code == 408 and time.monotonic() - started < 15
+
+
+def test_the_counters_line_says_what_changed_and_nothing_when_nothing_did(servers, tmp_path):
+    server = servers(STATS_INTERVAL_S="0.3")
+    server.udp([hep3(sip(f"c{i}")) for i in range(10)])
+    wait_for_rows(server, 10)
+    time.sleep(0.7)
+    quiet_from = len(server.lines)
+    time.sleep(1.5)                                   # five intervals with nothing new
+    assert not [line for line in server.lines[quiet_from:] if "counters" in line]
+    grown = [json.loads(line.split("counters grew ", 1)[1]) for line in server.lines if "counters grew" in line]
+    assert sum(g.get('hep_received_total{transport="udp",version="3"}', 0) for g in grown) == 10
+    server.udp([hep3(sip("one-more"))])
+    wait_for_rows(server, 11)
+    time.sleep(0.7)
+    last = json.loads([line for line in server.lines if "counters grew" in line][-1].split("counters grew ", 1)[1])
+    assert last['hep_received_total{transport="udp",version="3"}'] == 1
+    assert server.stop() == 0
+
+
+@pytest.mark.parametrize("name", [s.name for s in hepop.SETTINGS if s.parse in (
+    hepop.parse_port, hepop.parse_positive_int, hepop.parse_seconds, hepop.parse_percent)])
+def test_a_setting_that_is_not_a_number_says_what_it_must_be(name):
+    result = run_hepop(env={name: "abc"})
+    assert result.returncode == 2 and name in result.stderr and "must be" in result.stderr
+    assert "invalid literal" not in result.stderr and "could not convert" not in result.stderr
