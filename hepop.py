@@ -3,25 +3,65 @@
 
 VoIP platforms (Kamailio, OpenSIPS, FreeSWITCH, Asterisk, heplify, captagent) mirror SIP messages, RTCP
 reports, logs and QoS data as HEP/EEP packets (versions 1, 2 and 3) over UDP or TCP.  hepop receives them,
-batches them in memory per HEP payload type and writes them to Parquet files in a time-partitioned tree
-that any tool (DuckDB, ClickHouse, pandas, polars) can open::
+writes them as Parquet in a time-partitioned tree that any tool (DuckDB, ClickHouse, pandas, polars)
+opens, compacts each closed hour into one sorted file, and answers SQL over HTTP.
 
-    HEP agents --UDP/TCP--> selectors loop --> decode (v1/v2/v3) --> per-type batch buffers
-                                                                          | flush: rows, bytes or age
-                                                                          v
-                      metadata.json <-- atomic write <-- writer thread: Parquet file in YYYY-MM-DD/HH-MM/
+Data flow::
 
-    PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/metadata.json
-    PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-MM/NNNNNNNNNN.parquet
+    HEP agents --UDP/TCP--> capture loop (Ingest): the bytes of each datagram or frame, per transport,
+                            |   undecoded (a TCP frame of another layout is decoded here, for framing)
+                            |   hand-off when a batch is full (rows, bytes) or old (FLUSH_INTERVAL_S)
+                            v   queue.Queue; the loop pauses reading near MAX_PENDING_BYTES
+                     writer thread (BatchWriter): decode the batch (Arrow over the common layout,
+                            |   decode() for the rest) -> packet checks -> SIP columns -> one Parquet
+                            |   file per 10-minute folder, published atomically -> metadata.json
+                            v
+                     compactor thread: every COMPACT_INTERVAL_S, each closed hour merged by a child
+                            |   process (DuckDB sorts) into c_NNNNNNNNNN.parquet, swapped into
+                            |   metadata.json; retention; the disk guard; empty folders
+                            v
+    HTTP threads: /query, /health, /metrics by a route table -> DuckDB over the files that every
+                  writer's metadata.json lists, pruned to the query's time window -> JSON, CSV, Arrow
 
-One process, one module, read top to bottom: configuration, the HEP protocol, SIP fields, storage, the
-server (sockets, the loop, signals, counters) and main().  The event loop owns the sockets and the batch
-buffers; a full batch is handed to the writer thread, so Parquet encoding and fsync never stall reception.
+    PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/metadata.json                the truth about the files
+    PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-MM/NNNNNNNNNN.parquet   (TreeLayout)
+
+Sections, in reading order; each uses only what is above it:
+    Configuration   settings from --flags, the environment and defaults; exit 2 naming a bad one
+    Shared          counters and metric names, the rate-limited log, times as text, CPU priorities
+    HEP protocol    decode() for v1, v2, v3 and the TCP stream framing: pure code, no I/O
+    Batch decoding  the common layout of a whole batch decoded by Arrow
+    Packet checks   capture-time bounds, the auth key, what counts as received and dropped
+    SIP fields      the SIP columns of a batch, by Arrow
+    Storage         schemas; TreeLayout; the atomic publish; file_entry and its validation;
+                    FileLeases (no file deleted under a query); TypeStore (files and metadata.json of
+                    one type, recovery at start); Storage (all types, the lock on the writer's folder)
+    Writer thread   the batch records the loop hands over; BatchWriter
+    Compaction      HourMerger and merge_hour (the child process); Compactor (the timer thread)
+    Query           QueryEngine (the sandbox, the time window, views over listed files) and the
+                    conversion of results to exact JSON values
+    Capture         Ingest (bytes to batches) and CaptureServer (sockets, the selectors loop, signals)
+    HTTP            the route table, ApiHandler, ResultWriter
+    main()
+
+Threads and processes, and what each owns:
+    main thread     the selectors loop: the sockets, Ingest's open batches and counts, TCP streams.
+                    It hands batches to the writer through BatchWriter.queue and never waits for it.
+    writer          the writing of raw files; BatchWriter.pending_bytes (under its lock, read by
+                    the loop to pause reading), `failing` (read by /health).
+    compactor       merges, retention, the disk guard; at most one merge child process at a time,
+                    started and killed under Compactor._merging_lock.
+    HTTP threads    one per connection (ThreadingHTTPServer), each query on its own DuckDB cursor.
+    They meet in the storage layer: each TypeStore's file list and metadata.json change under its
+    `lock` (writer and compactor); FileLeases.lock makes a query's listing of files and holding them
+    one step, so compaction and retention delete a file only once no query reads it; Counters has its
+    own lock.  One process per PARQUET_DIR/WRITER_ID: a POSIX lock on WRITER_ID/.lock.
 
 A file becomes visible only once it is complete: it is written under a temporary name, fsynced, renamed
 and its folder fsynced, and only then listed in metadata.json (written the same way).  On start, whatever
 a crash left behind is finished or removed, so no half-written file is ever visible and no row is
-counted twice.
+counted twice.  SIGTERM: reading stops, what the kernel holds is read, every buffer written, within
+STOP_TIMEOUT_S.
 
 Run it with ``python3 hepop.py`` (UDP and TCP on 0.0.0.0:9069, files under ./data); ``--help`` lists
 every setting, each also readable from the environment variable of the same name.
@@ -3067,6 +3107,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     server_version = f"hepop/{__version__}"
     protocol_version = "HTTP/1.1"
     timeout = 10                    # seconds a client may be silent: idle, or in the middle of a body
+    unread_body = False             # a body was left unread: close after the answer, lingering (finish)
 
     @property
     def api(self) -> Api:
@@ -3127,11 +3168,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         refused without reading on; one over MAX_BODY_BYTES is thrown away (up to DISCARD_BODY_BYTES)
         and refused; one that stops short of its length times out after `timeout`."""
         if self.headers.get("Transfer-Encoding"):
-            self.unread_body = True
+            self.unread_body = self.close_connection = True
             raise HttpError(411, "send the body with a Content-Length, not Transfer-Encoding")
         text = self.headers.get("Content-Length") or "0"
         if not text.isdigit():
-            self.unread_body = True
+            self.unread_body = self.close_connection = True
             raise HttpError(400, f"Content-Length {text[:40]!r} is not a number of bytes")
         length = int(text)
         if length > MAX_BODY_BYTES:
@@ -3291,16 +3332,6 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-
-    @property
-    def unread_body(self) -> bool:
-        return self.__dict__.get("_unread_body", False)
-
-    @unread_body.setter
-    def unread_body(self, unread: bool) -> None:
-        """A body left unread: the connection closes after the answer, lingering (see finish)."""
-        self._unread_body = unread
-        self.close_connection = self.close_connection or unread
 
     def finish(self) -> None:
         """After an answer to a request whose body was left unread: close our side, then read and drop

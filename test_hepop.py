@@ -2221,3 +2221,65 @@ def test_a_setting_that_is_not_a_number_says_what_it_must_be(name):
     result = run_hepop(env={name: "abc"})
     assert result.returncode == 2 and name in result.stderr and "must be" in result.stderr
     assert "invalid literal" not in result.stderr and "could not convert" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The README works as written
+# ---------------------------------------------------------------------------------------------------------
+
+SKIP_MARK = re.compile(r"<!-- not run by the tests: (.+?) -->\s*$")
+
+
+def readme_shell_blocks() -> list[tuple[str, str | None]]:
+    """Each ```sh block of the README, with the reason it gives for not being run (None: run it)."""
+    lines = (HERE / "README.md").read_text().splitlines()
+    blocks, index = [], 0
+    while index < len(lines):
+        if lines[index].strip() == "```sh":
+            end = lines.index("```", index + 1)
+            mark = SKIP_MARK.match(lines[index - 1]) if index else None
+            blocks.append(("\n".join(lines[index + 1:end]), mark.group(1) if mark else None))
+            index = end
+        index += 1
+    return blocks
+
+
+def test_the_readme_commands_run_as_written(tmp_path):
+    """The README's first command starts the server in a fresh folder (on its default ports, as
+    written); real HEP goes to it; then every other sh block runs there, as written, and must succeed.
+    The second command of the first block is .ci/run, which is what runs this test."""
+    blocks = readme_shell_blocks()
+    first, _ = blocks[0]
+    start, ci = first.splitlines()
+    assert ci.split("#")[0].strip() == "bash .ci/run"
+    for name in ("hepop.py", "requirements.txt"):
+        shutil.copy(HERE / name, tmp_path / name)
+    for port in (9069, 9070):
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} is taken: the README's commands need it"
+    server = subprocess.Popen(["bash", "-c", start], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(server.stderr), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 120          # pip checks the requirements first
+        while not any("ready" in line for line in lines):
+            assert server.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for i in range(30):
+                sock.sendto(hep3(sip(f"readme-{i}")), ("127.0.0.1", 9069))
+        time.sleep(2.0)
+        ran = 0
+        for block, skipped_because in blocks[1:]:
+            if skipped_because:
+                continue
+            result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block], cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, (block, result.stdout[-2000:], result.stderr[-2000:])
+            assert "readme-" in result.stdout or "INVITE" in result.stdout, (block, result.stdout[-2000:])
+            ran += 1
+        assert ran >= 2 and all(reason for _, reason in blocks if reason is not None)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
