@@ -1263,13 +1263,17 @@ def entry_problem(entry, type_relpath: str) -> Optional[str]:
 class FileLeases:
     """Files that queries of this process are reading, and files to delete once no query reads them.
 
-    A file that compaction merged or retention expired is unlisted at once and deleted as soon as no
-    query holds it: a glob reader sees each row once within moments of a swap, and a query that listed
-    the file just before never finds it gone.  `release` deletes what its query was the last to hold."""
+    A file that compaction merged or retention expired is unlisted at once and deleted DELETE_GRACE_S
+    later, or once no query of this process holds it if that is later: a glob reader sees each row once
+    within seconds of a swap, a query of this server that listed the file never finds it gone, and a
+    reader elsewhere (another writer's hepop, a script reading metadata.json) has DELETE_GRACE_S to open
+    what it listed.  `delete_due` deletes what is due; the compactor calls it while any file waits."""
+
+    DELETE_GRACE_S = 2.0
 
     def __init__(self):
         self._held: collections.Counter = collections.Counter()
-        self._doomed: dict[str, int] = {}          # path -> size in bytes, while a query still holds it
+        self._doomed: dict[str, DoomedFile] = {}
         self.lock = threading.Lock()
 
     def hold(self, list_files: Callable[[], list[str]]) -> list[str]:
@@ -1283,27 +1287,43 @@ class FileLeases:
     def release(self, paths: list[str]) -> None:
         with self.lock:
             self._held.subtract(paths)
-            free = [path for path in set(paths) if self._held[path] <= 0]
-            for path in free:
-                del self._held[path]
-            doomed = [path for path in free if self._doomed.pop(path, None) is not None]
-        for path in doomed:
-            remove_file(path)
+            for path in set(paths):
+                if self._held[path] <= 0:
+                    del self._held[path]
+        self.delete_due()
 
     def delete_when_free(self, paths: list[str]) -> None:
+        due_s = time.monotonic() + self.DELETE_GRACE_S
         with self.lock:
-            free = [path for path in paths if not self._held[path]]
             for path in paths:
-                if self._held[path]:
-                    with contextlib.suppress(OSError):
-                        self._doomed[path] = os.path.getsize(path)
-        for path in free:
+                with contextlib.suppress(OSError):
+                    self._doomed[path] = DoomedFile(os.path.getsize(path), due_s)
+
+    def delete_due(self, everything: bool = False) -> None:
+        """Delete the doomed files whose grace is over and that no query holds (`everything`: at shutdown,
+        whatever their grace)."""
+        now = time.monotonic()
+        with self.lock:
+            due = [path for path, doomed in self._doomed.items()
+                   if not self._held[path] and (everything or doomed.due_s <= now)]
+            for path in due:
+                del self._doomed[path]
+        for path in due:
             remove_file(path)
 
-    def doomed_bytes(self) -> int:
-        """Bytes still on disk only because a query reads them: the disk guard does not count them."""
+    def waiting(self) -> bool:
         with self.lock:
-            return sum(self._doomed.values())
+            return bool(self._doomed)
+
+    def doomed_bytes(self) -> int:
+        """Bytes still on disk only until their deletion is due: the disk guard does not count them."""
+        with self.lock:
+            return sum(doomed.size_bytes for doomed in self._doomed.values())
+
+
+class DoomedFile(NamedTuple):
+    size_bytes: int
+    due_s: float                # time.monotonic() from which it may be deleted
 
 
 def remove_file(path: str) -> None:
@@ -1388,7 +1408,7 @@ class TypeStore:
 
     def add_compacted(self, temp: str, path: str, hour_start_us: int, inputs: list[dict]) -> dict:
         """Publish a compaction's complete output and swap it for its inputs in metadata.json; the
-        inputs are deleted once no query reads them.  Raises, publishing nothing, when the output does
+        inputs are deleted when FileLeases says.  Raises, publishing nothing, when the output does
         not hold exactly the inputs' rows."""
         sequence, _ = self.layout.parse_file_name(os.path.basename(path))
         output = file_entry(self.layout.relative(path), sequence, True, hour_start_us, describe_file(temp))
@@ -1401,15 +1421,17 @@ class TypeStore:
             self.files[output["path"]] = output
             self._save_metadata()
         self.leases.delete_when_free([self.path(entry) for entry in inputs])
+        self.leases.delete_due()
         return output
 
     def delete(self, entries: list[dict]) -> None:
-        """Unlist files in one write of metadata.json, then delete them once no query reads them."""
+        """Unlist files in one write of metadata.json; they are deleted when FileLeases says."""
         with self.lock:
             for entry in entries:
                 self.files.pop(entry["path"], None)
             self._save_metadata()
         self.leases.delete_when_free([self.path(entry) for entry in entries])
+        self.leases.delete_due()
 
     def set_aside(self, entries: list[dict], why: str) -> None:
         """Unlist files that cannot be read and move them out of the tree, under set-aside/, where
@@ -1959,6 +1981,8 @@ class Compactor(threading.Thread):
     on the next pass.  A stop kills a merge under way and starts no other.
     """
 
+    DELETE_POLL_S = 0.5             # how often, while files wait for their deletion, it is tried
+
     def __init__(self, config: Config, storage: Storage, counters: Counters):
         super().__init__(name="hepop-compactor", daemon=True)
         self.config = config
@@ -1973,8 +1997,13 @@ class Compactor(threading.Thread):
 
     def run(self) -> None:
         lower_priority(COMPACTION_NICE)     # compaction takes the CPU that capture leaves
-        while not self.stopping.wait(self.config.compact_interval_s):
-            self.run_once()
+        next_pass = time.monotonic() + self.config.compact_interval_s
+        while not self.stopping.wait(min(next_pass - time.monotonic(), self.DELETE_POLL_S)
+                                     if self.storage.leases.waiting() else next_pass - time.monotonic()):
+            self.storage.leases.delete_due()
+            if time.monotonic() >= next_pass:
+                self.run_once()
+                next_pass = time.monotonic() + self.config.compact_interval_s
 
     def stop(self) -> None:
         """Stop at once: a merge under way is killed (its temp file is removed) and no other starts."""
@@ -1987,6 +2016,7 @@ class Compactor(threading.Thread):
         self.stop()
         if self.is_alive():
             self.join()
+        self.storage.leases.delete_due(everything=True)     # unlisted files must not outlive the process
 
     def run_once(self, now_us: Optional[int] = None) -> None:
         now_us = now_us or time.time_ns() // 1000
