@@ -305,7 +305,8 @@ def write_closed_hour(root: Path, target_bytes: int, rows_per_file: int = 5000) 
     """
     sys.path.insert(0, str(HERE))
     import hepop
-    store = hepop.Storage(str(root), "bench").store(1)
+    storage = hepop.Storage(str(root), "bench")
+    store = storage.store(1)
     raw = packets(300_000, seed=7)
     tables = []
     hour_start = (int(time.time()) // 3600 - 2) * 3600
@@ -318,6 +319,7 @@ def write_closed_hour(root: Path, target_bytes: int, rows_per_file: int = 5000) 
         times = pa.array([int((second + i / rows_per_file) * 1e6) for i in range(rows_per_file)]).cast(hepop.TIME_TYPE)
         entry, = store.write(tables[files % len(tables)].set_column(0, "time", times))
         files, rows, size = files + 1, rows + entry["row_count"], size + entry["size_bytes"]
+    storage.close()                         # the folder's lock, for the hepop that compacts it next
     return files, rows, size
 
 
@@ -387,6 +389,7 @@ def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000) -> int:
     compactor = hepop.Compactor(config, storage, hepop.Counters())
     compactor.run_once()
     compactor.close()                       # deletes the merged inputs
+    storage.close()                         # the folder's lock, for the hepop that serves it next
     return len(store.snapshot())
 
 
