@@ -77,6 +77,7 @@ import contextlib
 import ctypes
 import csv
 import dataclasses
+import errno
 import datetime
 import decimal
 import fcntl
@@ -94,6 +95,7 @@ import multiprocessing
 import os
 import queue
 import re
+import resource
 import selectors
 import shutil
 import signal
@@ -226,6 +228,8 @@ SETTINGS = (
             "bytes buffered and not yet written; near it reading pauses (UDP waits in the kernel, TCP agents "
             "are held back), and a packet that does not fit is dropped as buffer_full"),
     Setting("MAX_TCP_CONNECTIONS", parse_positive_int, lambda s: "4096", "concurrent TCP agents accepted"),
+    Setting("MAX_HTTP_CONNECTIONS", parse_positive_int, lambda s: "64",
+            "concurrent HTTP connections; more are closed at once (each takes a thread and a descriptor)"),
     Setting("COMPACT_INTERVAL_S", parse_seconds, lambda s: "60",
             "how often closed hours are merged into one sorted file and retention is applied"),
     Setting("COMPACT_GRACE_S", parse_seconds, lambda s: "300",
@@ -247,6 +251,9 @@ SETTINGS = (
             "threads a query may use; queries also run at a lower CPU priority than capture"),
     Setting("API_TOKEN", str, lambda s: "",
             "when set, every HTTP route but /health needs 'Authorization: Bearer <token>'"),
+    Setting("HTTP_HOST", str, lambda s: s["host"] if s["api_token"] else "127.0.0.1",
+            "address of the HTTP port: call data is personal data, so without API_TOKEN it is loopback "
+            "only unless set here"),
     Setting("HEP_AUTH_KEY", str, lambda s: "",
             "when set, only HEP3 packets whose chunk 14 equals it are kept (never written to disk)"),
     Setting("STATS_INTERVAL_S", parse_seconds, lambda s: "60", "log the counters this often while non-zero"),
@@ -268,6 +275,7 @@ class Config:
     flush_interval_s: float
     max_pending_bytes: int
     max_tcp_connections: int
+    max_http_connections: int
     compact_interval_s: float
     compact_grace_s: float
     compact_memory_mb: int
@@ -280,6 +288,7 @@ class Config:
     query_max_rows: int
     query_threads: int
     api_token: str
+    http_host: str
     hep_auth_key: str
     stats_interval_s: float
     log_level: str
@@ -311,6 +320,30 @@ class Config:
         return cls(**values, retention_by_type=tuple(by_type))
 
 
+# Descriptors kept beside the connections for what hepop opens itself: Parquet files being written,
+# metadata.json, DuckDB's files and spill, the compaction process's pipes, /proc.
+FILE_DESCRIPTOR_RESERVE = 256
+
+
+def fit_descriptors(config: Config) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one and check that the connections allowed fit in it
+    beside FILE_DESCRIPTOR_RESERVE: an agent that connects must never take the descriptor a write
+    needs.  Returns the limit; raises ConfigError naming the settings when they do not fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    needed = config.max_tcp_connections + config.max_http_connections + FILE_DESCRIPTOR_RESERVE
+    if needed > soft:
+        raise ConfigError(f"MAX_TCP_CONNECTIONS={config.max_tcp_connections} and MAX_HTTP_CONNECTIONS="
+                          f"{config.max_http_connections} need {needed} descriptors with "
+                          f"{FILE_DESCRIPTOR_RESERVE} kept for files, and the open-file limit is {soft}: lower "
+                          f"them, or raise the limit (LimitNOFILE= in the unit)")
+    return soft
+
+
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hepop", description="HEP capture server writing Apache Parquet.",
@@ -318,7 +351,8 @@ def argument_parser() -> argparse.ArgumentParser:
                "RETENTION_<type> variables (RETENTION_100=1d) set the retention of one HEP type.")
     parser.add_argument("--version", action="version", version=f"hepop {__version__}")
     for setting in SETTINGS:
-        default = {"HTTP_PORT": "PORT+1", "WRITER_ID": "host name"}.get(setting.name) or setting.default({})
+        default = {"HTTP_PORT": "PORT+1", "WRITER_ID": "host name", "HTTP_HOST": "127.0.0.1, or HOST with "
+                   "API_TOKEN"}.get(setting.name) or setting.default({})
         parser.add_argument(setting.flag, dest=setting.name.lower(), metavar=setting.name,
                             help=f"{setting.help} [env {setting.name}, default {default or 'unset'}]")
     return parser
@@ -2664,6 +2698,8 @@ class Ingest:
 
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; Python names it only from 3.12 on
+# accept() errors of the process, not of one connection: out of descriptors, buffers or memory.
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class CaptureServer:
@@ -2679,6 +2715,7 @@ class CaptureServer:
     # writer given until then to make room and to retry failing writes; what it still cannot write is
     # counted as dropped.  A healthy disk writes MAX_PENDING_BYTES (256 MiB) in well under that.
     STOP_TIMEOUT_S = 8.0
+    ACCEPT_BACKOFF_S = 1.0          # accepting pauses this long when the process is out of descriptors
 
     def __init__(self, config: Config, ingest: Ingest, counters: Counters):
         self.config = config
@@ -2689,6 +2726,7 @@ class CaptureServer:
         self.stopping = False
         self.reading = True
         self.notices = RateLimitedLog()
+        self.accepting_again_at: Optional[float] = None      # while accepting is paused (_pause_accepting)
         self._logged: dict[str, float] = {}            # the counters as log_growth() last saw them
         self.udp: Optional[socket.socket] = None
         self.tcp: Optional[socket.socket] = None
@@ -2751,6 +2789,7 @@ class CaptureServer:
             self.ingest.publish_counts()
             next_flush = self.ingest.flush_due(started)
             self._pace_reading()
+            self._resume_accepting(started)
             if started >= next_stats:
                 self.log_growth()
                 next_stats = started + self.config.stats_interval_s
@@ -2831,10 +2870,15 @@ class CaptureServer:
                 conn, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError as exc:
+                if exc.errno not in OUT_OF_RESOURCES:
+                    continue                    # that one connection failed (ECONNABORTED, ...)
+                self._pause_accepting(exc)
+                return
             if len(self.connections) >= self.config.max_tcp_connections:
                 self.counters.add("tcp_connections_refused_total")
-                log.warning("refusing TCP agent %s: MAX_TCP_CONNECTIONS (%d) reached", peer,
-                            self.config.max_tcp_connections)
+                self.notices.warning("tcp_full", "refusing TCP agent %s: MAX_TCP_CONNECTIONS (%d) reached", peer,
+                                     self.config.max_tcp_connections)
                 conn.close()
                 continue
             conn.setblocking(False)
@@ -2844,6 +2888,21 @@ class CaptureServer:
                 self.selector.register(conn, selectors.EVENT_READ, self._on_tcp)
             self.counters.add("tcp_connections_total")
             log.debug("TCP agent %s connected", peer)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of descriptors or memory: stop accepting for ACCEPT_BACKOFF_S rather than crash, or spin on
+        a listener that stays readable.  Agents wait in the backlog meanwhile."""
+        self.counters.add("tcp_accept_errors_total")
+        self.notices.warning("accept", "cannot accept TCP agents (%s): trying again in %g s", exc.strerror,
+                             self.ACCEPT_BACKOFF_S)
+        with contextlib.suppress(KeyError):
+            self.selector.unregister(self.tcp)
+        self.accepting_again_at = time.monotonic() + self.ACCEPT_BACKOFF_S
+
+    def _resume_accepting(self, now: float) -> None:
+        if self.accepting_again_at is not None and now >= self.accepting_again_at:
+            self.accepting_again_at = None
+            self.selector.register(self.tcp, selectors.EVENT_READ, self._on_accept)
 
     def _on_tcp(self, conn) -> bool:
         """Read what one agent sent and store its frames; False once the connection has nothing more."""
@@ -2893,7 +2952,8 @@ class CaptureServer:
         if not self.reading:
             self._set_reading(True)
         self.selector.unregister(self.udp)
-        self.selector.unregister(self.tcp)
+        with contextlib.suppress(KeyError):        # not registered while accepting is paused
+            self.selector.unregister(self.tcp)
         self._on_accept(self.tcp)                   # agents still in the backlog may have sent already
         self.tcp.close()
         wait_until = self.ingest.writer.stop_by or time.monotonic() + self.STOP_TIMEOUT_S
@@ -3393,15 +3453,60 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
 
 class ApiServer(http.server.ThreadingHTTPServer):
-    """The threaded HTTP server; '::' takes IPv4 too, as the HEP sockets do."""
+    """The threaded HTTP server; '::' takes IPv4 too, as the HEP sockets do.  At most
+    MAX_HTTP_CONNECTIONS connections (a thread each); more are closed at once and counted.  An accept
+    that finds the process out of descriptors pauses instead of spinning; what goes wrong with one
+    connection is counted and logged at a bounded rate, never printed to stderr."""
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024                   # the listen backlog: bursts of connects wait, not retry
+    ACCEPT_BACKOFF_S = 0.5
 
     def __init__(self, config: Config, api: Api):
-        self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        self.address_family = socket.AF_INET6 if ":" in config.http_host else socket.AF_INET
         self.api = api
-        super().__init__((config.host, config.http_port), ApiHandler)
+        self.max_connections = config.max_http_connections
+        self.connections = 0
+        self._connections_lock = threading.Lock()
+        self.notices = RateLimitedLog()
+        super().__init__((config.http_host, config.http_port), ApiHandler)
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in OUT_OF_RESOURCES:
+                self.api.counters.add("http_accept_errors_total")
+                self.notices.warning("accept", "cannot accept HTTP connections (%s): pausing", exc.strerror)
+                time.sleep(self.ACCEPT_BACKOFF_S)
+            raise
+
+    def process_request(self, request, client_address) -> None:
+        with self._connections_lock:
+            full = self.connections >= self.max_connections
+            if not full:
+                self.connections += 1
+        if full:
+            self.api.counters.add("http_connections_refused_total")
+            self.notices.warning("http_full", "refusing HTTP from %s: MAX_HTTP_CONNECTIONS (%d) reached",
+                                 client_address[0], self.max_connections)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self.connections -= 1
+
+    def handle_error(self, request, client_address) -> None:
+        """A connection that failed outside the handler's own error handling (reset mid-request, ...)."""
+        self.api.counters.add("http_connection_errors_total")
+        self.notices.warning("http_error", "HTTP connection from %s failed: %s", client_address[0],
+                             sys.exc_info()[1])
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
@@ -3457,10 +3562,24 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+def announce_exposure(config: Config) -> None:
+    """Say at every start who can read the calls over HTTP, and how to open the port safely."""
+    loopback = config.http_host in ("localhost", "::1") or config.http_host.startswith("127.")
+    if config.api_token:
+        return
+    if loopback:
+        log.info("HTTP is on loopback only: set API_TOKEN to serve it on HOST with a token (or HTTP_HOST "
+                 "to choose the address)")
+    else:
+        log.warning("HTTP_HOST=%s without API_TOKEN: anyone who reaches port %d reads every call; set "
+                    "API_TOKEN", config.http_host, config.http_port)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     multiprocessing.freeze_support()        # in the binary, a compaction process starts here
     try:
         config = Config.load(sys.argv[1:] if argv is None else argv, dict(os.environ))
+        fit_descriptors(config)
     except ConfigError as exc:
         print(f"hepop: bad setting {exc}", file=sys.stderr)
         return 2
@@ -3487,11 +3606,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         http_server = ApiServer(config, api)
     except OSError as exc:
-        log.error("cannot serve HTTP on %s port %d: %s", config.host, config.http_port, exc)
+        log.error("cannot serve HTTP on %s port %d: %s", config.http_host, config.http_port, exc)
         writer.close()
         return 1
     threading.Thread(target=http_server.serve_forever, name="hepop-http", daemon=True).start()
-    log.info("HTTP API on %s port %d: /query, /health, /metrics", config.host, config.http_port)
+    log.info("HTTP API on %s port %d: /query, /health, /metrics", config.http_host, config.http_port)
+    announce_exposure(config)
     compactor.start()
     tune_garbage_collector()
     log.info("ready")

@@ -16,6 +16,7 @@ import gzip
 import json
 import os
 import random
+import resource
 import re
 import shutil
 import signal
@@ -2290,3 +2291,130 @@ def test_the_readme_commands_run_as_written(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         assert server.wait(timeout=30) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Nothing from the network stops capture (issue 12, in part): exposure, descriptors, accept, logs
+# ---------------------------------------------------------------------------------------------------------
+
+def listening_addresses(pid: int, port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp[6] gives them) a process listens on at `port`."""
+    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port_hex = fields[1].split(":")
+            if int(port_hex, 16) == port and fields[3] == "0A" and f"socket:[{fields[9]}]" in inodes:
+                found.add(address)
+    return found
+
+
+def test_http_is_closed_to_the_network_unless_a_token_or_an_address_opens_it(servers, tmp_path):
+    assert hepop.Config.load([], {}).http_host == "127.0.0.1"
+    assert hepop.Config.load([], {"API_TOKEN": "t", "HOST": "::"}).http_host == "::"
+    closed = servers()
+    assert listening_addresses(closed.process.pid, closed.http_port) == {"0100007F"}    # 127.0.0.1
+    assert any("loopback only" in line and "API_TOKEN" in line for line in closed.lines)
+    assert closed.stop() == 0
+    opened = servers(HTTP_HOST="0.0.0.0")
+    assert listening_addresses(opened.process.pid, opened.http_port) == {"00000000"}
+    assert any("WARNING" in line and "without API_TOKEN" in line for line in opened.lines)
+    assert opened.stop() == 0
+    with_token = servers(API_TOKEN="s3cr3t")
+    assert listening_addresses(with_token.process.pid, with_token.http_port) == {"00000000"}
+    assert not any("without API_TOKEN" in line for line in with_token.lines)
+    assert with_token.stop() == 0
+
+
+def with_open_files(limit: int):
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    return preexec
+
+
+def test_connections_that_cannot_fit_the_open_file_limit_are_refused_at_start():
+    result = subprocess.run([sys.executable, str(HERE / "hepop.py")], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "PARQUET_DIR": "/nonexistent-never-made"},
+                            preexec_fn=with_open_files(1024))
+    assert result.returncode == 2
+    assert "MAX_TCP_CONNECTIONS=4096" in result.stderr and "open-file limit is 1024" in result.stderr
+
+
+def test_agents_and_idle_http_clients_past_their_limits_never_take_the_writers_descriptors(servers, tmp_path):
+    server = servers(preexec_fn=with_open_files(512), MAX_TCP_CONNECTIONS="100", MAX_HTTP_CONNECTIONS="16")
+    agents = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(150)]
+    idle = [socket.create_connection(("127.0.0.1", server.http_port)) for _ in range(40)]
+    server.udp([hep3(sip(f"fd-{i}")) for i in range(300)], pace_every=50)
+    time.sleep(1.5)
+    assert server.process.poll() is None
+    for sock in agents + idle:
+        sock.close()
+    time.sleep(0.5)
+    wait_for_rows(server, 300)
+    _, _, metrics = http(server, "/metrics")
+    text = metrics.decode()
+    refused = lambda name: int(float(re.search(rf"^hepop_{name} (\S+)$", text, re.M).group(1)))
+    assert refused("tcp_connections_refused_total") == 50 and refused("http_connections_refused_total") >= 24
+    assert server.stop() == 0
+    assert 'write_error' not in json.dumps(server.counters())
+
+
+def test_an_accept_out_of_descriptors_backs_off_never_crashes_or_spins(servers, tmp_path):
+    server = servers()
+    pid = server.process.pid
+    server.udp([hep3(sip("before"))])
+    wait_for_rows(server, 1)
+    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 4, limits[1]))
+    agents = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(30)]
+    server.udp([hep3(sip(f"during-{i}")) for i in range(50)])
+    cpu = lambda: sum(int(v) for v in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+    before = cpu()
+    time.sleep(2.0)
+    spent_s = (cpu() - before) / os.sysconf("SC_CLK_TCK")
+    assert server.process.poll() is None and spent_s < 0.5, spent_s       # the old loop spun at 94 % CPU
+    for sock in agents:
+        sock.close()
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+    wait_for_rows(server, 51, timeout=30)                  # the writer's retries get their descriptors back
+    assert server.stop() == 0
+    counters = server.counters()
+    assert counters["tcp_accept_errors_total"] >= 1 and 'write_error' not in json.dumps(counters)
+    assert not any("Traceback" in line for line in server.lines)
+
+
+def test_a_flood_of_reset_http_connections_is_counted_not_printed(servers, tmp_path):
+    server = servers()
+    for _ in range(300):
+        sock = socket.create_connection(("127.0.0.1", server.http_port))
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()                                        # a reset in the middle of the request
+    time.sleep(1.0)
+    assert http(server, "/health")[0] == 200
+    assert server.stop() == 0
+    assert not any("Traceback" in line or "Exception occurred" in line for line in server.lines)
+    assert len(server.lines) < 40
+    assert server.counters().get("http_connection_errors_total", 0) >= 1
+
+
+def test_a_burst_of_http_connects_is_taken_by_the_backlog_without_retries(servers, tmp_path):
+    server = servers()
+    started = time.monotonic()
+    sockets = []
+    for _ in range(300):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", server.http_port))
+        sockets.append(sock)
+    import select
+    pending = list(sockets)
+    while pending and time.monotonic() - started < 0.9:
+        _, writable, _ = select.select([], pending, [], 0.05)
+        pending = [s for s in pending if s not in writable]
+    assert pending == [], f"{len(pending)} of 300 connects waited for a SYN retry"
+    for sock in sockets:
+        sock.close()
+    assert server.stop() == 0
