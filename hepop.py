@@ -247,6 +247,8 @@ SETTINGS = (
     Setting("QUERY_SPILL_BYTES", parse_bytes, lambda s: "2G",
             "disk that queries may spill to, in WRITER_ID/.query-tmp; the disk guard does not count it"),
     Setting("QUERY_MAX_ROWS", parse_positive_int, lambda s: "100000", "rows a query returns at most"),
+    Setting("MAX_QUERIES", parse_positive_int, lambda s: "4",
+            "queries run at once; more wait QUERY_WAIT_S for a turn, then get 503 with Retry-After"),
     Setting("QUERY_THREADS", parse_positive_int, lambda s: "1",
             "threads a query may use; queries also run at a lower CPU priority than capture"),
     Setting("API_TOKEN", str, lambda s: "",
@@ -286,6 +288,7 @@ class Config:
     query_memory_mb: int
     query_spill_bytes: int
     query_max_rows: int
+    max_queries: int
     query_threads: int
     api_token: str
     http_host: str
@@ -3005,6 +3008,7 @@ MAX_BODY_BYTES = 1 << 20
 # still sending when the server closes gets a broken pipe instead of the answer.  Larger: 413 at once.
 DISCARD_BODY_BYTES = 16 << 20
 READ_AHEAD_BYTES = 8 << 20          # a result this small is sent knowing whether the row cap cut it
+QUERY_WAIT_S = 2.0                  # how long a query waits for one of MAX_QUERIES turns before its 503
 LINGER_S = 2.0                      # how long a connection closed on an unread body drops what still comes
 
 
@@ -3018,6 +3022,7 @@ class Api:
         self.writer = writer
         self.udp_inode = udp_inode
         self.engine = QueryEngine(config, storage)
+        self.query_turns = threading.BoundedSemaphore(config.max_queries)
         self.started = time.time()
 
     def health(self) -> tuple[int, dict]:
@@ -3296,6 +3301,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def query(self, url) -> None:
         sql, fmt = self.query_request(url)
+        if not self.api.query_turns.acquire(timeout=QUERY_WAIT_S):
+            self.api.counters.add("queries_total", status="503")
+            raise HttpError(503, f"MAX_QUERIES ({self.api.config.max_queries}) queries are running: try again",
+                            {"Retry-After": str(round(QUERY_WAIT_S))})
         lower_priority(QUERY_NICE)
         started = time.perf_counter()
         status = "200"
@@ -3308,6 +3317,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             status = "aborted"
             raise
         finally:
+            self.api.query_turns.release()
             elapsed = time.perf_counter() - started
             self.api.counters.add("queries_total", status=status)
             self.api.counters.add("query_seconds_total", elapsed)

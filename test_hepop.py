@@ -2418,3 +2418,18 @@ def test_a_burst_of_http_connects_is_taken_by_the_backlog_without_retries(server
     for sock in sockets:
         sock.close()
     assert server.stop() == 0
+
+
+def test_queries_past_max_queries_wait_then_get_503_with_retry_after(servers, tmp_path):
+    server = servers(MAX_QUERIES="1", QUERY_TIMEOUT_S="4")
+    slow = threading.Thread(target=lambda: query(server, "SELECT sum(a.range * b.range) FROM range(1000000) a, "
+                                                         "range(1000000) b"))
+    slow.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    status, head, body = query(server, "SELECT 1 AS one")
+    assert status == 503 and head["retry-after"] == "2" and "MAX_QUERIES" in body["error"]
+    assert 1.5 < time.monotonic() - started < 4
+    slow.join()
+    assert rows_json(server, "SELECT 1 AS one") == [{"one": 1}]          # the turn came back
+    assert server.stop() == 0
