@@ -228,6 +228,8 @@ SETTINGS = (
             "bytes buffered and not yet written; near it reading pauses (UDP waits in the kernel, TCP agents "
             "are held back), and a packet that does not fit is dropped as buffer_full"),
     Setting("MAX_TCP_CONNECTIONS", parse_positive_int, lambda s: "4096", "concurrent TCP agents accepted"),
+    Setting("TCP_IDLE_TIMEOUT_S", parse_seconds, lambda s: "300",
+            "a TCP agent silent this long gives up its connection when a new agent needs the slot"),
     Setting("MAX_HTTP_CONNECTIONS", parse_positive_int, lambda s: "64",
             "concurrent HTTP connections; more are closed at once (each takes a thread and a descriptor)"),
     Setting("COMPACT_INTERVAL_S", parse_seconds, lambda s: "60",
@@ -277,6 +279,7 @@ class Config:
     flush_interval_s: float
     max_pending_bytes: int
     max_tcp_connections: int
+    tcp_idle_timeout_s: float
     max_http_connections: int
     compact_interval_s: float
     compact_grace_s: float
@@ -2294,6 +2297,7 @@ class QueryEngine:
         tree = json.loads(cursor.execute("SELECT json_serialize_sql($sql)", {"sql": sql}).fetchall()[0][0])
         if tree.get("error"):
             raise QueryError(tree.get("error_message", "cannot parse the query"))
+        refuse_functions(tree)
         wheres = find_where_clauses(tree)
         ranges = [self._range(where, cursor) for where in wheres]
         ranges = [r for r in ranges if r is not None]
@@ -2440,6 +2444,27 @@ FLIPPED = {"COMPARE_GREATERTHAN": "COMPARE_LESSTHAN", "COMPARE_LESSTHAN": "COMPA
 
 
 EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", re.IGNORECASE)
+
+
+# Functions that show the server's own settings and paths (PARQUET_DIR, the spill folder, the memory and
+# thread limits), or run SQL text that the statement check never saw (query()): a user needs none of them
+# to search calls, and DESCRIBE shows the tables.
+REFUSED_FUNCTIONS = frozenset({"current_setting", "duckdb_settings", "duckdb_temporary_files", "duckdb_databases",
+                               "duckdb_secrets", "which_secret", "duckdb_extensions", "pragma_database_list",
+                               "getenv", "query"})
+
+
+def refuse_functions(node) -> None:
+    """QueryError if a serialized statement calls one of REFUSED_FUNCTIONS, anywhere in it."""
+    if isinstance(node, dict):
+        name = str(node.get("function_name", "")).lower()
+        if node.get("class") == "FUNCTION" and name in REFUSED_FUNCTIONS:
+            raise QueryError(f"{name}() is not available here: it shows the server's settings or runs other SQL")
+        for value in node.values():
+            refuse_functions(value)
+    elif isinstance(node, list):
+        for item in node:
+            refuse_functions(item)
 
 
 def names_time(node) -> bool:
@@ -2593,6 +2618,16 @@ def iso_duration(months: int, days: int, nanoseconds: int) -> str:
 # Capture: from raw HEP bytes to batches (Ingest), and the selectors loop over the sockets.
 # ---------------------------------------------------------------------------------------------------------
 
+# The header of a compressed payload chunk (vendor 0, type 16) as it stands in a message.  Its bytes may
+# also occur elsewhere in a binary payload: such a message is charged more than it needs, never less.
+COMPRESSED_CHUNK = _CHUNK_HEADER.pack(0, 16, 0)[:4]
+
+
+def charged_bytes(data: bytes) -> int:
+    """What a message as received is counted as in the buffers: see Ingest.messages."""
+    return len(data) + 64 + (MAX_INFLATED_BYTES if COMPRESSED_CHUNK in data else 0)
+
+
 class Ingest:
     """From raw HEP bytes to the batch buffers: UDP datagrams, and TCP frames of the common layout,
     buffered as they come, for the writer to decode in batches; other TCP frames decoded and checked
@@ -2612,25 +2647,38 @@ class Ingest:
     def messages(self, messages: list, senders: list[Sender], transport: str) -> None:
         """Take in messages as received, buffered as they are for the writer to decode.  One call for all
         that one wake-up of the loop read, so that a datagram costs the loop little more than its
-        recvfrom.  Those that would pass MAX_PENDING_BYTES are dropped."""
+        recvfrom.  Those that would pass MAX_PENDING_BYTES are dropped.
+
+        A message is charged what it will occupy once decoded: its bytes, and MAX_INFLATED_BYTES more
+        when it may hold a compressed payload (chunk 16), which the writer inflates.  Charged at wire
+        size, 3,000 datagrams of 1,145 bytes that each inflate to 1 MiB took a 2 GiB box down."""
         size = sum(map(len, messages)) + 64 * len(messages)
+        compressed = sum(1 for data in messages if COMPRESSED_CHUNK in data)
+        size += compressed * MAX_INFLATED_BYTES
         room = self.room()
         if size > room:
             fitting, fitting_senders = [], []
             for index, data in enumerate(messages):
                 peer = sender_of(senders, index)
-                if len(data) + 64 <= room:
+                charge = charged_bytes(data)
+                if charge <= room:
                     if not fitting_senders or fitting_senders[-1].peer != peer:
                         fitting_senders.append(Sender(len(fitting), peer))
                     fitting.append(data)
-                    room -= len(data) + 64
+                    room -= charge
                 else:
                     self.received[transport, version_of(data)] += 1
             self._drop_for_room(len(messages) - len(fitting))
             messages, senders = fitting, fitting_senders
-            size = sum(map(len, messages)) + 64 * len(messages)
-        if not messages:
-            return
+            size = sum(map(charged_bytes, messages))
+        if compressed:          # rare: one at a time, so that a batch is handed over at FLUSH_BYTES of them
+            for index, data in enumerate(messages):
+                self._append_received(transport, [data], [Sender(0, sender_of(senders, index))],
+                                      charged_bytes(data))
+        elif messages:
+            self._append_received(transport, messages, senders, size)
+
+    def _append_received(self, transport: str, messages: list, senders: list[Sender], size: int) -> None:
         batch = self.batches.get(transport)
         if batch is None:
             batch = self.batches[transport] = ReceivedBatch(transport, time.time_ns() // 1000, self._due())
@@ -2705,6 +2753,14 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; Python names i
 OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
+@dataclasses.dataclass
+class Agent:
+    """A TCP agent's connection, as the loop keeps it."""
+    stream: HepStream
+    peer: object
+    last_read_s: float          # time.monotonic() when it last sent anything
+
+
 class CaptureServer:
     """The selectors loop: UDP and TCP HEP on one HOST:PORT, batches flushed on time, signals."""
 
@@ -2725,7 +2781,7 @@ class CaptureServer:
         self.ingest = ingest
         self.counters = counters
         self.selector = selectors.DefaultSelector()
-        self.connections: dict[socket.socket, tuple[HepStream, object]] = {}
+        self.connections: dict[socket.socket, Agent] = {}
         self.stopping = False
         self.reading = True
         self.notices = RateLimitedLog()
@@ -2878,7 +2934,7 @@ class CaptureServer:
                     continue                    # that one connection failed (ECONNABORTED, ...)
                 self._pause_accepting(exc)
                 return
-            if len(self.connections) >= self.config.max_tcp_connections:
+            if len(self.connections) >= self.config.max_tcp_connections and not self._evict_idle_agent():
                 self.counters.add("tcp_connections_refused_total")
                 self.notices.warning("tcp_full", "refusing TCP agent %s: MAX_TCP_CONNECTIONS (%d) reached", peer,
                                      self.config.max_tcp_connections)
@@ -2886,7 +2942,7 @@ class CaptureServer:
                 continue
             conn.setblocking(False)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            self.connections[conn] = (HepStream(), peer)
+            self.connections[conn] = Agent(HepStream(), peer, time.monotonic())
             if self.reading:
                 self.selector.register(conn, selectors.EVENT_READ, self._on_tcp)
             self.counters.add("tcp_connections_total")
@@ -2907,28 +2963,47 @@ class CaptureServer:
             self.accepting_again_at = None
             self.selector.register(self.tcp, selectors.EVENT_READ, self._on_accept)
 
+    def _evict_idle_agent(self) -> bool:
+        """With every slot taken: close the connection silent longest, if it has been for
+        TCP_IDLE_TIMEOUT_S, so that connections held open and idle cannot lock agents out.  Quiet agents
+        are not closed otherwise: an agent writing into a connection the server closed loses a message."""
+        conn, agent = min(self.connections.items(), key=lambda item: item[1].last_read_s)
+        if time.monotonic() - agent.last_read_s < self.config.tcp_idle_timeout_s:
+            return False
+        self.counters.add("tcp_idle_closed_total")
+        self.notices.warning("tcp_idle", "closing TCP agent %s, silent for %.0f s: a new agent needs its slot",
+                             agent.peer, time.monotonic() - agent.last_read_s)
+        self._close_agent(conn)
+        return True
+
     def _on_tcp(self, conn) -> bool:
         """Read what one agent sent and store its frames; False once the connection has nothing more."""
-        stream, peer = self.connections[conn]
+        agent = self.connections[conn]
         try:
             data = conn.recv(self.TCP_READ_BYTES)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
-            log.info("TCP agent %s: %s", peer, exc)
+            self.notices.warning("tcp_error", "TCP agent %s: %s", agent.peer, exc)
             data = b""
         if not data:
-            self._take_frames(stream, peer, stream.finish())
-            self._count_garbage(stream)
-            self.selector.unregister(conn)
-            del self.connections[conn]
-            conn.close()
-            log.debug("TCP agent %s disconnected", peer)
+            self._close_agent(conn)
             return False
-        stream.feed(data)
-        self._take_frames(stream, peer, iter(stream.next_frame, None))
-        self._count_garbage(stream)
+        agent.last_read_s = time.monotonic()
+        agent.stream.feed(data)
+        self._take_frames(agent.stream, agent.peer, iter(agent.stream.next_frame, None))
+        self._count_garbage(agent.stream)
         return True
+
+    def _close_agent(self, conn) -> None:
+        """Store the complete frames an agent's stream still holds, then close its connection."""
+        agent = self.connections.pop(conn)
+        with contextlib.suppress(KeyError):         # not registered while reading is paused
+            self.selector.unregister(conn)
+        self._take_frames(agent.stream, agent.peer, agent.stream.finish())
+        self._count_garbage(agent.stream)
+        conn.close()
+        log.debug("TCP agent %s disconnected", agent.peer)
 
     def _take_frames(self, stream: HepStream, peer, frames: Iterable[bytes]) -> None:
         """Frames of the common layout surely decode: buffered as they are, like datagrams, all in one call.
@@ -2978,11 +3053,7 @@ class CaptureServer:
                 self._wait_for_room(wait_until)
                 self._on_tcp(conn)
         for conn in list(self.connections):
-            self.selector.unregister(conn)
-            stream, peer = self.connections.pop(conn)
-            self._take_frames(stream, peer, stream.finish())
-            self._count_garbage(stream)
-            conn.close()
+            self._close_agent(conn)
         self.udp.close()
 
     def log_growth(self) -> None:
@@ -3008,6 +3079,8 @@ MAX_BODY_BYTES = 1 << 20
 # still sending when the server closes gets a broken pipe instead of the answer.  Larger: 413 at once.
 DISCARD_BODY_BYTES = 16 << 20
 READ_AHEAD_BYTES = 8 << 20          # a result this small is sent knowing whether the row cap cut it
+RESULT_PIECE_BYTES = 4 << 20        # rows are made text this many bytes at a time
+MAX_RESULT_ROW_BYTES = 64 << 20     # a row larger is refused in the text formats
 QUERY_WAIT_S = 2.0                  # how long a query waits for one of MAX_QUERIES turns before its 503
 LINGER_S = 2.0                      # how long a connection closed on an unread body drops what still comes
 
@@ -3096,6 +3169,10 @@ class ResultWriter:
             self.ipc.write_batch(batch)
             self.rows += len(batch)
             return
+        for piece in result_pieces(batch):
+            self._text(piece)
+
+    def _text(self, batch: pa.RecordBatch) -> None:
         columns = [json_ready_column(column) for column in batch.columns]
         if self.fmt == "csv":
             columns = [[json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v for v in values]
@@ -3126,6 +3203,19 @@ class ResultWriter:
             self.write(b"]\n")
         elif self.fmt == "arrow":
             self.ipc.close()
+
+
+def result_pieces(batch: pa.RecordBatch) -> Iterable[pa.RecordBatch]:
+    """A batch in slices of about RESULT_PIECE_BYTES (no copy), so that what Python makes of a result
+    (objects, then text) stays a few times that whatever the rows hold; QueryError for a row over
+    MAX_RESULT_ROW_BYTES.  Measured before: SELECT repeat('x', 300000000) took the process to 1.98 GiB."""
+    rows = max(1, len(batch) * RESULT_PIECE_BYTES // max(1, batch.nbytes))
+    for start in range(0, len(batch), rows):
+        piece = batch.slice(start, rows)
+        if len(piece) == 1 and piece.nbytes > MAX_RESULT_ROW_BYTES:        # nbytes: of the slice alone
+            raise QueryError(f"a result row is over {MAX_RESULT_ROW_BYTES >> 20} MiB: select a part of it "
+                             "(substr(payload, 1, 100000)) or use format=arrow")
+        yield piece
 
 
 class WriteAdapter:

@@ -2433,3 +2433,76 @@ def test_queries_past_max_queries_wait_then_get_503_with_retry_after(servers, tm
     slow.join()
     assert rows_json(server, "SELECT 1 AS one") == [{"one": 1}]          # the turn came back
     assert server.stop() == 0
+
+
+def test_idle_tcp_agents_give_up_their_slot_to_a_new_agent(servers, tmp_path):
+    server = servers(MAX_TCP_CONNECTIONS="3", TCP_IDLE_TIMEOUT_S="1")
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+    time.sleep(0.3)
+    server.tcp(hep3(sip("refused")))               # every slot taken by agents silent for under 1 s
+    time.sleep(1.2)
+    server.tcp(b"".join(hep3(sip(f"late-{i}")) for i in range(5)))
+    wait_for_rows(server, 5)
+    for sock in idle:
+        sock.close()
+    assert server.stop() == 0
+    assert sorted(r["call_id"] for r in stored_rows(tmp_path / "data", columns="call_id")) == \
+        [f"late-{i}" for i in range(5)]
+    counters = server.counters()
+    assert counters["tcp_idle_closed_total"] == 1 and counters["tcp_connections_refused_total"] == 1
+
+
+def peak_rss_mib(pid: int) -> float:
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_compressed_payloads_are_charged_what_they_inflate_to(servers, tmp_path):
+    """300 datagrams of about 1 KiB that each inflate to 1 MiB, among 300 ordinary ones: the writer
+    takes them in batches it can hold (FLUSH_BYTES of what they inflate to), not all at once."""
+    server = servers()
+    bomb = hep3(zlib.compress(b"A" * (hepop.MAX_INFLATED_BYTES - 100)), payload_chunk=16)
+    assert len(bomb) < 1200
+    baseline = peak_rss_mib(server.process.pid)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for i in range(300):
+            sock.sendto(bomb, ("127.0.0.1", server.port))
+            sock.sendto(hep3(sip(f"legit-{i}")), ("127.0.0.1", server.port))
+    deadline = time.monotonic() + 60
+    while count_of(server, "SELECT count(*) AS n FROM hep_1 WHERE call_id LIKE 'legit-%'") < 300:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(1.0)
+    grown = peak_rss_mib(server.process.pid) - baseline
+    assert server.stop() == 0
+    assert grown < 400, f"the process grew by {grown:.0f} MiB"
+    lengths = [r["n"] for r in stored_rows(tmp_path / "data", columns="length(payload) AS n")]
+    bombs = lengths.count(hepop.MAX_INFLATED_BYTES - 100)
+    dropped = server.counters().get('hep_dropped_total{reason="buffer_full"}', 0)
+    assert len(lengths) - bombs == 300 and bombs + dropped == 300 and bombs >= 200     # past the budget: counted
+
+
+def test_queries_cannot_read_the_servers_settings_or_paths(seeded):
+    server, _ = seeded
+    data = str(server.data_dir)
+    for sql, name in [("SELECT current_setting('temp_directory') AS t", "current_setting"),
+                      ("SELECT * FROM duckdb_settings()", "duckdb_settings"),
+                      ("SELECT path FROM duckdb_temporary_files()", "duckdb_temporary_files"),
+                      ("SELECT * FROM query('SELECT current_setting(''allowed_directories'')')", "query"),
+                      ("SELECT 1 FROM hep_1 WHERE time > '2025-01-01' AND current_setting('memory_limit') > ''",
+                       "current_setting")]:
+        status, _, body = query(server, sql)
+        assert status == 400 and name in body["error"] and data not in json.dumps(body), (sql, body)
+    assert rows_json(server, "SELECT count(*) AS n FROM (DESCRIBE hep_1)")[0]["n"] > 10
+
+
+def test_a_result_row_too_large_to_make_text_of_is_refused_and_memory_stays_bounded(servers, tmp_path):
+    server = servers()
+    baseline = peak_rss_mib(server.process.pid)
+    status, _, body = query(server, "SELECT repeat('x', 100000000) AS big")
+    assert status == 400 and "over 64 MiB" in body["error"]
+    status, _, body = query(server, "SELECT repeat('x', 1000) AS v FROM range(50000)")   # 50 MB, many rows
+    assert status == 200 and len(body) == 50000 and body[-1]["v"] == "x" * 1000
+    grown = peak_rss_mib(server.process.pid) - baseline
+    assert server.stop() == 0
+    assert grown < 450, f"the process grew by {grown:.0f} MiB"
