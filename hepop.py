@@ -2653,8 +2653,9 @@ class Ingest:
         when it may hold a compressed payload (chunk 16), which the writer inflates.  Charged at wire
         size, 3,000 datagrams of 1,145 bytes that each inflate to 1 MiB took a 2 GiB box down."""
         size = sum(map(len, messages)) + 64 * len(messages)
-        compressed = sum(1 for data in messages if COMPRESSED_CHUNK in data)
-        size += compressed * MAX_INFLATED_BYTES
+        compressed = any(map(bytes.__contains__, messages, itertools.repeat(COMPRESSED_CHUNK)))
+        if compressed:
+            size += MAX_INFLATED_BYTES * sum(1 for data in messages if COMPRESSED_CHUNK in data)
         room = self.room()
         if size > room:
             fitting, fitting_senders = [], []
@@ -2682,7 +2683,10 @@ class Ingest:
         batch = self.batches.get(transport)
         if batch is None:
             batch = self.batches[transport] = ReceivedBatch(transport, time.time_ns() // 1000, self._due())
-        batch.senders.extend(Sender(len(batch.messages) + sender.first, sender.peer) for sender in senders)
+        offset = len(batch.messages)
+        same_peer_goes_on = offset and len(senders) == 1 and senders[0].peer == batch.senders[-1].peer
+        if not same_peer_goes_on:
+            batch.senders.extend(Sender(offset + sender.first, sender.peer) for sender in senders)
         batch.messages.extend(messages)
         self._added(batch, len(batch.messages), size)
 
