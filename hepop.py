@@ -2774,10 +2774,14 @@ class CaptureServer:
     UDP_DRAIN_MAX = 1 << 20         # datagrams read at shutdown at most: an agent may go on sending
     READ_ROOM_BYTES = 4 << 20       # reading pauses while the buffers have less room than this
     PAUSED_POLL_S = 0.01
-    # From SIGTERM to exit, at most this (systemd's TimeoutStopSec is 120 s): the kernel's buffers read, the
-    # writer given until then to make room and to retry failing writes; what it still cannot write is
-    # counted as dropped.  A healthy disk writes MAX_PENDING_BYTES (256 MiB) in well under that.
-    STOP_TIMEOUT_S = 8.0
+    # From SIGTERM on, writes that fail are retried for this long at most; what still fails is counted as
+    # dropped.  The kernel's buffers are read while the writer makes room, for as long as it makes
+    # progress: DRAIN_STALL_S without any ends the wait, and so does DRAIN_WAIT_MAX_S in all (systemd's
+    # TimeoutStopSec is 120 s).  A disk that fsyncs slowly still writes everything; one that fails lets
+    # hepop exit within about STOP_TIMEOUT_S.
+    STOP_TIMEOUT_S = 5.0
+    DRAIN_STALL_S = 5.0
+    DRAIN_WAIT_MAX_S = 60.0
     ACCEPT_BACKOFF_S = 1.0          # accepting pauses this long when the process is out of descriptors
 
     def __init__(self, config: Config, ingest: Ingest, counters: Counters):
@@ -2790,6 +2794,8 @@ class CaptureServer:
         self.reading = True
         self.notices = RateLimitedLog()
         self.accepting_again_at: Optional[float] = None      # while accepting is paused (_pause_accepting)
+        self._stalled = False               # at shutdown: the writer made no progress for DRAIN_STALL_S
+        self._drain_pending, self._drain_progress_at = 0, 0.0
         self._logged: dict[str, float] = {}            # the counters as log_growth() last saw them
         self.udp: Optional[socket.socket] = None
         self.tcp: Optional[socket.socket] = None
@@ -2881,10 +2887,15 @@ class CaptureServer:
 
     def _wait_for_room(self, deadline: float) -> None:
         """At shutdown: while the buffers are full, hand them to the writer and wait for it to make room,
-        rather than drop what the kernel still holds (until `deadline`)."""
-        while self.ingest.room() < self._pause_below() and time.monotonic() < deadline:
+        rather than drop what the kernel still holds: until `deadline`, or until the writer has made no
+        progress for DRAIN_STALL_S (its writes fail)."""
+        while self.ingest.room() < self._pause_below() and time.monotonic() < deadline and not self._stalled:
             self.ingest.flush_all()
             time.sleep(self.PAUSED_POLL_S)
+            if self.ingest.writer.pending_bytes < self._drain_pending:
+                self._drain_progress_at = time.monotonic()
+            self._drain_pending = self.ingest.writer.pending_bytes
+            self._stalled = time.monotonic() - self._drain_progress_at > self.DRAIN_STALL_S
 
     def _set_reading(self, reading: bool) -> None:
         for sock, on_read in [(self.udp, self._on_udp), *((conn, self._on_tcp) for conn in self.connections)]:
@@ -3038,7 +3049,8 @@ class CaptureServer:
             self.selector.unregister(self.tcp)
         self._on_accept(self.tcp)                   # agents still in the backlog may have sent already
         self.tcp.close()
-        wait_until = self.ingest.writer.stop_by or time.monotonic() + self.STOP_TIMEOUT_S
+        wait_until = time.monotonic() + self.DRAIN_WAIT_MAX_S
+        self._drain_pending, self._drain_progress_at = self.ingest.writer.pending_bytes, time.monotonic()
         read = 0
         while read < self.UDP_DRAIN_MAX:
             self._wait_for_room(wait_until)

@@ -892,8 +892,10 @@ def test_buffer_full_drops_are_counted_never_silent(servers, tmp_path):
 def test_full_buffers_pause_reading_instead_of_dropping(servers, tmp_path, transport):
     """A burst four times MAX_PENDING_BYTES: the loop stops reading while the writer makes room (datagrams
     wait in the kernel's buffer, the TCP agent is held back), and shutdown waits for room too, so the
-    whole burst is stored and nothing is dropped."""
-    server = servers(MAX_PENDING_BYTES="1M")
+    whole burst is stored and nothing is dropped.  The kernel's buffer must hold the burst while reading
+    waits: 20,000 datagrams take over 32 MiB of it (about 2 KiB of accounting each), and at the default
+    RCVBUF_BYTES the kernel dropped one now and then."""
+    server = servers(MAX_PENDING_BYTES="1M", RCVBUF_BYTES="128M")
     packets = [hep3(sip(f"burst{i}")) for i in range(20_000)]
     assert sum(map(len, packets)) > 4 * (1 << 20)
     if transport == "udp":
