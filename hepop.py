@@ -2794,6 +2794,7 @@ class CaptureServer:
         self.reading = True
         self.notices = RateLimitedLog()
         self.accepting_again_at: Optional[float] = None      # while accepting is paused (_pause_accepting)
+        self._no_idle_agent_before = 0.0    # time.monotonic() before which no agent can be idle enough
         self._stalled = False               # at shutdown: the writer made no progress for DRAIN_STALL_S
         self._drain_pending, self._drain_progress_at = 0, 0.0
         self._logged: dict[str, float] = {}            # the counters as log_growth() last saw them
@@ -2982,8 +2983,11 @@ class CaptureServer:
         """With every slot taken: close the connection silent longest, if it has been for
         TCP_IDLE_TIMEOUT_S, so that connections held open and idle cannot lock agents out.  Quiet agents
         are not closed otherwise: an agent writing into a connection the server closed loses a message."""
+        if time.monotonic() < self._no_idle_agent_before:
+            return False                # a flood of connects at the limit does not rescan every agent
         conn, agent = min(self.connections.items(), key=lambda item: item[1].last_read_s)
         if time.monotonic() - agent.last_read_s < self.config.tcp_idle_timeout_s:
+            self._no_idle_agent_before = agent.last_read_s + self.config.tcp_idle_timeout_s
             return False
         self.counters.add("tcp_idle_closed_total")
         self.notices.warning("tcp_idle", "closing TCP agent %s, silent for %.0f s: a new agent needs its slot",
