@@ -7,11 +7,14 @@ It measures, in one run:
      bounded time, with a mix of INVITE, 100, 180, 200, ACK and BYE carrying unique Call-IDs (500-900 B).
 For each rate it prints: sent, stored (rows in the Parquet files that metadata.json lists, after SIGTERM),
 loss %, hepop's CPU microseconds per packet, its peak RSS, and bytes on disk per row; then hepop's highest
-zero-loss rate as a fraction of the ceiling.  All traffic goes to 127.0.0.1.
+zero-loss rate as a fraction of the ceiling.  Other parts (--compaction, --query, --starvation) measure
+compaction, queries over a day, and capture while clients loop large JSON results.  All traffic goes to
+127.0.0.1.
 
     python3 bench_hepop.py                 # everything, about 25 minutes
     python3 bench_hepop.py --quick         # capture at two rates, under a minute
     python3 bench_hepop.py --capture --sustained --overload   # the capture figures only
+    python3 bench_hepop.py --starvation --quick               # capture while queries run, 10 s per load
 """
 
 from __future__ import annotations
@@ -460,6 +463,64 @@ def load_while_querying(port: int, http_port: int, rate: int, seconds: float) ->
     return sent, len(done), drops
 
 
+LARGE_JSON = "SELECT * FROM hep_1 WHERE time > now() - INTERVAL 1 DAY LIMIT 100000"
+
+
+def bench_starvation(pool: list[bytes], rate: int, seconds: float, client_counts: list[int]) -> None:
+    """Capture at `rate` packets/s over UDP while 1, 4, 8, 20 clients loop 100,000-row JSON results
+    (about 80 MB each), the load that lost 68.7 % of the packets when results were made text in the
+    capture process.  For each: sent, stored, loss, queries answered and refused, latency, result MB/s, and
+    the peak memory of the capture process and of the query process."""
+    print(f"capture at {rate:,} packets/s over UDP for {seconds:g} s while clients loop {LARGE_JSON!r} as JSON:",
+          flush=True)
+    for clients in client_counts:
+        with tempfile.TemporaryDirectory(prefix="hepop-bench-starve-") as tmp:
+            hepop = Hepop(tmp)
+            prefill = send_paced(pool, rate, 100_000 / rate, hepop.port, "udp")
+            settle(hepop.http_port)
+            stop, answers, refused, latencies_s, result_bytes = threading.Event(), [], [], [], []
+
+            def client():
+                while not stop.is_set():
+                    started = time.perf_counter()
+                    conn = http.client.HTTPConnection("127.0.0.1", hepop.http_port, timeout=120)
+                    conn.request("GET", "/query?" + urllib.parse.urlencode({"q": LARGE_JSON}))
+                    response = conn.getresponse()
+                    body = response.read()
+                    conn.close()
+                    if response.status == 200:
+                        latencies_s.append(time.perf_counter() - started)
+                        result_bytes.append(len(body))
+                        answers.append(1)
+                    else:
+                        refused.append(response.status)
+
+            threads = [threading.Thread(target=client) for _ in range(clients)]
+            for thread in threads:
+                thread.start()
+            started = time.perf_counter()
+            sent = send_paced(pool[prefill:] + pool[:prefill], rate, seconds, hepop.port, "udp")
+            elapsed = time.perf_counter() - started
+            stop.set()
+            for thread in threads:
+                thread.join()
+            values = settle(hepop.http_port)
+            children = [int(pid) for pid in Path(f"/proc/{hepop.process.pid}/task/{hepop.process.pid}/children")
+                        .read_text().split()]
+            query_peak = max((peak_rss_mib(pid) for pid in children), default=0.0)
+            capture_peak = peak_rss_mib(hepop.process.pid)
+            hepop.stop()
+            rows = stored(Path(tmp))[0] - prefill
+            latencies_s.sort()
+            median = latencies_s[len(latencies_s) // 2] if latencies_s else float("nan")
+            p95 = latencies_s[int(0.95 * (len(latencies_s) - 1))] if latencies_s else float("nan")
+            print(f"  {clients:>2} clients: sent {sent:,}, stored {rows:,}, loss {100 * (sent - rows) / sent:.3f} %, "
+                  f"dropped {dropped(values) or 'none'}; {len(answers)} queries answered "
+                  f"({len(answers) / elapsed:.2f}/s, {sum(result_bytes) / elapsed / 1e6:.0f} MB/s), {len(refused)} "
+                  f"refused 503; latency median {median:.2f} s, p95 {p95:.2f} s; peak RSS capture "
+                  f"{capture_peak:.0f} MiB, query process {query_peak:.0f} MiB", flush=True)
+
+
 def http_get(port: int, sql: str) -> tuple[dict, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     conn.request("GET", "/query?" + urllib.parse.urlencode({"q": sql}))
@@ -485,7 +546,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="capture only, short runs at two rates (under a minute)")
     parser.add_argument("--seconds", type=float, help="seconds per rate")
     parser.add_argument("--rates", help="comma-separated packets/s")
-    parts = ("capture", "sustained", "overload", "compaction", "query")
+    parts = ("capture", "sustained", "overload", "compaction", "query", "starvation")
     for part in parts:
         parser.add_argument(f"--{part}", action="store_true", help=f"only the {part} figures (can be combined)")
     parser.add_argument("--sustained-rate", type=int, default=100_000, help="packets/s of the sustained run")
@@ -507,6 +568,8 @@ def main() -> None:
         sustained_figures(args.sustained_rate, 60.0, pool)
     if "overload" in chosen:
         overload_figures(pool)
+    if "starvation" in chosen:
+        bench_starvation(pool, 20_000, 10.0 if args.quick else 30.0, [1, 4, 8, 20])
 
 
 def cpu_model() -> str:

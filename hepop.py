@@ -20,15 +20,18 @@ Data flow::
                             |   process (DuckDB sorts) into c_NNNNNNNNNN.parquet, swapped into
                             |   metadata.json; retention; the disk guard; empty folders
                             v
-    HTTP threads: /query, /health, /metrics by a route table -> DuckDB over the files that every
-                  writer's metadata.json lists, pruned to the query's time window -> JSON, CSV, Arrow
+    HTTP threads: /query, /health, /metrics by a route table.  A query goes to the query process
+                  (DuckDB over the files that every writer's metadata.json lists, pruned to the query's
+                  time window, made JSON, CSV or Arrow there); the HTTP thread holds the files it reads
+                  and relays its bytes
 
     PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/metadata.json                the truth about the files
     PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-MM/NNNNNNNNNN.parquet   (TreeLayout)
 
 Sections, in reading order; each uses only what is above it:
     Configuration   settings from --flags, the environment and defaults; exit 2 naming a bad one
-    Shared          counters and metric names, the rate-limited log, times as text, CPU priorities
+    Shared          counters and metric names, the rate-limited log, times as text, CPU priorities,
+                    logging, the set-up of a child process
     HEP protocol    decode() for v1, v2, v3 and the TCP stream framing: pure code, no I/O
     Batch decoding  the common layout of a whole batch decoded by Arrow
     Packet checks   capture-time bounds, the auth key, what counts as received and dropped
@@ -38,10 +41,11 @@ Sections, in reading order; each uses only what is above it:
                     one type, recovery at start); Storage (all types, the lock on the writer's folder)
     Writer thread   the batch records the loop hands over; BatchWriter
     Compaction      HourMerger and merge_hour (the child process); Compactor (the timer thread)
-    Query           QueryEngine (the sandbox, the time window, views over listed files) and the
-                    conversion of results to exact JSON values
+    Query           QueryEngine (the sandbox, the time window, views over listed files); results as
+                    exact JSON values and ResultWriter; the query process (serve_queries, QueryRun) and
+                    what the capture process keeps of it (QueryProcess, FileCatalog)
     Capture         Ingest (bytes to batches) and CaptureServer (sockets, the selectors loop, signals)
-    HTTP            the route table, ApiHandler, ResultWriter
+    HTTP            the route table, ApiHandler, ApiServer
     main()
 
 Threads and processes, and what each owns:
@@ -51,7 +55,12 @@ Threads and processes, and what each owns:
                     the loop to pause reading), `failing` (read by /health).
     compactor       merges, retention, the disk guard; at most one merge child process at a time,
                     started and killed under Compactor._merging_lock.
-    HTTP threads    one per connection (ThreadingHTTPServer), each query on its own DuckDB cursor.
+    HTTP threads    one per connection (ThreadingHTTPServer), at most MAX_HTTP_CONNECTIONS; at most
+                    MAX_QUERIES of them relay a query at once.
+    query process   one child process (spawned at start, again if it dies) with its own DuckDB: a
+                    thread per query, each on its own cursor and its own socketpair to the HTTP thread
+                    that asked; at nice 10, and the first the kernel kills when memory runs out.
+    compactor child one per merge, at nice 19.
     They meet in the storage layer: each TypeStore's file list and metadata.json change under its
     `lock` (writer and compactor); FileLeases.lock makes a query's listing of files and holding them
     one step, so compaction and retention delete a file only once no query reads it; Counters has its
@@ -92,6 +101,7 @@ import json
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import re
@@ -245,7 +255,8 @@ SETTINGS = (
     Setting("MAX_DISK_BYTES", parse_bytes, lambda s: "0",
             "when this writer's files take more, the oldest hours are deleted (0: off)"),
     Setting("QUERY_TIMEOUT_S", parse_seconds, lambda s: "30", "a query running longer is stopped (HTTP 504)"),
-    Setting("QUERY_MEMORY_MB", parse_positive_int, lambda s: "512", "memory for queries"),
+    Setting("QUERY_MEMORY_MB", parse_positive_int, lambda s: "512",
+            "memory of the query process beyond its start, a hard limit; half of it is DuckDB's"),
     Setting("QUERY_SPILL_BYTES", parse_bytes, lambda s: "2G",
             "disk that queries may spill to, in WRITER_ID/.query-tmp; the disk guard does not count it"),
     Setting("QUERY_MAX_ROWS", parse_positive_int, lambda s: "100000", "rows a query returns at most"),
@@ -447,6 +458,45 @@ def lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, thread, max(os.getpriority(os.PRIO_PROCESS, thread), nice))
     except OSError:
         pass                            # not allowed here (a seccomp filter): run at normal priority
+
+
+class JournalFormatter(logging.Formatter):
+    """Under journald: no timestamp of ours (journald keeps its own) and the level as a <N> prefix,
+    which journald reads as the syslog priority."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def setup_logging(level: str) -> None:
+    """One line per event on stderr, in the form journald reads well when it is the reader."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter("%(levelname)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+PR_SET_PDEATHSIG = 1
+OOM_SCORE_ADJ = {"compaction": 500, "queries": 1000}   # the kernel's memory killer takes these before capture
+
+
+def become_child(parent_pid: int, nice: int, oom_score_adj: int) -> bool:
+    """Set up a child process of hepop's (compaction, queries): it dies with its parent, so that a killed
+    hepop leaves nothing behind; it runs below capture's CPU priority; and when the box runs out of
+    memory (MemoryMax in the unit), the kernel kills it, not the capture process, which holds packets
+    that exist nowhere else.  False if the parent died before this could be armed."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        with open("/proc/self/oom_score_adj", "w") as adjust:
+            adjust.write(str(oom_score_adj))
+    except (OSError, AttributeError):
+        pass                                # not Linux, or not allowed: it still works, less guarded
+    return os.getppid() == parent_pid
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -689,6 +739,19 @@ class HepStream:
             return bytes(buf[pos:pos + length])
         self._pos = pos
         return None
+
+    def settle(self) -> int:
+        """Once the frames were taken: keep only the bytes of the incomplete frame, in a buffer of their own
+        size (the read that brought them may have been 256 KiB), and return how many they are."""
+        if self._pos:
+            self._buf = self._buf[self._pos:]
+            self._pos = 0
+        return len(self._buf)
+
+    def unread(self) -> None:
+        """Put back the frame last returned, whole, to be returned again."""
+        self._pos -= self._last_frame_size
+        self._last_frame_size = 0
 
     def reject(self) -> None:
         """Give back the frame last returned, less its magic, to be searched for frames again."""
@@ -1979,9 +2042,6 @@ class HourMerger:
         writer.write_table(table, row_group_size=row_group_rows(table, self.row_group_bytes))
 
 
-PR_SET_PDEATHSIG = 1
-
-
 def merge_hour(path: str, schema: pa.Schema, files: list[str], memory_mb: int, temp_dir: str,
                parent_pid: int) -> None:
     """The compaction process: write the rows of `files` to `path` sorted by time, and fsync it.
@@ -1990,12 +2050,7 @@ def merge_hour(path: str, schema: pa.Schema, files: list[str], memory_mb: int, t
     when it ends, so the capture process stays flat however large the hour; it never holds the capture
     process's GIL; and if DuckDB fails hard, or the kernel kills it for memory, capture goes on.  It dies
     with its parent, so that a killed hepop leaves no writer behind on a temp file."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        os.setpriority(os.PRIO_PROCESS, 0, COMPACTION_NICE)
-    except (OSError, AttributeError):
-        pass                                # not Linux, or not allowed: it still works, less guarded
-    if os.getppid() != parent_pid:
+    if not become_child(parent_pid, COMPACTION_NICE, OOM_SCORE_ADJ["compaction"]):
         return                              # the parent died before the signal was armed
     with open(path, "wb") as out:
         HourMerger(memory_mb, temp_dir).merge(out, schema, files)
@@ -2232,7 +2287,7 @@ class TimeWindow(NamedTuple):
 
 
 class QueryEngine:
-    """Runs one read-only SQL statement over the stored data and yields its rows as Arrow batches.
+    """Checks and runs read-only SQL statements over the stored files; it lives in the query process.
 
     The sandbox: DuckDB with external access off except PARQUET_DIR (allowed_directories), its
     configuration locked, memory and threads capped; one statement, and only a query (SELECT, WITH,
@@ -2240,17 +2295,15 @@ class QueryEngine:
     Rows still in memory are not visible: they are at most one flush interval behind.
     """
 
-    def __init__(self, config: Config, storage: Storage):
-        self.config = config
-        self.layout = storage.layout
-        self.leases = storage.leases
+    def __init__(self, config: Config):
         self.root = config.parquet_dir
-        spill_dir = storage.layout.query_spill_dir(config.writer_id)
+        spill_dir = TreeLayout(config.parquet_dir).query_spill_dir(config.writer_id)
         shutil.rmtree(spill_dir, ignore_errors=True)
         # Spilling goes to the writer's own bounded folder, which the disk guard leaves out of its count:
         # DuckDB's default, <cwd>/.tmp, was the data directory under the unit, and a large query there
         # made the guard delete data.  GLOBAL: every request's cursor gets these, UTC above all.
-        self.db = duckdb.connect(config={"memory_limit": f"{config.query_memory_mb}MB",
+        # Half of QUERY_MEMORY_MB for DuckDB, half for what results become in Arrow and as text.
+        self.db = duckdb.connect(config={"memory_limit": f"{config.query_memory_mb // 2}MB",
                                          "threads": config.query_threads, "temp_directory": spill_dir,
                                          "max_temp_directory_size": f"{config.query_spill_bytes}B"})
         self.db.execute("SET GLOBAL TimeZone = 'UTC'")
@@ -2258,8 +2311,6 @@ class QueryEngine:
         self.db.execute("SET allowed_directories = $dirs", {"dirs": [self.root.rstrip("/") + "/"]})
         self.db.execute("SET enable_external_access = false")
         self.db.execute("SET lock_configuration = true")
-        self._metadata_cache: dict[str, tuple[tuple, list[dict]]] = {}
-        self._cache_lock = threading.Lock()
 
     # -- what may run ----------------------------------------------------------------------------------
 
@@ -2364,78 +2415,24 @@ class QueryEngine:
 
     # -- tables ----------------------------------------------------------------------------------------
 
-    def files(self, proto_type: int, window: TimeWindow) -> list[str]:
-        """The files of a type that metadata.json lists, for every writer, overlapping the window."""
-        paths = []
-        for metadata_path in self.layout.metadata_files(proto_type):
-            for entry in self._listed(metadata_path):
-                if window.overlaps(entry):
-                    paths.append(self.layout.absolute(entry["path"]))
-        return paths
+    @staticmethod
+    def types_named(sql: str) -> list[int]:
+        """The types whose hep_<type> table the query names."""
+        return sorted({int(n) for n in re.findall(r"\bhep_(\d+)\b", sql, re.IGNORECASE) if int(n) <= 255})
 
-    def _listed(self, metadata_path: str) -> list[dict]:
-        """A metadata.json's file list, parsed again only when the file changed."""
-        try:
-            stat = os.stat(metadata_path)
-            key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-            with self._cache_lock:
-                cached = self._metadata_cache.get(metadata_path)
-            if cached and cached[0] == key:
-                return cached[1]
-            with open(metadata_path, "rb") as source:
-                files = json.load(source)["files"]
-        except FileNotFoundError:
-            return []                   # its type folder went away between the glob and the read
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            # Answering without that writer's files would be a silent wrong answer: say what is wrong.
-            log.warning("cannot read %s: %s", metadata_path, exc)
-            raise QueryError(f"cannot read {os.path.relpath(metadata_path, self.root)}: {exc}; the "
-                             "writer that owns it rebuilds it at its next start", 503) from None
-        with self._cache_lock:
-            self._metadata_cache[metadata_path] = (key, files)
-        return files
-
-    def _create_views(self, cursor, sql: str, window: TimeWindow) -> list[str]:
-        """A temp view per hep_<type> that the query names; the files they read, held (FileLeases) until
-        the caller releases them, so that no compaction or retention deletes them meanwhile."""
-        types = sorted({int(n) for n in re.findall(r"\bhep_(\d+)\b", sql, re.IGNORECASE) if int(n) <= 255})
-        files_by_type = {}
-        held = self.leases.hold(lambda: [path for proto_type in types
-                                          for path in files_by_type.setdefault(proto_type, self.files(proto_type, window))])
-        try:
-            for proto_type in types:
-                self._create_view(cursor, proto_type, files_by_type[proto_type], window)
-        except BaseException:
-            self.leases.release(held)
-            raise
-        return held
-
-    def _create_view(self, cursor, proto_type: int, files: list[str], window: TimeWindow) -> None:
-        if files:
-            source = "read_parquet([" + ", ".join(sql_string(path) for path in files) + "])"
-        else:
-            source = f"hep_{proto_type}_empty"
-            cursor.register(source, table_schema(proto_type).empty_table())
-        condition = ""
-        if window.default:
-            condition = f" WHERE time >= make_timestamp({window.low_us})"
-        cursor.execute(f'CREATE TEMP VIEW hep_{proto_type} AS SELECT *, time AS "timestamp", '
-                       f"{RCINFO_SQL} AS rcinfo FROM {source}{condition}")
-
-    # -- running -------------------------------------------------------------------------------------
-
-    def run(self, cursor, sql: str):
-        """Start a query on a cursor of `self.db`; returns (batches, window, the files it reads, held until
-        the caller passes them to `self.leases.release`).  Raises QueryError; DuckDB's own errors (an
-        interrupt included) pass through."""
-        self.check_statement(sql)
-        window = self.time_window(cursor, sql, time.time_ns() // 1000)
-        held = self._create_views(cursor, sql, window)
-        try:
-            return cursor.sql(sql).to_arrow_reader(2048), window, held
-        except BaseException:
-            self.leases.release(held)
-            raise
+    def create_views(self, cursor, files_by_type: dict[int, list[str]], window: TimeWindow) -> None:
+        """A temp view per hep_<type> over the files it is given (FileCatalog.files)."""
+        for proto_type, files in files_by_type.items():
+            if files:
+                source = "read_parquet([" + ", ".join(sql_string(path) for path in files) + "])"
+            else:
+                source = f"hep_{proto_type}_empty"
+                cursor.register(source, table_schema(proto_type).empty_table())
+            condition = ""
+            if window.default:
+                condition = f" WHERE time >= make_timestamp({window.low_us})"
+            cursor.execute(f'CREATE TEMP VIEW hep_{proto_type} AS SELECT *, time AS "timestamp", '
+                           f"{RCINFO_SQL} AS rcinfo FROM {source}{condition}")
 
 
 FLIPPED = {"COMPARE_GREATERTHAN": "COMPARE_LESSTHAN", "COMPARE_LESSTHAN": "COMPARE_GREATERTHAN",
@@ -2614,552 +2611,11 @@ def iso_duration(months: int, days: int, nanoseconds: int) -> str:
     return "P" + date + ("T" + time_part if time_part else "") if date or time_part else "PT0S"
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Capture: from raw HEP bytes to batches (Ingest), and the selectors loop over the sockets.
-# ---------------------------------------------------------------------------------------------------------
+# -- results as JSON, NDJSON, CSV or Arrow, in pieces -------------------------------------------------
 
-# The header of a compressed payload chunk (vendor 0, type 16) as it stands in a message.  Its bytes may
-# also occur elsewhere in a binary payload: such a message is charged more than it needs, never less.
-COMPRESSED_CHUNK = _CHUNK_HEADER.pack(0, 16, 0)[:4]
-
-
-def charged_bytes(data: bytes) -> int:
-    """What a message as received is counted as in the buffers: see Ingest.messages."""
-    return len(data) + 64 + (MAX_INFLATED_BYTES if COMPRESSED_CHUNK in data else 0)
-
-
-class Ingest:
-    """From raw HEP bytes to the batch buffers: UDP datagrams, and TCP frames of the common layout,
-    buffered as they come, for the writer to decode in batches; other TCP frames decoded and checked
-    here, since the framing needs to know at once whether a frame decodes."""
-
-    def __init__(self, config: Config, writer: BatchWriter, counters: Counters, check: PacketCheck):
-        self.config = config
-        self.writer = writer
-        self.counters = counters
-        self.check = check
-        self.batches: dict[object, ReceivedBatch | DecodedBatch] = {}     # by their key: transport or type
-        self.buffered_bytes = 0
-        self.received: collections.Counter = collections.Counter()     # (transport, version) -> packets
-        self.max_pending_bytes = config.max_pending_bytes               # read at every read of the loop
-        self.flush_rows, self.flush_bytes = config.flush_rows, config.flush_bytes
-
-    def messages(self, messages: list, senders: list[Sender], transport: str) -> None:
-        """Take in messages as received, buffered as they are for the writer to decode.  One call for all
-        that one wake-up of the loop read, so that a datagram costs the loop little more than its
-        recvfrom.  Those that would pass MAX_PENDING_BYTES are dropped.
-
-        A message is charged what it will occupy once decoded: its bytes, and MAX_INFLATED_BYTES more
-        when it may hold a compressed payload (chunk 16), which the writer inflates.  Charged at wire
-        size, 3,000 datagrams of 1,145 bytes that each inflate to 1 MiB took a 2 GiB box down."""
-        size = sum(map(len, messages)) + 64 * len(messages)
-        compressed = any(map(bytes.__contains__, messages, itertools.repeat(COMPRESSED_CHUNK)))
-        if compressed:
-            size += MAX_INFLATED_BYTES * sum(1 for data in messages if COMPRESSED_CHUNK in data)
-        room = self.room()
-        if size > room:
-            fitting, fitting_senders = [], []
-            for index, data in enumerate(messages):
-                peer = sender_of(senders, index)
-                charge = charged_bytes(data)
-                if charge <= room:
-                    if not fitting_senders or fitting_senders[-1].peer != peer:
-                        fitting_senders.append(Sender(len(fitting), peer))
-                    fitting.append(data)
-                    room -= charge
-                else:
-                    self.received[transport, version_of(data)] += 1
-            self._drop_for_room(len(messages) - len(fitting))
-            messages, senders = fitting, fitting_senders
-            size = sum(map(charged_bytes, messages))
-        if compressed:          # rare: one at a time, so that a batch is handed over at FLUSH_BYTES of them
-            for index, data in enumerate(messages):
-                self._append_received(transport, [data], [Sender(0, sender_of(senders, index))],
-                                      charged_bytes(data))
-        elif messages:
-            self._append_received(transport, messages, senders, size)
-
-    def _append_received(self, transport: str, messages: list, senders: list[Sender], size: int) -> None:
-        batch = self.batches.get(transport)
-        if batch is None:
-            batch = self.batches[transport] = ReceivedBatch(transport, time.time_ns() // 1000, self._due())
-        offset = len(batch.messages)
-        same_peer_goes_on = offset and len(senders) == 1 and senders[0].peer == batch.senders[-1].peer
-        if not same_peer_goes_on:
-            batch.senders.extend(Sender(offset + sender.first, sender.peer) for sender in senders)
-        batch.messages.extend(messages)
-        self._added(batch, len(batch.messages), size)
-
-    def packet(self, data: bytes, transport: str, peer) -> bool:
-        """Take in one HEP message; False when it does not decode (it is then counted as malformed)."""
-        packet = self.check.decode(data, transport, peer, self.received)
-        if packet is None:
-            return False
-        time_us = self.check.capture_time(packet, peer)
-        if time_us is None:
-            return True
-        size = len(packet.payload) + 64
-        if size > self.room():
-            self._drop_for_room(1)
-            return True
-        batch = self.batches.get(packet.proto_type)
-        if batch is None:
-            batch = self.batches[packet.proto_type] = DecodedBatch(packet.proto_type, self._due())
-        batch.times_us.append(time_us)
-        batch.packets.append(packet)
-        self._added(batch, len(batch.packets), size)
-        return True
-
-    def _due(self) -> float:
-        return time.monotonic() + self.config.flush_interval_s
-
-    def _added(self, batch: ReceivedBatch | DecodedBatch, rows: int, size: int) -> None:
-        """Account for what was appended to a batch, and hand it over when it is full."""
-        batch.nbytes += size
-        self.buffered_bytes += size
-        if rows >= self.flush_rows or batch.nbytes >= self.flush_bytes:
-            self.flush(batch.key)
-
-    def room(self) -> int:
-        """The bytes that may still be buffered before MAX_PENDING_BYTES."""
-        return self.max_pending_bytes - self.buffered_bytes - self.writer.pending_bytes
-
-    def _drop_for_room(self, count: int) -> None:
-        """Count and log `count` packets dropped because they would pass MAX_PENDING_BYTES."""
-        self.counters.add("hep_dropped_total", count, reason="buffer_full")
-        self.check.bad_packets.warning("buffer_full", "buffers full (MAX_PENDING_BYTES): dropping packets")
-
-    def publish_counts(self) -> None:
-        """Move the packets counted since the last call into the counters: once per pass of the loop
-        rather than under the counters' lock for every packet."""
-        publish_received(self.counters, self.received)
-        self.received.clear()
-
-    def flush(self, key) -> None:
-        """Hand one batch to the writer thread: no copy, no I/O on the loop."""
-        batch = self.batches.pop(key)
-        self.buffered_bytes -= batch.nbytes
-        self.writer.submit(batch)
-
-    def flush_due(self, now: float) -> Optional[float]:
-        """Flush the batches whose oldest row is FLUSH_INTERVAL_S old; the next deadline, if any."""
-        for key in [key for key, batch in self.batches.items() if batch.due_s <= now]:
-            self.flush(key)
-        return min((batch.due_s for batch in self.batches.values()), default=None)
-
-    def flush_all(self) -> None:
-        for key in list(self.batches):
-            self.flush(key)
-
-
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; Python names it only from 3.12 on
-# accept() errors of the process, not of one connection: out of descriptors, buffers or memory.
-OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-@dataclasses.dataclass
-class Agent:
-    """A TCP agent's connection, as the loop keeps it."""
-    stream: HepStream
-    peer: object
-    last_read_s: float          # time.monotonic() when it last sent anything
-
-
-class CaptureServer:
-    """The selectors loop: UDP and TCP HEP on one HOST:PORT, batches flushed on time, signals."""
-
-    TCP_READ_BYTES = 256 * 1024
-    TCP_DRAIN_QUIET_S = 0.2
-    TCP_DRAIN_MAX_S = 5.0
-    UDP_DRAIN_MAX = 1 << 20         # datagrams read at shutdown at most: an agent may go on sending
-    READ_ROOM_BYTES = 4 << 20       # reading pauses while the buffers have less room than this
-    PAUSED_POLL_S = 0.01
-    # From SIGTERM on, writes that fail are retried for this long at most; what still fails is counted as
-    # dropped.  The kernel's buffers are read while the writer makes room, for as long as it makes
-    # progress: DRAIN_STALL_S without any ends the wait, and so does DRAIN_WAIT_MAX_S in all (systemd's
-    # TimeoutStopSec is 120 s).  A disk that fsyncs slowly still writes everything; one that fails lets
-    # hepop exit within about STOP_TIMEOUT_S.
-    STOP_TIMEOUT_S = 5.0
-    DRAIN_STALL_S = 5.0
-    DRAIN_WAIT_MAX_S = 60.0
-    ACCEPT_BACKOFF_S = 1.0          # accepting pauses this long when the process is out of descriptors
-
-    def __init__(self, config: Config, ingest: Ingest, counters: Counters):
-        self.config = config
-        self.ingest = ingest
-        self.counters = counters
-        self.selector = selectors.DefaultSelector()
-        self.connections: dict[socket.socket, Agent] = {}
-        self.stopping = False
-        self.reading = True
-        self.notices = RateLimitedLog()
-        self.accepting_again_at: Optional[float] = None      # while accepting is paused (_pause_accepting)
-        self._no_idle_agent_before = 0.0    # time.monotonic() before which no agent can be idle enough
-        self._stalled = False               # at shutdown: the writer made no progress for DRAIN_STALL_S
-        self._drain_pending, self._drain_progress_at = 0, 0.0
-        self._logged: dict[str, float] = {}            # the counters as log_growth() last saw them
-        self.udp: Optional[socket.socket] = None
-        self.tcp: Optional[socket.socket] = None
-        self._wakeup_r, self._wakeup_w = socket.socketpair()
-
-    # -- sockets ---------------------------------------------------------------------------------------
-
-    def bind(self) -> None:
-        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
-        address = (self.config.host, self.config.port)
-        self.udp = socket.socket(family, socket.SOCK_DGRAM)
-        self.tcp = socket.socket(family, socket.SOCK_STREAM)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        for sock in (self.udp, self.tcp):
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(address)
-            sock.setblocking(False)
-        self._set_receive_buffer()
-        self.tcp.listen(1024)
-        self.selector.register(self.udp, selectors.EVENT_READ, self._on_udp)
-        self.selector.register(self.tcp, selectors.EVENT_READ, self._on_accept)
-        self._wakeup_r.setblocking(False)
-        self._wakeup_w.setblocking(False)
-        self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
-        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT):   # from here on, a signal means a clean stop
-            signal.signal(signum, self._on_signal)
-        log.info("listening for HEP on %s port %d (UDP and TCP)", self.config.host, self.config.port)
-
-    def udp_inode(self) -> Optional[int]:
-        """The inode of our UDP socket, by which /proc/net/udp lists its drops."""
-        return os.fstat(self.udp.fileno()).st_ino if self.udp and self.udp.fileno() >= 0 else None
-
-    def _set_receive_buffer(self) -> None:
-        wanted = self.config.rcvbuf_bytes
-        try:
-            self.udp.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, wanted)
-        except OSError:                       # not privileged: the kernel caps it at net.core.rmem_max
-            self.udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
-        granted = self.udp.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux reports double
-        if granted < wanted:
-            log.warning("UDP receive buffer is %d bytes, not the %d asked for: packets will be lost under "
-                        "load; raise the cap with 'sysctl -w net.core.rmem_max=%d'", granted, wanted, wanted)
-        else:
-            log.info("UDP receive buffer: %d bytes", granted)
-
-    # -- the loop --------------------------------------------------------------------------------------
-
-    def serve(self) -> None:
-        """Run until SIGTERM or SIGINT, then read what the kernel still holds and flush everything."""
-        next_stats = time.monotonic() + self.config.stats_interval_s
-        next_flush = None
-        while not self.stopping:
-            timeout = min(next_stats, next_flush or next_stats) - time.monotonic()
-            events = self.selector.select(max(0.0, min(timeout, 1.0 if self.reading else self.PAUSED_POLL_S)))
-            started = time.monotonic()
-            for key, _ in events:
-                key.data(key.fileobj)
-            self.ingest.publish_counts()
-            next_flush = self.ingest.flush_due(started)
-            self._pace_reading()
-            self._resume_accepting(started)
-            if started >= next_stats:
-                self.log_growth()
-                next_stats = started + self.config.stats_interval_s
-            self.counters.maximum("loop_busy_seconds_max", time.monotonic() - started)
-        self._drain()
-        self.ingest.publish_counts()
-        self.ingest.flush_all()
-
-    def _pace_reading(self) -> None:
-        """Stop reading the sockets while the buffers have no room for what a wake-up reads, instead of
-        dropping packets here: datagrams wait in the kernel's receive buffer (RCVBUF_BYTES more to absorb
-        a burst; what overflows it is counted as the kernel's drops) and TCP agents are held back by flow
-        control.  Reading goes on once the writer has made room."""
-        room = self.ingest.room()
-        if self.reading and room < self._pause_below():
-            self._set_reading(False)
-            self.ingest.flush_all()                 # the writer can make room only from what it has
-            self.counters.add("reading_paused_total")
-            self.notices.warning("paused", "buffers full (MAX_PENDING_BYTES): reading paused until the writer "
-                                 "catches up")
-        elif not self.reading and room >= 2 * self._pause_below():
-            self._set_reading(True)
-
-    def _pause_below(self) -> int:
-        return min(self.READ_ROOM_BYTES, self.config.max_pending_bytes // 2)
-
-    def _wait_for_room(self, deadline: float) -> None:
-        """At shutdown: while the buffers are full, hand them to the writer and wait for it to make room,
-        rather than drop what the kernel still holds: until `deadline`, or until the writer has made no
-        progress for DRAIN_STALL_S (its writes fail)."""
-        while self.ingest.room() < self._pause_below() and time.monotonic() < deadline and not self._stalled:
-            self.ingest.flush_all()
-            time.sleep(self.PAUSED_POLL_S)
-            if self.ingest.writer.pending_bytes < self._drain_pending:
-                self._drain_progress_at = time.monotonic()
-            self._drain_pending = self.ingest.writer.pending_bytes
-            self._stalled = time.monotonic() - self._drain_progress_at > self.DRAIN_STALL_S
-
-    def _set_reading(self, reading: bool) -> None:
-        for sock, on_read in [(self.udp, self._on_udp), *((conn, self._on_tcp) for conn in self.connections)]:
-            if reading:
-                self.selector.register(sock, selectors.EVENT_READ, on_read)
-            else:
-                self.selector.unregister(sock)
-        self.reading = reading
-
-    def _on_signal(self, signum, frame) -> None:
-        if not self.stopping:
-            self.stopping = True
-            self.ingest.writer.stop_by = time.monotonic() + self.STOP_TIMEOUT_S
-
-    def _on_wakeup(self, sock) -> None:
-        try:
-            while sock.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def _on_udp(self, sock) -> int:
-        """Read a bounded batch of datagrams (draining until empty would starve flushes under load).
-
-        Only the bytes are kept, and the peer where it changes: bytes are not tracked by the garbage
-        collector, while (bytes, peer) tuples kept by the hundred thousand made it run every few thousand
-        packets, holding the GIL 20-50 ms each time."""
-        datagrams, senders, sender = [], [], None
-        append, recvfrom = datagrams.append, sock.recvfrom
-        for index in range(self.config.udp_batch):
-            try:
-                data, peer = recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                break
-            append(data)
-            if peer != sender:
-                senders.append(Sender(index, peer))
-                sender = peer
-        if datagrams:
-            self.ingest.messages(datagrams, senders, "udp")
-        return len(datagrams)
-
-    def _on_accept(self, listener) -> None:
-        while True:
-            try:
-                conn, peer = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno not in OUT_OF_RESOURCES:
-                    continue                    # that one connection failed (ECONNABORTED, ...)
-                self._pause_accepting(exc)
-                return
-            if len(self.connections) >= self.config.max_tcp_connections and not self._evict_idle_agent():
-                self.counters.add("tcp_connections_refused_total")
-                self.notices.warning("tcp_full", "refusing TCP agent %s: MAX_TCP_CONNECTIONS (%d) reached", peer,
-                                     self.config.max_tcp_connections)
-                conn.close()
-                continue
-            conn.setblocking(False)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            self.connections[conn] = Agent(HepStream(), peer, time.monotonic())
-            if self.reading:
-                self.selector.register(conn, selectors.EVENT_READ, self._on_tcp)
-            self.counters.add("tcp_connections_total")
-            log.debug("TCP agent %s connected", peer)
-
-    def _pause_accepting(self, exc: OSError) -> None:
-        """Out of descriptors or memory: stop accepting for ACCEPT_BACKOFF_S rather than crash, or spin on
-        a listener that stays readable.  Agents wait in the backlog meanwhile."""
-        self.counters.add("tcp_accept_errors_total")
-        self.notices.warning("accept", "cannot accept TCP agents (%s): trying again in %g s", exc.strerror,
-                             self.ACCEPT_BACKOFF_S)
-        with contextlib.suppress(KeyError):
-            self.selector.unregister(self.tcp)
-        self.accepting_again_at = time.monotonic() + self.ACCEPT_BACKOFF_S
-
-    def _resume_accepting(self, now: float) -> None:
-        if self.accepting_again_at is not None and now >= self.accepting_again_at:
-            self.accepting_again_at = None
-            self.selector.register(self.tcp, selectors.EVENT_READ, self._on_accept)
-
-    def _evict_idle_agent(self) -> bool:
-        """With every slot taken: close the connection silent longest, if it has been for
-        TCP_IDLE_TIMEOUT_S, so that connections held open and idle cannot lock agents out.  Quiet agents
-        are not closed otherwise: an agent writing into a connection the server closed loses a message."""
-        if time.monotonic() < self._no_idle_agent_before:
-            return False                # a flood of connects at the limit does not rescan every agent
-        conn, agent = min(self.connections.items(), key=lambda item: item[1].last_read_s)
-        if time.monotonic() - agent.last_read_s < self.config.tcp_idle_timeout_s:
-            self._no_idle_agent_before = agent.last_read_s + self.config.tcp_idle_timeout_s
-            return False
-        self.counters.add("tcp_idle_closed_total")
-        self.notices.warning("tcp_idle", "closing TCP agent %s, silent for %.0f s: a new agent needs its slot",
-                             agent.peer, time.monotonic() - agent.last_read_s)
-        self._close_agent(conn)
-        return True
-
-    def _on_tcp(self, conn) -> bool:
-        """Read what one agent sent and store its frames; False once the connection has nothing more."""
-        agent = self.connections[conn]
-        try:
-            data = conn.recv(self.TCP_READ_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError as exc:
-            self.notices.warning("tcp_error", "TCP agent %s: %s", agent.peer, exc)
-            data = b""
-        if not data:
-            self._close_agent(conn)
-            return False
-        agent.last_read_s = time.monotonic()
-        agent.stream.feed(data)
-        self._take_frames(agent.stream, agent.peer, iter(agent.stream.next_frame, None))
-        self._count_garbage(agent.stream)
-        return True
-
-    def _close_agent(self, conn) -> None:
-        """Store the complete frames an agent's stream still holds, then close its connection."""
-        agent = self.connections.pop(conn)
-        with contextlib.suppress(KeyError):         # not registered while reading is paused
-            self.selector.unregister(conn)
-        self._take_frames(agent.stream, agent.peer, agent.stream.finish())
-        self._count_garbage(agent.stream)
-        conn.close()
-        log.debug("TCP agent %s disconnected", agent.peer)
-
-    def _take_frames(self, stream: HepStream, peer, frames: Iterable[bytes]) -> None:
-        """Frames of the common layout surely decode: buffered as they are, like datagrams, all in one call.
-        Any other frame is decoded now, and when it does not decode, the stream searches inside it (its
-        length may have swallowed good frames)."""
-        common = []
-        for frame in frames:
-            if has_common_layout(frame):
-                common.append(frame)
-            elif not self.ingest.packet(frame, "tcp", peer):
-                stream.reject()
-        if common:
-            self.ingest.messages(common, [Sender(0, peer)], "tcp")
-
-    def _count_garbage(self, stream: HepStream) -> None:
-        if stream.garbage_bytes:
-            self.counters.add("tcp_garbage_bytes_total", stream.garbage_bytes)
-            stream.garbage_bytes = 0
-
-    def _drain(self) -> None:
-        """At shutdown: take in every datagram and TCP byte the kernel already holds for us.  When the buffers
-        are full, the writer is given until the stop deadline to make room; what then has none is counted as
-        dropped."""
-        if not self.reading:
-            self._set_reading(True)
-        self.selector.unregister(self.udp)
-        with contextlib.suppress(KeyError):        # not registered while accepting is paused
-            self.selector.unregister(self.tcp)
-        self._on_accept(self.tcp)                   # agents still in the backlog may have sent already
-        self.tcp.close()
-        wait_until = time.monotonic() + self.DRAIN_WAIT_MAX_S
-        self._drain_pending, self._drain_progress_at = self.ingest.writer.pending_bytes, time.monotonic()
-        read = 0
-        while read < self.UDP_DRAIN_MAX:
-            self._wait_for_room(wait_until)
-            if not (count := self._on_udp(self.udp)):       # the first EAGAIN
-                break
-            read += count
-        # An agent's bytes still in flight on the connection arrive as we read; read until none came for
-        # TCP_DRAIN_QUIET_S, or for TCP_DRAIN_MAX_S at most (an agent may go on sending).
-        deadline = time.monotonic() + self.TCP_DRAIN_MAX_S
-        while self.connections and time.monotonic() < deadline:
-            events = self.selector.select(self.TCP_DRAIN_QUIET_S)
-            connections = [key.fileobj for key, _ in events if key.fileobj in self.connections]
-            if not connections:
-                break
-            for conn in connections:
-                self._wait_for_room(wait_until)
-                self._on_tcp(conn)
-        for conn in list(self.connections):
-            self._close_agent(conn)
-        self.udp.close()
-
-    def log_growth(self) -> None:
-        """Log how much each counter grew since the last such line (every STATS_INTERVAL_S); nothing
-        when none did.  Maxima and gauges are on /metrics and in the final line."""
-        values = self.counters.snapshot()
-        grown = {key: value - self._logged.get(key, 0) for key, value in values.items()
-                 if key.split("{")[0].endswith("_total") and value != self._logged.get(key, 0)}
-        self._logged = values
-        if grown:
-            log.info("counters grew %s", json.dumps(grown, separators=(",", ":")))
-
-    def log_counters(self, what: str) -> None:
-        log.info("%s %s", what, json.dumps(self.counters.snapshot(), separators=(",", ":")))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# HTTP: a route table on HTTP_PORT (/query, /health, /metrics), every answer JSON, errors in one place.
-# ---------------------------------------------------------------------------------------------------------
-
-MAX_BODY_BYTES = 1 << 20
-# A body over MAX_BODY_BYTES but under this is read and thrown away before the 413: a client that is
-# still sending when the server closes gets a broken pipe instead of the answer.  Larger: 413 at once.
-DISCARD_BODY_BYTES = 16 << 20
 READ_AHEAD_BYTES = 8 << 20          # a result this small is sent knowing whether the row cap cut it
 RESULT_PIECE_BYTES = 4 << 20        # rows are made text this many bytes at a time
 MAX_RESULT_ROW_BYTES = 64 << 20     # a row larger is refused in the text formats
-QUERY_WAIT_S = 2.0                  # how long a query waits for one of MAX_QUERIES turns before its 503
-LINGER_S = 2.0                      # how long a connection closed on an unread body drops what still comes
-
-
-class Api:
-    """What the HTTP handlers serve: the query engine, the counters, and the state /health reports."""
-
-    def __init__(self, config: Config, counters: Counters, writer: BatchWriter, storage: Storage,
-                 udp_inode: Callable):
-        self.config = config
-        self.counters = counters
-        self.writer = writer
-        self.udp_inode = udp_inode
-        self.engine = QueryEngine(config, storage)
-        self.query_turns = threading.BoundedSemaphore(config.max_queries)
-        self.started = time.time()
-
-    def health(self) -> tuple[int, dict]:
-        """200 while writes succeed; 503 with the reason while they fail."""
-        last = self.writer.last_flush
-        failing = self.writer.failing
-        body = {"status": "failing" if failing else "ok", "version": __version__,
-                "writer_id": self.config.writer_id, "uptime_s": round(time.time() - self.started, 1),
-                "last_flush": None if last is None else format_time(int(last * 1e6))}
-        if failing:
-            body["error"] = failing
-        return (503 if failing else 200), body
-
-    def metrics(self) -> str:
-        """Every counter in Prometheus text format, plus the kernel's drops on our UDP socket."""
-        values = self.counters.snapshot()
-        values["uptime_seconds"] = time.time() - self.started
-        values["pending_bytes"] = self.writer.pending_bytes
-        values["udp_kernel_drops_total"] = udp_kernel_drops(self.udp_inode())
-        lines, typed = [], set()
-        for key, value in sorted(values.items()):
-            name = "hepop_" + key.split("{")[0]
-            if name not in typed:
-                kind = "counter" if name.endswith("_total") else "gauge"
-                lines.append(f"# TYPE {name} {kind}")
-                typed.add(name)
-            lines.append(f"hepop_{key} {value:g}" if isinstance(value, float) else f"hepop_{key} {value}")
-        return "\n".join(lines) + "\n"
-
-
-def udp_kernel_drops(inode: Optional[int]) -> int:
-    """Datagrams the kernel dropped on our UDP socket (receive buffer full), from /proc/net/udp[6]."""
-    if inode is None:
-        return 0
-    for table in ("/proc/net/udp", "/proc/net/udp6"):
-        try:
-            with open(table) as source:
-                for line in source.readlines()[1:]:
-                    fields = line.split()
-                    if len(fields) > 12 and int(fields[9]) == inode:
-                        return int(fields[-1])
-        except OSError:
-            continue
-    return 0
 
 
 class ResultWriter:
@@ -3274,6 +2730,929 @@ class CappedBatches:
         batch = next(self.reader)
         self.rows += len(batch)
         return batch
+
+
+# -- the query process --------------------------------------------------------------------------------------
+# Every query runs in one child process (serve_queries), which parses, executes and makes text of it; the
+# capture process keeps only the catalog of files and the leases on them, and relays the bytes.  Each
+# query is a conversation on a connection of its own (a socketpair whose other end is passed over the
+# control socket):
+#     capture process                             query process
+#     QueryJob(sql, fmt, now_us)          ->
+#                                         <-      QueryPlan(types, window), or QueryFailed
+#     {type: [files]}, held until the end ->
+#                                         <-      QueryStart, bytes..., QueryEnd; or QueryFailed
+#     (closes the connection: at the end, or when its client goes away, which stops the query)
+
+QUERY_GRACE_S = 10.0                # past QUERY_TIMEOUT_S, the capture process stops waiting for an answer
+QUERY_DATA_BYTES = 1 << 20          # the largest piece of a result on the connection
+
+
+class QueryJob(NamedTuple):
+    sql: str
+    fmt: str
+    now_us: int                     # "now" for the time window: the moment the request came
+
+
+class QueryPlan(NamedTuple):
+    types: list                     # the hep_<type> tables the query names
+    window: TimeWindow
+
+
+class QueryStart(NamedTuple):
+    finished: bool                  # the whole result is in the bytes that follow: `truncated` is known
+    truncated: bool
+
+
+class QueryEnd(NamedTuple):
+    truncated: bool                 # QUERY_MAX_ROWS cut the result
+
+
+class QueryFailed(NamedTuple):
+    status: int
+    message: str
+
+
+class QueryRun:
+    """One query in the query process, on its own cursor and connection.  A timer stops it at
+    QUERY_TIMEOUT_S (DuckDB's interrupt, answered 504); a watcher stops it when the capture process
+    closes the connection, which it does when the client goes away."""
+
+    def __init__(self, config: Config, engine: QueryEngine, conn: multiprocessing.connection.Connection):
+        self.config = config
+        self.engine = engine
+        self.conn = conn
+        self.cursor = engine.db.cursor()
+        self.timed_out = threading.Event()
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+        self.watching = False
+        self._lock = threading.Lock()         # interrupt() only while the cursor is open
+        self._done = False
+
+    def run(self) -> None:
+        timer = threading.Timer(self.config.query_timeout_s, self._time_out)
+        timer.start()
+        try:
+            self._run()
+        except QueryError as exc:
+            self._answer(QueryFailed(exc.status, str(exc)))
+        except duckdb.Error as exc:
+            if self.timed_out.is_set():
+                self._answer(QueryFailed(504, f"the query ran past QUERY_TIMEOUT_S "
+                                              f"({self.config.query_timeout_s:g} s) and was stopped"))
+            elif not self.cancelled.is_set():
+                self._answer(QueryFailed(400, str(exc)))
+        except RecursionError:
+            self._answer(QueryFailed(400, "the query is nested too deeply to be read"))
+        except MemoryError as exc:                  # pyarrow's ArrowMemoryError too
+            self._answer(QueryFailed(400, f"the query needs more memory than QUERY_MEMORY_MB "
+                                          f"({self.config.query_memory_mb} MB) allows: {exc}"))
+        except (OSError, EOFError):
+            pass                                # the capture process closed the connection
+        except Exception:
+            log.exception("query failed")
+            self._answer(QueryFailed(500, "internal error; see hepop's log"))
+        finally:
+            timer.cancel()
+            with self._lock:
+                self._done = True
+                self.cursor.close()
+            self.finished.set()
+            if not self.watching:
+                self.conn.close()
+
+    def _run(self) -> None:
+        engine, cap = self.engine, self.config.query_max_rows
+        job = self.conn.recv()
+        engine.check_statement(job.sql)
+        window = engine.time_window(self.cursor, job.sql, job.now_us)
+        self.conn.send(QueryPlan(engine.types_named(job.sql), window))
+        engine.create_views(self.cursor, self.conn.recv(), window)
+        self.watching = True
+        threading.Thread(target=self._watch, name="hepop-query-watch", daemon=True).start()
+        reader = self.cursor.sql(job.sql).to_arrow_reader(2048)
+        batches = CappedBatches(reader, cap)
+        encoded: list[bytes] = []
+        out = ResultWriter(job.fmt, reader.schema, encoded.append)
+        sent, size, finished = 0, 0, True
+        for batch in batches:
+            batch = batch.slice(0, cap - sent)
+            out.batch(batch)
+            sent += len(batch)
+            size += batch.nbytes
+            if size >= READ_AHEAD_BYTES:
+                finished = False
+                break
+        if finished:
+            out.close()
+        self.conn.send(QueryStart(finished, batches.cut))
+        out.write = self._send_bytes
+        for data in encoded:
+            self._send_bytes(data)
+        if not finished:
+            for batch in batches:
+                batch = batch.slice(0, cap - sent)
+                if len(batch):
+                    out.batch(batch)
+                    sent += len(batch)
+            out.close()
+        self.conn.send(QueryEnd(batches.cut))
+
+    def _send_bytes(self, data: bytes) -> None:
+        for start in range(0, len(data), QUERY_DATA_BYTES):
+            self.conn.send(data[start:start + QUERY_DATA_BYTES])
+
+    def _answer(self, failed: QueryFailed) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(failed)
+
+    def _time_out(self) -> None:
+        self.timed_out.set()
+        self._interrupt()
+
+    def _watch(self) -> None:
+        """Until the capture process closes the connection (it sends nothing after the file lists): then
+        stop the query if it still runs, and close our end once the query has let go of it."""
+        with contextlib.suppress(OSError, EOFError):
+            self.conn.poll(self.config.query_timeout_s + QUERY_GRACE_S)
+        self.cancelled.set()
+        self._interrupt()
+        self.finished.wait()
+        self.conn.close()
+
+    def _interrupt(self) -> None:
+        with self._lock:
+            if not self._done:
+                self.cursor.interrupt()
+
+
+M_ARENA_MAX = -8                        # mallopt(): how many malloc arenas threads share
+QUERY_THREAD_STACK_BYTES = 4 << 20
+
+
+def cap_address_space(extra_bytes: int) -> None:
+    """Let the query process take at most `extra_bytes` of address space beyond what it has now (RLIMIT_AS).
+
+    DuckDB's memory_limit does not cover every allocation: under memory_limit=512MB, SELECT repeat('x',
+    600000000) took a process to 1.86 GB, and a 1 GiB memory cgroup then had the kernel kill the capture
+    process too.  Under this cap such an allocation fails, as DuckDB's own 'Out of Memory Error' (answered
+    400) or pyarrow's (500).  Address space tracks memory here because glibc gets 2 malloc arenas instead
+    of one per thread (64 MiB each) and Python threads 4 MiB stacks; measured, DuckDB and pyarrow loaded
+    and one connection open took 240 MiB of it."""
+    with open("/proc/self/status") as status:
+        size_bytes = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (size_bytes + extra_bytes, resource.RLIM_INFINITY))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot cap the query process's memory (%s): QUERY_MEMORY_MB bounds only DuckDB", exc)
+
+
+def serve_queries(config: Config, control: socket.socket, parent_pid: int) -> None:
+    """The query process.  It takes each query's connection from the control socket and runs the query
+    in a thread of its own; the capture process lets at most MAX_QUERIES run at once.
+
+    Queries run here, not in the capture process, because making text of a result holds the GIL:
+    measured in the capture process, 8 clients looping 100,000-row JSON results while 15,000 packets/s
+    arrived lost 68.7% of the packets to the kernel, and nice 10 did not help.  Here a query also has
+    its own memory, which the kernel takes back first when the box runs out (OOM_SCORE_ADJ), and a
+    DuckDB crash ends only this process, which the capture process starts again."""
+    if not become_child(parent_pid, QUERY_NICE, OOM_SCORE_ADJ["queries"]):
+        return
+    setup_logging(config.log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)        # a Ctrl-C reaches the parent, which stops us
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 2)
+    threading.stack_size(QUERY_THREAD_STACK_BYTES)
+    engine = QueryEngine(config)
+    cap_address_space(config.query_memory_mb << 20)
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 1, 1)
+        except OSError:
+            return
+        if not message:
+            return                                      # the capture process is stopping
+        for fd in fds:
+            run = QueryRun(config, engine, multiprocessing.connection.Connection(fd))
+            threading.Thread(target=run.run, name="hepop-query", daemon=True).start()
+
+
+class QueryProcess:
+    """The query process as the capture process sees it: started with hepop, started again when it
+    died (a crash, or the kernel's memory killer), and the way to open a query's connection to it."""
+
+    def __init__(self, config: Config, counters: Counters):
+        self.config = config
+        self.counters = counters
+        self._lock = threading.Lock()
+        self._process = None
+        self._control: Optional[socket.socket] = None
+
+    def start(self) -> None:
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        process = PROCESSES.Process(target=serve_queries, name="hepop-queries", daemon=True,
+                                    args=(self.config, theirs, os.getpid()))
+        process.start()
+        theirs.close()
+        self._process, self._control = process, ours
+
+    def connect(self) -> multiprocessing.connection.Connection:
+        """A new query's connection, handed to the query process (started again first if it died)."""
+        with self._lock:
+            for _ in range(2):
+                if not self._process.is_alive():
+                    self._restart()
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    socket.send_fds(self._control, [b"q"], [theirs.fileno()])
+                except OSError:
+                    ours.close()
+                    self._restart()
+                    continue
+                finally:
+                    theirs.close()
+                return multiprocessing.connection.Connection(ours.detach())
+        raise QueryError("the query process cannot be started; see hepop's log", 503)
+
+    def _restart(self) -> None:
+        exitcode = self._process.exitcode
+        log.warning("the query process ended (%s): starting it again", "killed by signal %d" % -exitcode
+                    if exitcode and exitcode < 0 else f"exit code {exitcode}")
+        self.counters.add("query_process_restarts_total")
+        self._control.close()
+        self._process.join(1)
+        self._start()
+
+    def close(self) -> None:
+        """Stop it: closing the control socket ends it; queries still running are cut."""
+        with self._lock:
+            self._control.close()
+            self._process.join(2)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+
+
+class FileCatalog:
+    """The files that every writer's metadata.json lists, for the query process to read: kept in the
+    capture process, which holds the files of a running query (FileLeases) so that compaction and
+    retention leave them be."""
+
+    def __init__(self, storage: Storage):
+        self.layout = storage.layout
+        self.leases = storage.leases
+        self._metadata_cache: dict[str, tuple[tuple, list[dict]]] = {}
+        self._cache_lock = threading.Lock()
+
+    def hold(self, plan: QueryPlan) -> tuple[dict[int, list[str]], list[str]]:
+        """The files of each type the plan names that overlap its window, and the list of them all, held
+        until the caller passes it to `leases.release`."""
+        files_by_type: dict[int, list[str]] = {}
+        held = self.leases.hold(lambda: [path for proto_type in plan.types for path in
+                                         files_by_type.setdefault(proto_type, self.files(proto_type, plan.window))])
+        return files_by_type, held
+
+    def files(self, proto_type: int, window: TimeWindow) -> list[str]:
+        """The files of a type that metadata.json lists, for every writer, overlapping the window."""
+        paths = []
+        for metadata_path in self.layout.metadata_files(proto_type):
+            for entry in self._listed(metadata_path):
+                if window.overlaps(entry):
+                    paths.append(self.layout.absolute(entry["path"]))
+        return paths
+
+    def _listed(self, metadata_path: str) -> list[dict]:
+        """A metadata.json's file list, parsed again only when the file changed."""
+        try:
+            stat = os.stat(metadata_path)
+            key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            with self._cache_lock:
+                cached = self._metadata_cache.get(metadata_path)
+            if cached and cached[0] == key:
+                return cached[1]
+            with open(metadata_path, "rb") as source:
+                files = json.load(source)["files"]
+        except FileNotFoundError:
+            return []                   # its type folder went away between the glob and the read
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Answering without that writer's files would be a silent wrong answer: say what is wrong.
+            log.warning("cannot read %s: %s", metadata_path, exc)
+            raise QueryError(f"cannot read {self.layout.relative(metadata_path)}: {exc}; the "
+                             "writer that owns it rebuilds it at its next start", 503) from None
+        with self._cache_lock:
+            self._metadata_cache[metadata_path] = (key, files)
+        return files
+
+# ---------------------------------------------------------------------------------------------------------
+# Capture: from raw HEP bytes to batches (Ingest), and the selectors loop over the sockets.
+# ---------------------------------------------------------------------------------------------------------
+
+# The header of a compressed payload chunk (vendor 0, type 16) as it stands in a message.  Its bytes may
+# also occur elsewhere in a binary payload: such a message is charged more than it needs, never less.
+COMPRESSED_CHUNK = _CHUNK_HEADER.pack(0, 16, 0)[:4]
+
+
+def charged_bytes(data: bytes) -> int:
+    """What a message as received is counted as in the buffers: see Ingest.messages."""
+    return len(data) + 64 + (MAX_INFLATED_BYTES if COMPRESSED_CHUNK in data else 0)
+
+
+class Ingest:
+    """From raw HEP bytes to the batch buffers: UDP datagrams, and TCP frames of the common layout,
+    buffered as they come, for the writer to decode in batches; other TCP frames decoded and checked
+    here, since the framing needs to know at once whether a frame decodes."""
+
+    def __init__(self, config: Config, writer: BatchWriter, counters: Counters, check: PacketCheck):
+        self.config = config
+        self.writer = writer
+        self.counters = counters
+        self.check = check
+        self.batches: dict[object, ReceivedBatch | DecodedBatch] = {}     # by their key: transport or type
+        self.buffered_bytes = 0
+        self.partial_bytes = 0          # the incomplete TCP frames the loop holds, which the budget counts
+        self.received: collections.Counter = collections.Counter()     # (transport, version) -> packets
+        self.max_pending_bytes = config.max_pending_bytes               # read at every read of the loop
+        self.flush_rows, self.flush_bytes = config.flush_rows, config.flush_bytes
+
+    def messages(self, messages: list, senders: list[Sender], transport: str) -> None:
+        """Take in messages as received, buffered as they are for the writer to decode.  One call for all
+        that one wake-up of the loop read, so that a datagram costs the loop little more than its
+        recvfrom.  Those that would pass MAX_PENDING_BYTES are dropped.
+
+        A message is charged what it will occupy once decoded: its bytes, and MAX_INFLATED_BYTES more
+        when it may hold a compressed payload (chunk 16), which the writer inflates.  Charged at wire
+        size, 3,000 datagrams of 1,145 bytes that each inflate to 1 MiB took a 2 GiB box down."""
+        size = sum(map(len, messages)) + 64 * len(messages)
+        compressed = any(map(bytes.__contains__, messages, itertools.repeat(COMPRESSED_CHUNK)))
+        if compressed:
+            size += MAX_INFLATED_BYTES * sum(1 for data in messages if COMPRESSED_CHUNK in data)
+        room = self.room()
+        if size > room:
+            fitting, fitting_senders = [], []
+            for index, data in enumerate(messages):
+                peer = sender_of(senders, index)
+                charge = charged_bytes(data)
+                if charge <= room:
+                    if not fitting_senders or fitting_senders[-1].peer != peer:
+                        fitting_senders.append(Sender(len(fitting), peer))
+                    fitting.append(data)
+                    room -= charge
+                else:
+                    self.received[transport, version_of(data)] += 1
+            self._drop_for_room(len(messages) - len(fitting))
+            messages, senders = fitting, fitting_senders
+            size = sum(map(charged_bytes, messages))
+        if compressed:          # rare: one at a time, so that a batch is handed over at FLUSH_BYTES of them
+            for index, data in enumerate(messages):
+                self._append_received(transport, [data], [Sender(0, sender_of(senders, index))],
+                                      charged_bytes(data))
+        elif messages:
+            self._append_received(transport, messages, senders, size)
+
+    def _append_received(self, transport: str, messages: list, senders: list[Sender], size: int) -> None:
+        batch = self.batches.get(transport)
+        if batch is None:
+            batch = self.batches[transport] = ReceivedBatch(transport, time.time_ns() // 1000, self._due())
+        offset = len(batch.messages)
+        same_peer_goes_on = offset and len(senders) == 1 and senders[0].peer == batch.senders[-1].peer
+        if not same_peer_goes_on:
+            batch.senders.extend(Sender(offset + sender.first, sender.peer) for sender in senders)
+        batch.messages.extend(messages)
+        self._added(batch, len(batch.messages), size)
+
+    def packet(self, data: bytes, transport: str, peer) -> bool:
+        """Take in one HEP message; False when it does not decode (it is then counted as malformed)."""
+        packet = self.check.decode(data, transport, peer, self.received)
+        if packet is None:
+            return False
+        time_us = self.check.capture_time(packet, peer)
+        if time_us is None:
+            return True
+        size = len(packet.payload) + 64
+        if size > self.room():
+            self._drop_for_room(1)
+            return True
+        batch = self.batches.get(packet.proto_type)
+        if batch is None:
+            batch = self.batches[packet.proto_type] = DecodedBatch(packet.proto_type, self._due())
+        batch.times_us.append(time_us)
+        batch.packets.append(packet)
+        self._added(batch, len(batch.packets), size)
+        return True
+
+    def _due(self) -> float:
+        return time.monotonic() + self.config.flush_interval_s
+
+    def _added(self, batch: ReceivedBatch | DecodedBatch, rows: int, size: int) -> None:
+        """Account for what was appended to a batch, and hand it over when it is full."""
+        batch.nbytes += size
+        self.buffered_bytes += size
+        if rows >= self.flush_rows or batch.nbytes >= self.flush_bytes:
+            self.flush(batch.key)
+
+    def room(self) -> int:
+        """The bytes that may still be buffered before MAX_PENDING_BYTES."""
+        return self.max_pending_bytes - self.buffered_bytes - self.partial_bytes - self.writer.pending_bytes
+
+    def _drop_for_room(self, count: int) -> None:
+        """Count and log `count` packets dropped because they would pass MAX_PENDING_BYTES."""
+        self.counters.add("hep_dropped_total", count, reason="buffer_full")
+        self.check.bad_packets.warning("buffer_full", "buffers full (MAX_PENDING_BYTES): dropping packets")
+
+    def publish_counts(self) -> None:
+        """Move the packets counted since the last call into the counters: once per pass of the loop
+        rather than under the counters' lock for every packet."""
+        publish_received(self.counters, self.received)
+        self.received.clear()
+
+    def flush(self, key) -> None:
+        """Hand one batch to the writer thread: no copy, no I/O on the loop."""
+        batch = self.batches.pop(key)
+        self.buffered_bytes -= batch.nbytes
+        self.writer.submit(batch)
+
+    def flush_due(self, now: float) -> Optional[float]:
+        """Flush the batches whose oldest row is FLUSH_INTERVAL_S old; the next deadline, if any."""
+        for key in [key for key, batch in self.batches.items() if batch.due_s <= now]:
+            self.flush(key)
+        return min((batch.due_s for batch in self.batches.values()), default=None)
+
+    def flush_all(self) -> None:
+        for key in list(self.batches):
+            self.flush(key)
+
+
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; Python names it only from 3.12 on
+# accept() errors of the process, not of one connection: out of descriptors, buffers or memory.
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+@dataclasses.dataclass
+class Agent:
+    """A TCP agent's connection, as the loop keeps it."""
+    stream: HepStream
+    peer: object
+    last_read_s: float          # time.monotonic() when it last sent anything
+    partial_bytes: int = 0      # the bytes of an incomplete frame held for it, charged to Ingest.partial_bytes
+
+
+class CaptureServer:
+    """The selectors loop: UDP and TCP HEP on one HOST:PORT, batches flushed on time, signals."""
+
+    TCP_READ_BYTES = 256 * 1024
+    TCP_DRAIN_QUIET_S = 0.2
+    TCP_DRAIN_MAX_S = 5.0
+    UDP_DRAIN_MAX = 1 << 20         # datagrams read at shutdown at most: an agent may go on sending
+    READ_ROOM_BYTES = 4 << 20       # reading pauses while the buffers have less room than this
+    PAUSED_POLL_S = 0.01
+    # From SIGTERM on, writes that fail are retried for this long at most; what still fails is counted as
+    # dropped.  The kernel's buffers are read while the writer makes room, for as long as it makes
+    # progress: DRAIN_STALL_S without any ends the wait, and so does DRAIN_WAIT_MAX_S in all (systemd's
+    # TimeoutStopSec is 120 s).  A disk that fsyncs slowly still writes everything; one that fails lets
+    # hepop exit within about STOP_TIMEOUT_S.
+    STOP_TIMEOUT_S = 5.0
+    DRAIN_STALL_S = 5.0
+    DRAIN_WAIT_MAX_S = 60.0
+    ACCEPT_BACKOFF_S = 1.0          # accepting pauses this long when the process is out of descriptors
+
+    def __init__(self, config: Config, ingest: Ingest, counters: Counters):
+        self.config = config
+        self.ingest = ingest
+        self.counters = counters
+        self.selector = selectors.DefaultSelector()
+        self.connections: dict[socket.socket, Agent] = {}
+        self.held_back: set[socket.socket] = set()      # agents with frames that had no room: not read
+        self.stopping = False
+        self.reading = True
+        self.notices = RateLimitedLog()
+        self.accepting_again_at: Optional[float] = None      # while accepting is paused (_pause_accepting)
+        self._no_idle_agent_before = 0.0    # time.monotonic() before which no agent can be idle enough
+        self._stalled = False               # at shutdown: the writer made no progress for DRAIN_STALL_S
+        self._drain_pending, self._drain_progress_at = 0, 0.0
+        self._logged: dict[str, float] = {}            # the counters as log_growth() last saw them
+        self.udp: Optional[socket.socket] = None
+        self.tcp: Optional[socket.socket] = None
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+
+    # -- sockets ---------------------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        address = (self.config.host, self.config.port)
+        self.udp = socket.socket(family, socket.SOCK_DGRAM)
+        self.tcp = socket.socket(family, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        for sock in (self.udp, self.tcp):
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(address)
+            sock.setblocking(False)
+        self._set_receive_buffer()
+        self.tcp.listen(1024)
+        self.selector.register(self.udp, selectors.EVENT_READ, self._on_udp)
+        self.selector.register(self.tcp, selectors.EVENT_READ, self._on_accept)
+        self._wakeup_r.setblocking(False)
+        self._wakeup_w.setblocking(False)
+        self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
+        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):   # from here on, a signal means a clean stop
+            signal.signal(signum, self._on_signal)
+        log.info("listening for HEP on %s port %d (UDP and TCP)", self.config.host, self.config.port)
+
+    def udp_inode(self) -> Optional[int]:
+        """The inode of our UDP socket, by which /proc/net/udp lists its drops."""
+        return os.fstat(self.udp.fileno()).st_ino if self.udp and self.udp.fileno() >= 0 else None
+
+    def _set_receive_buffer(self) -> None:
+        wanted = self.config.rcvbuf_bytes
+        try:
+            self.udp.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, wanted)
+        except OSError:                       # not privileged: the kernel caps it at net.core.rmem_max
+            self.udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
+        granted = self.udp.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux reports double
+        if granted < wanted:
+            log.warning("UDP receive buffer is %d bytes, not the %d asked for: packets will be lost under "
+                        "load; raise the cap with 'sysctl -w net.core.rmem_max=%d'", granted, wanted, wanted)
+        else:
+            log.info("UDP receive buffer: %d bytes", granted)
+
+    # -- the loop --------------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Run until SIGTERM or SIGINT, then read what the kernel still holds and flush everything."""
+        next_stats = time.monotonic() + self.config.stats_interval_s
+        next_flush = None
+        while not self.stopping:
+            timeout = min(next_stats, next_flush or next_stats) - time.monotonic()
+            events = self.selector.select(max(0.0, min(timeout, 1.0 if self.reading else self.PAUSED_POLL_S)))
+            started = time.monotonic()
+            for key, _ in events:
+                key.data(key.fileobj)
+            if self.held_back:
+                self._take_held_back()
+            self.ingest.publish_counts()
+            next_flush = self.ingest.flush_due(started)
+            self._pace_reading()
+            self._resume_accepting(started)
+            if started >= next_stats:
+                self.log_growth()
+                next_stats = started + self.config.stats_interval_s
+            self.counters.maximum("loop_busy_seconds_max", time.monotonic() - started)
+        self._drain()
+        self.ingest.publish_counts()
+        self.ingest.flush_all()
+
+    def _pace_reading(self) -> None:
+        """Stop reading the sockets while the buffers have no room for what a wake-up reads, instead of
+        dropping packets here: datagrams wait in the kernel's receive buffer (RCVBUF_BYTES more to absorb
+        a burst; what overflows it is counted as the kernel's drops) and TCP agents are held back by flow
+        control.  Reading goes on once the writer has made room."""
+        room = self.ingest.room()
+        if self.reading and room < self._pause_below():
+            self._set_reading(False)
+            self.ingest.flush_all()                 # the writer can make room only from what it has
+            self.counters.add("reading_paused_total")
+            self.notices.warning("paused", "buffers full (MAX_PENDING_BYTES): reading paused until the writer "
+                                 "catches up")
+        elif not self.reading and room >= 2 * self._pause_below():
+            self._set_reading(True)
+
+    def _pause_below(self) -> int:
+        return min(self.READ_ROOM_BYTES, self.config.max_pending_bytes // 2)
+
+    def _wait_for_room(self, deadline: float) -> None:
+        """At shutdown: while the buffers are full, hand them to the writer and wait for it to make room,
+        rather than drop what the kernel still holds: until `deadline`, or until the writer has made no
+        progress for DRAIN_STALL_S (its writes fail)."""
+        while self.ingest.room() < self._pause_below() and time.monotonic() < deadline and not self._stalled:
+            self.ingest.flush_all()
+            time.sleep(self.PAUSED_POLL_S)
+            if self.ingest.writer.pending_bytes < self._drain_pending:
+                self._drain_progress_at = time.monotonic()
+            self._drain_pending = self.ingest.writer.pending_bytes
+            self._stalled = time.monotonic() - self._drain_progress_at > self.DRAIN_STALL_S
+
+    def _set_reading(self, reading: bool) -> None:
+        connections = [conn for conn in self.connections if conn not in self.held_back]
+        for sock, on_read in [(self.udp, self._on_udp), *((conn, self._on_tcp) for conn in connections)]:
+            if reading:
+                self.selector.register(sock, selectors.EVENT_READ, on_read)
+            else:
+                self.selector.unregister(sock)
+        self.reading = reading
+
+    def _on_signal(self, signum, frame) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.ingest.writer.stop_by = time.monotonic() + self.STOP_TIMEOUT_S
+
+    def _on_wakeup(self, sock) -> None:
+        try:
+            while sock.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _on_udp(self, sock) -> int:
+        """Read a bounded batch of datagrams (draining until empty would starve flushes under load).
+
+        Only the bytes are kept, and the peer where it changes: bytes are not tracked by the garbage
+        collector, while (bytes, peer) tuples kept by the hundred thousand made it run every few thousand
+        packets, holding the GIL 20-50 ms each time."""
+        datagrams, senders, sender = [], [], None
+        append, recvfrom = datagrams.append, sock.recvfrom
+        for index in range(self.config.udp_batch):
+            try:
+                data, peer = recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            append(data)
+            if peer != sender:
+                senders.append(Sender(index, peer))
+                sender = peer
+        if datagrams:
+            self.ingest.messages(datagrams, senders, "udp")
+        return len(datagrams)
+
+    def _on_accept(self, listener) -> None:
+        while True:
+            try:
+                conn, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno not in OUT_OF_RESOURCES:
+                    continue                    # that one connection failed (ECONNABORTED, ...)
+                self._pause_accepting(exc)
+                return
+            if len(self.connections) >= self.config.max_tcp_connections and not self._evict_idle_agent():
+                self.counters.add("tcp_connections_refused_total")
+                self.notices.warning("tcp_full", "refusing TCP agent %s: MAX_TCP_CONNECTIONS (%d) reached", peer,
+                                     self.config.max_tcp_connections)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            self.connections[conn] = Agent(HepStream(), peer, time.monotonic())
+            if self.reading:
+                self.selector.register(conn, selectors.EVENT_READ, self._on_tcp)
+            self.counters.add("tcp_connections_total")
+            log.debug("TCP agent %s connected", peer)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of descriptors or memory: stop accepting for ACCEPT_BACKOFF_S rather than crash, or spin on
+        a listener that stays readable.  Agents wait in the backlog meanwhile."""
+        self.counters.add("tcp_accept_errors_total")
+        self.notices.warning("accept", "cannot accept TCP agents (%s): trying again in %g s", exc.strerror,
+                             self.ACCEPT_BACKOFF_S)
+        with contextlib.suppress(KeyError):
+            self.selector.unregister(self.tcp)
+        self.accepting_again_at = time.monotonic() + self.ACCEPT_BACKOFF_S
+
+    def _resume_accepting(self, now: float) -> None:
+        if self.accepting_again_at is not None and now >= self.accepting_again_at:
+            self.accepting_again_at = None
+            self.selector.register(self.tcp, selectors.EVENT_READ, self._on_accept)
+
+    def _evict_idle_agent(self) -> bool:
+        """With every slot taken: close the connection silent longest, if it has been for
+        TCP_IDLE_TIMEOUT_S, so that connections held open and idle cannot lock agents out.  Quiet agents
+        are not closed otherwise: an agent writing into a connection the server closed loses a message."""
+        if time.monotonic() < self._no_idle_agent_before:
+            return False                # a flood of connects at the limit does not rescan every agent
+        conn, agent = min(self.connections.items(), key=lambda item: item[1].last_read_s)
+        if time.monotonic() - agent.last_read_s < self.config.tcp_idle_timeout_s:
+            self._no_idle_agent_before = agent.last_read_s + self.config.tcp_idle_timeout_s
+            return False
+        self.counters.add("tcp_idle_closed_total")
+        self.notices.warning("tcp_idle", "closing TCP agent %s, silent for %.0f s: a new agent needs its slot",
+                             agent.peer, time.monotonic() - agent.last_read_s)
+        self._close_agent(conn)
+        return True
+
+    def _on_tcp(self, conn) -> bool:
+        """Read what one agent sent and store its frames; False once the connection has nothing more."""
+        agent = self.connections[conn]
+        try:
+            data = conn.recv(self.TCP_READ_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            self.notices.warning("tcp_error", "TCP agent %s: %s", agent.peer, exc)
+            data = b""
+        if not data:
+            self._close_agent(conn)
+            return False
+        agent.last_read_s = time.monotonic()
+        agent.stream.feed(data)
+        if not self._take_fitting_frames(agent):
+            self.held_back.add(conn)
+            if self.reading:
+                self.selector.unregister(conn)
+        self._count_garbage(agent.stream)
+        return self._hold_partial(conn, agent)
+
+    def _take_fitting_frames(self, agent: Agent) -> bool:
+        """Take an agent's complete frames while the buffers have room for them; False if some had none.
+        Those stay in its stream, charged as held bytes, and the agent is not read until they fit
+        (_take_held_back): TCP holds a sender back rather than drop what it sent."""
+        stream, room, fitted = agent.stream, self.ingest.room(), True
+
+        def fitting():
+            nonlocal room, fitted
+            while (frame := stream.next_frame()) is not None:
+                if charged_bytes(frame) > room:
+                    stream.unread()
+                    fitted = False
+                    return
+                room -= charged_bytes(frame)
+                yield frame
+        self._take_frames(stream, agent.peer, fitting())
+        return fitted
+
+    def _take_held_back(self) -> None:
+        """The frames of agents held back, as far as the writer has made room; read them again after."""
+        for conn in list(self.held_back):
+            if self.ingest.room() < self._pause_below():
+                return
+            agent = self.connections[conn]
+            if self._take_fitting_frames(agent):
+                self.held_back.discard(conn)
+                if self.reading:
+                    self.selector.register(conn, selectors.EVENT_READ, self._on_tcp)
+            self._hold_partial(conn, agent)
+
+    def _hold_partial(self, conn, agent: Agent) -> bool:
+        """Charge an agent's incomplete frame to the memory budget.  Incomplete frames may take a quarter
+        of MAX_PENDING_BYTES, so that connections that stop in the middle of a frame can neither grow
+        memory past the bound nor hold reading paused: past it, the agent whose frame does not fit is
+        disconnected and its frame counted as dropped."""
+        held = agent.stream.settle()
+        total = self.ingest.partial_bytes - agent.partial_bytes + held
+        if held and total > self.config.max_pending_bytes // 4:
+            self.counters.add("hep_dropped_total", reason="partial_frames_full")
+            self.notices.warning("partial_frames_full", "incomplete TCP frames fill a quarter of "
+                                 "MAX_PENDING_BYTES: disconnecting %s, which is in the middle of one", agent.peer)
+            self._close_agent(conn, keep_partial=False)
+            return False
+        self.ingest.partial_bytes = total
+        agent.partial_bytes = held
+        return True
+
+    def _close_agent(self, conn, keep_partial: bool = True) -> None:
+        """Store the complete frames an agent's stream still holds, then close its connection."""
+        agent = self.connections.pop(conn)
+        self.held_back.discard(conn)
+        with contextlib.suppress(KeyError):         # not registered while reading is paused or held back
+            self.selector.unregister(conn)
+        self.ingest.partial_bytes -= agent.partial_bytes
+        if keep_partial:
+            self._take_frames(agent.stream, agent.peer, agent.stream.finish())
+            self._count_garbage(agent.stream)
+        conn.close()
+        log.debug("TCP agent %s disconnected", agent.peer)
+
+    def _take_frames(self, stream: HepStream, peer, frames: Iterable[bytes]) -> None:
+        """Frames of the common layout surely decode: buffered as they are, like datagrams, all in one call.
+        Any other frame is decoded now, and when it does not decode, the stream searches inside it (its
+        length may have swallowed good frames)."""
+        common = []
+        for frame in frames:
+            if has_common_layout(frame):
+                common.append(frame)
+            elif not self.ingest.packet(frame, "tcp", peer):
+                stream.reject()
+        if common:
+            self.ingest.messages(common, [Sender(0, peer)], "tcp")
+
+    def _count_garbage(self, stream: HepStream) -> None:
+        if stream.garbage_bytes:
+            self.counters.add("tcp_garbage_bytes_total", stream.garbage_bytes)
+            stream.garbage_bytes = 0
+
+    def _drain(self) -> None:
+        """At shutdown: take in every datagram and TCP byte the kernel already holds for us.  When the buffers
+        are full, the writer is given until the stop deadline to make room; what then has none is counted as
+        dropped."""
+        if not self.reading:
+            self._set_reading(True)
+        self.selector.unregister(self.udp)
+        with contextlib.suppress(KeyError):        # not registered while accepting is paused
+            self.selector.unregister(self.tcp)
+        self._on_accept(self.tcp)                   # agents still in the backlog may have sent already
+        self.tcp.close()
+        wait_until = time.monotonic() + self.DRAIN_WAIT_MAX_S
+        self._drain_pending, self._drain_progress_at = self.ingest.writer.pending_bytes, time.monotonic()
+        read = 0
+        while read < self.UDP_DRAIN_MAX:
+            self._wait_for_room(wait_until)
+            if not (count := self._on_udp(self.udp)):       # the first EAGAIN
+                break
+            read += count
+        # An agent's bytes still in flight on the connection arrive as we read; read until none came for
+        # TCP_DRAIN_QUIET_S, or for TCP_DRAIN_MAX_S at most (an agent may go on sending).
+        deadline = time.monotonic() + self.TCP_DRAIN_MAX_S
+        while self.connections and time.monotonic() < deadline:
+            events = self.selector.select(self.TCP_DRAIN_QUIET_S)
+            connections = [key.fileobj for key, _ in events if key.fileobj in self.connections]
+            if not connections:
+                break
+            for conn in connections:
+                self._wait_for_room(wait_until)
+                self._on_tcp(conn)
+        for conn in list(self.connections):
+            if conn in self.held_back:
+                self._wait_for_room(wait_until)
+            self._close_agent(conn)
+        self.udp.close()
+
+    def log_growth(self) -> None:
+        """Log how much each counter grew since the last such line (every STATS_INTERVAL_S); nothing
+        when none did.  Maxima and gauges are on /metrics and in the final line."""
+        values = self.counters.snapshot()
+        grown = {key: value - self._logged.get(key, 0) for key, value in values.items()
+                 if key.split("{")[0].endswith("_total") and value != self._logged.get(key, 0)}
+        self._logged = values
+        if grown:
+            log.info("counters grew %s", json.dumps(grown, separators=(",", ":")))
+
+    def log_counters(self, what: str) -> None:
+        log.info("%s %s", what, json.dumps(self.counters.snapshot(), separators=(",", ":")))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HTTP: a route table on HTTP_PORT (/query, /health, /metrics), every answer JSON, errors in one place.
+# ---------------------------------------------------------------------------------------------------------
+
+MAX_BODY_BYTES = 1 << 20
+# A body over MAX_BODY_BYTES but under this is read and thrown away before the 413: a client that is
+# still sending when the server closes gets a broken pipe instead of the answer.  Larger: 413 at once.
+DISCARD_BODY_BYTES = 16 << 20
+QUERY_WAIT_S = 2.0                  # how long a query waits for one of MAX_QUERIES turns before its 503
+LINGER_S = 2.0                      # how long a connection closed on an unread body drops what still comes
+
+
+class Api:
+    """What the HTTP handlers serve: the query engine, the counters, and the state /health reports."""
+
+    def __init__(self, config: Config, counters: Counters, writer: BatchWriter, storage: Storage,
+                 udp_inode: Callable):
+        self.config = config
+        self.counters = counters
+        self.writer = writer
+        self.udp_inode = udp_inode
+        self.catalog = FileCatalog(storage)
+        self.queries = QueryProcess(config, counters)
+        self.query_turns = threading.BoundedSemaphore(config.max_queries)
+        self.started = time.time()
+
+    def health(self) -> tuple[int, dict]:
+        """200 while writes succeed; 503 with the reason while they fail."""
+        last = self.writer.last_flush
+        failing = self.writer.failing
+        body = {"status": "failing" if failing else "ok", "version": __version__,
+                "writer_id": self.config.writer_id, "uptime_s": round(time.time() - self.started, 1),
+                "last_flush": None if last is None else format_time(int(last * 1e6))}
+        if failing:
+            body["error"] = failing
+        return (503 if failing else 200), body
+
+    def metrics(self) -> str:
+        """Every counter in Prometheus text format, plus the kernel's drops on our UDP socket."""
+        values = self.counters.snapshot()
+        values["uptime_seconds"] = time.time() - self.started
+        values["pending_bytes"] = self.writer.pending_bytes
+        values["udp_kernel_drops_total"] = udp_kernel_drops(self.udp_inode())
+        lines, typed = [], set()
+        for key, value in sorted(values.items()):
+            name = "hepop_" + key.split("{")[0]
+            if name not in typed:
+                kind = "counter" if name.endswith("_total") else "gauge"
+                lines.append(f"# TYPE {name} {kind}")
+                typed.add(name)
+            lines.append(f"hepop_{key} {value:g}" if isinstance(value, float) else f"hepop_{key} {value}")
+        return "\n".join(lines) + "\n"
+
+
+def udp_kernel_drops(inode: Optional[int]) -> int:
+    """Datagrams the kernel dropped on our UDP socket (receive buffer full), from /proc/net/udp[6]."""
+    if inode is None:
+        return 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table) as source:
+                for line in source.readlines()[1:]:
+                    fields = line.split()
+                    if len(fields) > 12 and int(fields[9]) == inode:
+                        return int(fields[-1])
+        except OSError:
+            continue
+    return 0
 
 
 class ResponseCut(Exception):
@@ -3415,11 +3794,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             self.api.counters.add("queries_total", status="503")
             raise HttpError(503, f"MAX_QUERIES ({self.api.config.max_queries}) queries are running: try again",
                             {"Retry-After": str(round(QUERY_WAIT_S))})
-        lower_priority(QUERY_NICE)
         started = time.perf_counter()
         status = "200"
         try:
-            self.stream_query(sql, fmt)
+            self.relay_query(sql, fmt)
         except QueryError as exc:
             status = str(exc.status)
             raise
@@ -3457,72 +3835,61 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             raise QueryError(f"unknown format {fmt!r}: use one of {', '.join(ResultWriter.TYPES)}")
         return str(sql), fmt
 
-    def stream_query(self, sql: str, fmt: str) -> None:
-        """Run the query under QUERY_TIMEOUT_S and stream its rows.  The first READ_AHEAD_BYTES of rows are
-        read and encoded before the headers go out, so that their errors still get a status and small
-        results say whether the cap cut them.  An error after that ends the response without its last
-        chunk, which every HTTP client reports as a cut transfer, and is counted as `aborted`."""
-        engine, cap = self.api.engine, self.api.config.query_max_rows
-        cursor = engine.db.cursor()
-        timed_out = threading.Event()
-        timer = threading.Timer(self.api.config.query_timeout_s, lambda: (timed_out.set(), cursor.interrupt()))
-        timer.start()
-        held = []
+    def relay_query(self, sql: str, fmt: str) -> None:
+        """Have the query process run the query, holding the files it reads, and pass its rows on as they
+        come.  The query process reads READ_AHEAD_BYTES of rows before the headers go out, so that their
+        errors still get a status and small results say whether the cap cut them.  An error after that
+        ends the response without its last chunk, which every HTTP client reports as a cut transfer, and
+        is counted as `aborted`."""
+        api = self.api
+        conn = api.queries.connect()
+        held: list[str] = []
         try:
-            reader, window, held = engine.run(cursor, sql)
-            self.api.counters.add("query_files_total", len(held))
-            batches = CappedBatches(reader, cap)
-            encoded: list[bytes] = []
-            out = ResultWriter(fmt, reader.schema, encoded.append)
-            sent, size, finished = 0, 0, True
-            for batch in batches:
-                batch = batch.slice(0, cap - sent)
-                out.batch(batch)
-                sent += len(batch)
-                size += batch.nbytes
-                if size >= READ_AHEAD_BYTES:
-                    finished = False
-                    break
-            if finished:
-                out.close()
+            conn.send(QueryJob(sql, fmt, time.time_ns() // 1000))
+            plan = self.query_answer(conn, QueryPlan)
+            files_by_type, held = api.catalog.hold(plan)
+            api.counters.add("query_files_total", len(held))
+            conn.send(files_by_type)
+            start = self.query_answer(conn, QueryStart)
             headers = {"Content-Type": ResultWriter.TYPES[fmt], "Transfer-Encoding": "chunked",
-                       "X-Hepop-Time-Window": window.header(), "X-Hepop-Files": str(len(held)),
-                       "X-Hepop-Row-Cap": str(cap)}
-            headers["X-Hepop-Truncated" if finished else "Trailer"] = \
-                ("true" if batches.cut else "false") if finished else "X-Hepop-Truncated"
+                       "X-Hepop-Time-Window": plan.window.header(), "X-Hepop-Files": str(len(held)),
+                       "X-Hepop-Row-Cap": str(api.config.query_max_rows)}
+            if start.finished:
+                headers["X-Hepop-Truncated"] = "true" if start.truncated else "false"
+            else:
+                headers["Trailer"] = "X-Hepop-Truncated"
             self.send_response(200)
             for name, value in headers.items():
                 self.send_header(name, value)
             self.end_headers()
-            out.write = self.write_chunk
-            for data in encoded:
-                self.write_chunk(data)
-            if not finished:
-                self._stream_rest(out, batches, sent, cap)
-            trailer = b"" if finished else f"X-Hepop-Truncated: {'true' if batches.cut else 'false'}\r\n".encode()
+            while not isinstance(answer := self.query_answer(conn, (bytes, QueryEnd), started=True), QueryEnd):
+                self.write_chunk(answer)
+            trailer = b"" if start.finished else \
+                f"X-Hepop-Truncated: {'true' if answer.truncated else 'false'}\r\n".encode()
             self.wfile.write(b"0\r\n" + trailer + b"\r\n")
-        except duckdb.Error as exc:
-            if timed_out.is_set():
-                raise QueryError(f"the query ran past QUERY_TIMEOUT_S ({self.api.config.query_timeout_s:g} s) "
-                                 "and was stopped", 504) from None
-            raise QueryError(str(exc)) from None
         finally:
-            timer.cancel()
-            cursor.close()
-            engine.leases.release(held)
+            conn.close()
+            api.catalog.leases.release(held)
 
-    def _stream_rest(self, out: ResultWriter, batches: CappedBatches, sent: int, cap: int) -> None:
+    def query_answer(self, conn: multiprocessing.connection.Connection, expected, started: bool = False):
+        """The query process's next message, if it is what `expected` says; its QueryFailed as a
+        QueryError (ResponseCut once `started`); the process's end or silence as an error too."""
+        limit_s = self.api.config.query_timeout_s + QUERY_GRACE_S
         try:
-            for batch in batches:
-                batch = batch.slice(0, cap - sent)
-                if len(batch):
-                    out.batch(batch)
-                    sent += len(batch)
-            out.close()
-        except (duckdb.Error, QueryError) as exc:   # too late for a status: cut the response short
-            log.warning("query failed while its rows were being sent: %s", exc)
+            answer = conn.recv() if conn.poll(limit_s) else QueryFailed(
+                504, f"the query process did not answer within {limit_s:g} s")
+        except (EOFError, OSError):
+            answer = QueryFailed(500, "the query process ended while it ran the query (out of memory?); it "
+                                      "is started again")
+        if isinstance(answer, expected):
+            return answer
+        if not isinstance(answer, QueryFailed):
+            answer = QueryFailed(500, f"the query process answered {type(answer).__name__}")
+        if started:
+            log.warning("query failed while its rows were being sent: %s", answer.message)
             self.close_connection = True
-            raise ResponseCut(str(exc)) from None
+            raise ResponseCut(answer.message)
+        raise QueryError(answer.message, answer.status)
 
     def write_chunk(self, data: bytes) -> None:
         if data:
@@ -3638,26 +4005,6 @@ class ApiServer(http.server.ThreadingHTTPServer):
 # main()
 # ---------------------------------------------------------------------------------------------------------
 
-class JournalFormatter(logging.Formatter):
-    """Under journald: no timestamp of ours (journald keeps its own) and the level as a <N> prefix,
-    which journald reads as the syslog priority."""
-
-    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-
-    def format(self, record: logging.LogRecord) -> str:
-        return f"<{self.PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
-
-
-def setup_logging(level: str) -> None:
-    """One line per event on stderr, in the form journald reads well when it is the reader."""
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(JournalFormatter("%(levelname)s %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
-
-
 def notify_systemd(state: str) -> None:
     """Tell systemd (Type=notify) our state: READY=1 once the sockets are bound, STOPPING=1 at the end.
     A no-op when NOTIFY_SOCKET is not set."""
@@ -3729,6 +4076,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("cannot serve HTTP on %s port %d: %s", config.http_host, config.http_port, exc)
         writer.close()
         return 1
+    api.queries.start()
     threading.Thread(target=http_server.serve_forever, name="hepop-http", daemon=True).start()
     log.info("HTTP API on %s port %d: /query, /health, /metrics", config.http_host, config.http_port)
     announce_exposure(config)
@@ -3741,6 +4089,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     log.info("stopping: writing what is buffered")
     compactor.stop()                        # a merge under way is killed: the hour is merged at the next start
     http_server.shutdown()
+    api.queries.close()
     writer.close()
     compactor.close()
     storage.close()

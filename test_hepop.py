@@ -10,6 +10,7 @@ fails the run instead of skipping.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import glob
 import gzip
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import zlib
 from pathlib import Path
 
@@ -2053,7 +2055,7 @@ def test_queries_spill_to_a_bounded_folder_that_the_disk_guard_does_not_count(tm
     store = storage.store(1)
     store.write(sip_table([HOUR + 10], "keep"))
     config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path), "WRITER_ID": "w", "QUERY_SPILL_BYTES": "64M"})
-    engine = hepop.QueryEngine(config, storage)
+    engine = hepop.QueryEngine(config)
     spill_dir = storage.layout.query_spill_dir("w")
     assert engine.db.execute("SELECT current_setting('temp_directory')").fetchone()[0] == spill_dir
     assert "64" in engine.db.execute("SELECT current_setting('max_temp_directory_size')").fetchone()[0]
@@ -2510,3 +2512,222 @@ def test_a_result_row_too_large_to_make_text_of_is_refused_and_memory_stays_boun
     grown = peak_rss_mib(server.process.pid) - baseline
     assert server.stop() == 0
     assert grown < 450, f"the process grew by {grown:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Queries run in a process of their own; memory is bounded by settings, partial frames included
+# ---------------------------------------------------------------------------------------------------------
+
+def query_process_of(server, other_than=None) -> int:
+    """The pid of hepop's query process: its child that the kernel's memory killer is to take first."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for children in Path(f"/proc/{server.process.pid}/task").glob("*/children"):
+            for pid in children.read_text().split():
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "1000" and int(pid) != other_than:
+                        return int(pid)
+        time.sleep(0.1)
+    raise AssertionError("no query process")
+
+
+def metric(server, name: str) -> float:
+    status, _, body = http(server, "/metrics")
+    values = dict(line.rsplit(" ", 1) for line in body.decode().splitlines() if line and not line[0] == "#")
+    return float(values.get("hepop_" + name, 0))
+
+
+def send_paced(port: int, packets: list[bytes], rate: int, transport="udp") -> None:
+    """`packets` to 127.0.0.1:port at `rate` per second, in 10 ms slices."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM) if transport == "udp" else \
+        socket.create_connection(("127.0.0.1", port))
+    started, sent = time.perf_counter(), 0
+    with sock:
+        while sent < len(packets):
+            due = min(len(packets), int((time.perf_counter() - started) * rate) + 1)
+            if transport == "udp":
+                for data in packets[sent:due]:
+                    sock.sendto(data, ("127.0.0.1", port))
+            else:
+                sock.sendall(b"".join(packets[sent:due]))
+            sent = due
+            time.sleep(0.01)
+
+
+def test_queries_run_in_a_process_of_their_own_that_comes_back_when_killed(servers, tmp_path):
+    server = servers()
+    first = query_process_of(server)
+    answer = {}
+    slow = threading.Thread(target=lambda: answer.update(
+        result=query(server, "SELECT count(*) AS n FROM range(100000000000) WHERE range % 7 = 1")))
+    slow.start()
+    time.sleep(1.5)
+    os.kill(first, signal.SIGKILL)                  # as the kernel's memory killer would
+    server.udp([hep3(sip(f"during-{i}")) for i in range(500)], pace_every=50)
+    slow.join(30)
+    status, _, body = answer["result"]
+    assert status == 500 and "query process ended" in body["error"]
+    wait_for_rows(server, 500)                      # capture went on, and the next query has a process
+    assert query_process_of(server, other_than=first) != first
+    assert metric(server, "query_process_restarts_total") == 1
+    assert server.stop() == 0
+
+
+def test_large_json_results_for_many_clients_do_not_starve_capture(servers, tmp_path):
+    """Four clients loop 20,000-row JSON results while 30,000 packets arrive at 6,000/s.  When results
+    were made text in the capture process, holding its GIL, such a load lost most of the packets."""
+    server = servers(FLUSH_INTERVAL_S="1.0")
+    padding = "X-Padding: " + "p" * 900 + "\r\n"
+    server.udp([hep3(sip(f"before-{i}", extra=padding)) for i in range(20000)], pace_every=200)
+    wait_for_rows(server, 20000, timeout=60)
+    stop, answered = threading.Event(), []
+
+    def client():
+        while not stop.is_set():
+            status, _, body = http(server, "/query?" + urllib.parse.urlencode(
+                {"q": "SELECT * FROM hep_1 WHERE time > now() - INTERVAL 1 DAY LIMIT 20000"}))
+            answered.append(status)
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    time.sleep(1.0)
+    send_paced(server.port, [hep3(sip(f"during-{i}", extra=padding)) for i in range(30000)], 6000)
+    stop.set()
+    for thread in clients:
+        thread.join(120)
+    assert answered.count(200) >= 4, answered
+    wait_for_rows(server, 50000, timeout=60)
+    assert metric(server, "udp_kernel_drops_total") == 0
+    assert server.stop() == 0
+    assert count_of_stored(tmp_path, "during-") == 30000
+
+
+def count_of_stored(tmp_path: Path, prefix: str) -> int:
+    return len([r for r in stored_rows(tmp_path / "data", columns="call_id") if r["call_id"].startswith(prefix)])
+
+
+def test_incomplete_tcp_frames_are_charged_to_the_budget_and_bounded(servers, tmp_path):
+    """Agents that stop in the middle of a frame: their bytes count in MAX_PENDING_BYTES, and together
+    they may hold a quarter of it; past that, the agent whose frame does not fit is disconnected."""
+    server = servers(MAX_PENDING_BYTES="4M")
+    frame = hep3(sip("never-completes", extra="X-Padding: " + "p" * 50000 + "\r\n"))
+    stalled = []
+    for _ in range(40):                             # 40 x 40,000 bytes: 1.6 MB, over 1 MiB
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(frame[:40000])
+        stalled.append(sock)
+        time.sleep(0.02)
+    time.sleep(0.5)
+    closed = 0
+    for sock in stalled:
+        sock.settimeout(0.01)
+        try:
+            closed += sock.recv(1) == b""
+        except ConnectionResetError:
+            closed += 1
+        except (TimeoutError, BlockingIOError):
+            pass
+    assert 14 <= closed <= 15, closed               # 1 MiB holds 26 of the 40 frames
+    assert metric(server, 'hep_dropped_total{reason="partial_frames_full"}') == closed
+    server.tcp(b"".join(hep3(sip(f"whole-{i}")) for i in range(100)))
+    wait_for_rows(server, 100)                      # whole frames still get in, and reading was not paused
+    for sock in stalled:
+        sock.close()
+    assert server.stop() == 0
+
+
+def memory_cgroup(limit_bytes: int) -> Path | None:
+    """A new memory cgroup (v1) under this process's own, limited to `limit_bytes` of memory, as the unit's
+    MemoryMax puts hepop in one; None where this machine does not let us make one."""
+    own = next((line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                if line.split(":")[1] == "memory"), None)
+    if own is None:
+        return None
+    group = Path("/sys/fs/cgroup/memory") / own.lstrip("/") / f"hepop-test-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        with contextlib.suppress(OSError):          # no swap accounting: there is no swap to go to
+            (group / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+    except OSError:
+        return None
+    return group
+
+
+def test_under_a_1_gib_memory_limit_no_attack_stops_capture(servers, tmp_path):
+    """Defaults, in a 1 GiB memory cgroup: compressed bombs over UDP, rows too large to show, results
+    too large to hold, bodies that lie about their length, and clients looping large JSON, all at once,
+    while legitimate packets arrive over UDP and TCP.  The capture process stays up and stores every
+    legitimate packet, /health answers throughout; the query process may be killed, and comes back."""
+    group = memory_cgroup(1 << 30)
+    if group is None:
+        pytest.skip("this machine lets no memory cgroup be made (v1, under our own)")
+    try:
+        server = servers(FLUSH_INTERVAL_S="1.0",
+                         preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+        stop, health, answers = threading.Event(), [], []
+
+        def poll_health():
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    status, _, _ = http(server, "/health")
+                except OSError as exc:
+                    status = repr(exc)
+                health.append((status, time.monotonic() - started))
+                time.sleep(0.25)
+
+        def attack(sql, fmt=None):
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    answers.append(query(server, sql, fmt)[0])
+
+        def lying_bodies():
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    raw_http(server, b"POST /query HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n" + b"x" * 65536)
+                time.sleep(0.1)
+
+        bomb = hep3(zlib.compress(b"A" * (hepop.MAX_INFLATED_BYTES - 100)), payload_chunk=16)
+        workers = [threading.Thread(target=poll_health), threading.Thread(target=lying_bodies)]
+        workers += [threading.Thread(target=attack, args=("SELECT repeat('x', 600000000) AS big", "arrow"))
+                    for _ in range(2)]
+        workers += [threading.Thread(target=attack, args=("SELECT repeat('x', 300000000) AS big",))]
+        workers += [threading.Thread(target=attack, args=(
+            "SELECT * FROM hep_1 WHERE time > now() - INTERVAL 1 DAY LIMIT 100000",)) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        legit_udp = [hep3(sip(f"legit-udp-{i}")) for i in range(10000)]
+        legit_tcp = [hep3(sip(f"legit-tcp-{i}")) for i in range(10000)]
+        tcp_sender = threading.Thread(target=send_paced, args=(server.port, legit_tcp, 1000, "tcp"))
+        tcp_sender.start()
+        interleaved = [p for pair in zip(legit_udp, [bomb] * 3000 + [None] * 7000) for p in pair if p]
+        send_paced(server.port, interleaved, 1300)
+        tcp_sender.join(60)
+        time.sleep(2.0)
+        stop.set()
+        for worker in workers:
+            worker.join(120)
+        assert server.process.poll() is None, "the capture process died"
+        slow = [seconds for status, seconds in health if status != 200 or seconds > 2.0]
+        assert len(health) > 20 and not slow, slow
+        peak = int((group / "memory.max_usage_in_bytes").read_text())
+        restarts = metric(server, "query_process_restarts_total")
+        kernel_drops = metric(server, "udp_kernel_drops_total")
+        assert server.stop() == 0
+        counters = server.counters()
+        lengths = collections.Counter(
+            "bomb" if r["n"] == hepop.MAX_INFLATED_BYTES - 100 else r["id"].rsplit("-", 1)[0]
+            for r in stored_rows(tmp_path / "data", columns="length(payload) AS n, call_id AS id"))
+        dropped = sum(v for k, v in counters.items() if k.startswith("hep_dropped_total"))
+        print(f"peak {peak / 2**20:.0f} MiB of 1024, query process restarts {restarts:g}, answers "
+              f"{collections.Counter(answers)}, stored {dict(lengths)}, dropped {dropped:g}, kernel {kernel_drops:g}")
+        assert lengths["legit-tcp"] == 10000                    # TCP is held back, never dropped
+        assert lengths["legit-udp"] + lengths["bomb"] + dropped + kernel_drops == 13000   # each datagram accounted
+        assert lengths["legit-udp"] > 5000
+    finally:
+        for _ in range(50):
+            with contextlib.suppress(OSError):
+                group.rmdir()
+                break
+            time.sleep(0.1)
