@@ -3466,11 +3466,11 @@ class CaptureServer:
         def fitting():
             nonlocal room, fitted
             while (frame := stream.next_frame()) is not None:
-                if charged_bytes(frame) > room:
+                room -= charged_bytes(frame)
+                if room < 0:
                     stream.unread()
                     fitted = False
                     return
-                room -= charged_bytes(frame)
                 yield frame
         self._take_frames(stream, agent.peer, fitting())
         return fitted
