@@ -20,7 +20,7 @@ Data flow::
                             |   process (DuckDB sorts) into c_NNNNNNNNNN.parquet, swapped into
                             |   metadata.json; retention; the disk guard; empty folders
                             v
-    HTTP threads: /query, /health, /metrics by a route table.  A query goes to the query process
+    HTTP threads: /query, /health, /metrics, /api/v3/auth by a route table.  A query goes to the query process
                   (DuckDB over the files that every writer's metadata.json lists, pruned to the query's
                   time window, made JSON, CSV or Arrow there); the HTTP thread holds the files it reads
                   and relays its bytes
@@ -45,6 +45,7 @@ Sections, in reading order; each uses only what is above it:
                     exact JSON values and ResultWriter; the query process (serve_queries, QueryRun) and
                     what the capture process keeps of it (QueryProcess, FileCatalog)
     Capture         Ingest (bytes to batches) and CaptureServer (sockets, the selectors loop, signals)
+    Access          users and their password hashes, login tokens (HS256 JWTs), the login limit
     HTTP            the route table, ApiHandler, ApiServer
     main()
 
@@ -92,6 +93,7 @@ import decimal
 import fcntl
 import functools
 import gc
+import hashlib
 import glob
 import hmac
 import http.server
@@ -115,6 +117,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import uuid
 import zlib
 from typing import Callable, Iterable, NamedTuple, Optional
 
@@ -265,8 +268,14 @@ SETTINGS = (
     Setting("QUERY_THREADS", parse_positive_int, lambda s: "1",
             "threads a query may use; queries also run at a lower CPU priority than capture"),
     Setting("API_TOKEN", str, lambda s: "",
-            "when set, every HTTP route but /health needs 'Authorization: Bearer <token>'"),
-    Setting("HTTP_HOST", str, lambda s: s["host"] if s["api_token"] else "127.0.0.1",
+            "when set, every HTTP route but /health and the login needs 'Authorization: Bearer <token>'"),
+    Setting("API_USERS_FILE", str, lambda s: "",
+            "users who may log in (POST /api/v3/auth): lines 'name:hash', the hash from 'hepop hash-password'; "
+            "when set, every route but /health and the login needs their token or API_TOKEN"),
+    Setting("JWT_SECRET", str, lambda s: "",
+            "key that signs login tokens (default: a random key kept in PARQUET_DIR/WRITER_ID/.jwt-secret)"),
+    Setting("TOKEN_TTL", parse_duration, lambda s: "12h", "how long a login token is valid"),
+    Setting("HTTP_HOST", str, lambda s: s["host"] if s["api_token"] or s["api_users_file"] else "127.0.0.1",
             "address of the HTTP port: call data is personal data, so without API_TOKEN it is loopback "
             "only unless set here"),
     Setting("HEP_AUTH_KEY", str, lambda s: "",
@@ -305,6 +314,9 @@ class Config:
     max_queries: int
     query_threads: int
     api_token: str
+    api_users_file: str
+    jwt_secret: str
+    token_ttl: float
     http_host: str
     hep_auth_key: str
     stats_interval_s: float
@@ -365,11 +377,12 @@ def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hepop", description="HEP capture server writing Apache Parquet.",
         epilog="Every setting is also read from the environment variable named in capitals; a flag wins. "
-               "RETENTION_<type> variables (RETENTION_100=1d) set the retention of one HEP type.")
+               "RETENTION_<type> variables (RETENTION_100=1d) set the retention of one HEP type. "
+               "'hepop hash-password' reads a password on stdin and prints the hash for API_USERS_FILE.")
     parser.add_argument("--version", action="version", version=f"hepop {__version__}")
     for setting in SETTINGS:
         default = {"HTTP_PORT": "PORT+1", "WRITER_ID": "host name", "HTTP_HOST": "127.0.0.1, or HOST with "
-                   "API_TOKEN"}.get(setting.name) or setting.default({})
+                   "API_TOKEN or API_USERS_FILE"}.get(setting.name) or setting.default({})
         parser.add_argument(setting.flag, dest=setting.name.lower(), metavar=setting.name,
                             help=f"{setting.help} [env {setting.name}, default {default or 'unset'}]")
     return parser
@@ -1164,6 +1177,9 @@ class TreeLayout:
 
     def writer_dir(self, writer_id: str) -> str:
         return os.path.join(self.root, writer_id)
+
+    def jwt_secret_path(self, writer_id: str) -> str:
+        return os.path.join(self.root, writer_id, ".jwt-secret")
 
     def types_dir(self, writer_id: str) -> str:
         return os.path.join(self.root, writer_id, "dbs", "hep-0")
@@ -3586,6 +3602,165 @@ class CaptureServer:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Access: the users who may log in, their password hashes, and the tokens (HS256 JWTs) a login gives
+# ---------------------------------------------------------------------------------------------------------
+
+# scrypt at n=2**14, r=8: 16 MiB and about 40 ms per check here, so a guessed password costs an attacker
+# as much; LOGIN_CHECKS bounds how many run at once (memory), the limiter how often one address may try.
+SCRYPT_COST = {"n": 1 << 14, "r": 8, "p": 1}
+LOGIN_CHECKS = 2
+LOGIN_FAILURES_MAX = 5              # failed logins per client address within LOGIN_WINDOW_S
+LOGIN_WINDOW_S = 60.0
+LOGIN_ADDRESSES_MAX = 10_000        # addresses the limiter remembers
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def hash_password(password: str) -> str:
+    """'scrypt$n$r$p$salt$digest', with a random salt: what a line of API_USERS_FILE holds after 'name:'."""
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **SCRYPT_COST)
+    return "$".join(["scrypt", *(str(SCRYPT_COST[k]) for k in "nrp"), b64url(salt), b64url(digest)])
+
+
+def password_matches(password: str, stored: str) -> bool:
+    kind, n, r, p, salt, digest = stored.split("$")
+    computed = hashlib.scrypt(password.encode(), salt=b64url_decode(salt), n=int(n), r=int(r), p=int(p),
+                              dklen=len(b64url_decode(digest)), maxmem=64 << 20)
+    return hmac.compare_digest(computed, b64url_decode(digest))
+
+
+def read_users(path: str) -> dict[str, str]:
+    """API_USERS_FILE: {name: hash}; ConfigError naming the line that is not 'name:scrypt$...'."""
+    users = {}
+    try:
+        with open(path) as source:
+            lines = source.read().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"API_USERS_FILE={path!r}: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, _, stored = line.strip().partition(":")
+        parts = stored.split("$")
+        if not name or len(parts) != 6 or parts[0] != "scrypt" or not all(p.isdigit() for p in parts[1:4]):
+            raise ConfigError(f"API_USERS_FILE={path!r} line {number}: not 'name:hash' with a hash from "
+                              "'hepop hash-password'")
+        users[name] = stored
+    return users
+
+
+class Tokens:
+    """Login tokens: HS256 JWTs with the claims HOMER's UI reads (username, useradmin, exp, ...)."""
+
+    HEADER = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+
+    def __init__(self, secret: bytes, ttl_s: float):
+        self.secret = secret
+        self.ttl_s = ttl_s
+
+    def issue(self, username: str) -> str:
+        now = int(time.time())
+        claims = {"username": username, "useradmin": True, "usergroup": "admin", "externalauth": False,
+                  "externaltype": "", "displayname": username, "avatar": "", "iat": now,
+                  "exp": now + int(self.ttl_s)}
+        body = f"{self.HEADER}.{b64url(json.dumps(claims, separators=(',', ':')).encode())}"
+        return f"{body}.{b64url(self._sign(body))}"
+
+    def check(self, token: str) -> Optional[dict]:
+        """The claims of a token this server signed and that has not expired; None for any other."""
+        try:
+            header, claims, signature = token.split(".")
+            if not hmac.compare_digest(b64url_decode(signature), self._sign(f"{header}.{claims}")):
+                return None
+            if json.loads(b64url_decode(header)).get("alg") != "HS256":
+                return None
+            claims = json.loads(b64url_decode(claims))
+            return claims if claims["exp"] > time.time() else None
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def _sign(self, body: str) -> bytes:
+        return hmac.new(self.secret, body.encode(), hashlib.sha256).digest()
+
+
+def token_secret(config: Config) -> bytes:
+    """JWT_SECRET, or the random key made once in the writer's folder (mode 0600), so that tokens
+    outlive a restart."""
+    if config.jwt_secret:
+        return config.jwt_secret.encode()
+    path = TreeLayout(config.parquet_dir).jwt_secret_path(config.writer_id)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(b64url(os.urandom(32)).encode())
+            out.flush()
+            os.fsync(out.fileno())
+        os.link(path + ".tmp", path)        # FileExistsError: made already, keep it
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path + ".tmp")
+    with open(path, "rb") as source:
+        return source.read().strip()
+
+
+class Access:
+    """Who may use the HTTP API: API_TOKEN, the users of API_USERS_FILE and the tokens they log in for.
+    With neither set, every route is open (and HTTP listens on loopback only)."""
+
+    def __init__(self, config: Config, users: dict[str, str], tokens: Tokens):
+        self.api_token = config.api_token
+        self.users = users
+        self.tokens = tokens
+        self.checks = threading.BoundedSemaphore(LOGIN_CHECKS)
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+        self._decoy = hash_password(os.urandom(8).hex())   # an unknown name costs a check as a known one
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.api_token or self.users)
+
+    def allows(self, authorization: str) -> bool:
+        """Whether an Authorization header opens the closed routes."""
+        if not self.closed:
+            return True
+        scheme, _, credential = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not credential:
+            return False
+        if self.api_token and hmac.compare_digest(credential.encode(), self.api_token.encode()):
+            return True
+        return self.users and self.tokens.check(credential) is not None
+
+    def retry_after_s(self, address: str) -> float:
+        """0 if `address` may try to log in now, else the seconds until it may."""
+        with self._lock:
+            recent = [t for t in self._failures.get(address, []) if t > time.monotonic() - LOGIN_WINDOW_S]
+            if len(recent) < LOGIN_FAILURES_MAX:
+                return 0.0
+            return recent[0] + LOGIN_WINDOW_S - time.monotonic()
+
+    def login(self, address: str, username: str, password: str) -> Optional[str]:
+        """A token for a right name and password; None (and the failure counted for `address`) else."""
+        with self.checks:
+            stored = self.users.get(username)
+            right = password_matches(password, stored or self._decoy) and stored is not None
+        if right:
+            return self.tokens.issue(username)
+        with self._lock:
+            if len(self._failures) >= LOGIN_ADDRESSES_MAX:
+                self._failures.clear()
+            now = time.monotonic()
+            self._failures[address] = [t for t in self._failures.get(address, []) if t > now - LOGIN_WINDOW_S] + [now]
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------
 # HTTP: a route table on HTTP_PORT (/query, /health, /metrics), every answer JSON, errors in one place.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -3601,8 +3776,9 @@ class Api:
     """What the HTTP handlers serve: the query engine, the counters, and the state /health reports."""
 
     def __init__(self, config: Config, counters: Counters, writer: BatchWriter, storage: Storage,
-                 udp_inode: Callable):
+                 udp_inode: Callable, access: Access):
         self.config = config
+        self.access = access
         self.counters = counters
         self.writer = writer
         self.udp_inode = udp_inode
@@ -3682,6 +3858,8 @@ ROUTES = (
     Route("GET", re.compile(r"/metrics"), "get_metrics"),
     Route("GET", re.compile(r"/query"), "query"),
     Route("POST", re.compile(r"/query"), "query"),
+    Route("POST", re.compile(r"/api/v3/auth"), "login", open=True),
+    Route("GET", re.compile(r"/api/v3/auth/type/list"), "auth_types", open=True),
 )
 
 
@@ -3708,8 +3886,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         try:
             route, groups = self.find_route(url.path)
-            if not route.open and not self.authorized():
-                raise HttpError(401, "this server needs 'Authorization: Bearer <API_TOKEN>'")
+            if not route.open and not self.api.access.allows(self.headers.get("Authorization", "")):
+                raise HttpError(401, "this server needs 'Authorization: Bearer <token>': a login's token "
+                                     "(POST /api/v3/auth) or API_TOKEN")
             getattr(self, route.handler)(url, **groups)
         except HttpError as exc:
             self.send_json(exc.status, {"error": str(exc)}, exc.headers)
@@ -3739,13 +3918,6 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             raise HttpError(405, f"{path} takes {', '.join(allowed)}, not {self.command}",
                             {"Allow": ", ".join(allowed)})
         raise HttpError(404, f"no such route: {path}")
-
-    def authorized(self) -> bool:
-        token = self.api.config.api_token
-        if not token:
-            return True
-        given = self.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
     def read_body(self) -> bytes:
         """The request body, read strictly: a Content-Length that is not a number, or a chunked body, is
@@ -3784,6 +3956,34 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def get_health(self, url) -> None:
         self.send_json(*self.api.health())
+
+    def login(self, url) -> None:
+        """POST /api/v3/auth {"username", "password"}: 201 with a token, as homer-app answers; 401 in its
+        error shape; 429 once an address failed LOGIN_FAILURES_MAX times within LOGIN_WINDOW_S."""
+        access, address = self.api.access, self.client_address[0]
+        wait_s = access.retry_after_s(address)
+        if wait_s > 0:
+            self.api.counters.add("logins_total", result="limited")
+            raise HttpError(429, f"too many failed logins from {address}: try again in {wait_s:.0f} s",
+                            {"Retry-After": str(math.ceil(wait_s))})
+        try:
+            request = json.loads(self.read_body())
+            username, password = str(request["username"]), str(request["password"])
+        except (ValueError, KeyError, TypeError):
+            raise HttpError(400, 'the body is not {"username": ..., "password": ...}') from None
+        token = access.login(address, username, password) if access.users else None
+        if token is None:
+            self.api.counters.add("logins_total", result="failed")
+            self.send_json(401, {"statuscode": 401, "error": "Unauthorized", "message": "wrong username or "
+                                 "password" if access.users else "no users are set up (API_USERS_FILE)"})
+            return
+        self.api.counters.add("logins_total", result="ok")
+        self.send_json(201, {"token": token, "scope": str(uuid.uuid5(uuid.NAMESPACE_URL, "hepop:" + username)),
+                             "user": {"admin": True}})
+
+    def auth_types(self, url) -> None:
+        self.send_json(200, {"data": {"internal": {"enable": True, "name": "Internal", "type": "internal",
+                                                   "position": 1}}})
 
     def get_metrics(self, url) -> None:
         self.send_body(200, self.api.metrics().encode(), "text/plain; version=0.0.4")
@@ -4032,21 +4232,35 @@ def tune_garbage_collector() -> None:
 def announce_exposure(config: Config) -> None:
     """Say at every start who can read the calls over HTTP, and how to open the port safely."""
     loopback = config.http_host in ("localhost", "::1") or config.http_host.startswith("127.")
-    if config.api_token:
+    if config.api_token or config.api_users_file:
         return
     if loopback:
-        log.info("HTTP is on loopback only: set API_TOKEN to serve it on HOST with a token (or HTTP_HOST "
-                 "to choose the address)")
+        log.info("HTTP is on loopback only: set API_TOKEN or API_USERS_FILE to serve it on HOST with a "
+                 "login (or HTTP_HOST to choose the address)")
     else:
-        log.warning("HTTP_HOST=%s without API_TOKEN: anyone who reaches port %d reads every call; set "
-                    "API_TOKEN", config.http_host, config.http_port)
+        log.warning("HTTP_HOST=%s without API_TOKEN or API_USERS_FILE: anyone who reaches port %d reads every "
+                    "call; set one of them", config.http_host, config.http_port)
+
+
+def print_password_hash() -> int:
+    """hepop hash-password: a password on stdin (its first line), its hash on stdout, for API_USERS_FILE."""
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("hepop hash-password: give the password on stdin", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    multiprocessing.freeze_support()        # in the binary, a compaction process starts here
+    multiprocessing.freeze_support()        # in the binary, a compaction or query process starts here
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hash-password"]:
+        return print_password_hash()
     try:
-        config = Config.load(sys.argv[1:] if argv is None else argv, dict(os.environ))
+        config = Config.load(argv, dict(os.environ))
         fit_descriptors(config)
+        users = read_users(config.api_users_file) if config.api_users_file else {}
     except ConfigError as exc:
         print(f"hepop: bad setting {exc}", file=sys.stderr)
         return 2
@@ -4069,7 +4283,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("cannot listen on %s port %d: %s", config.host, config.port, exc)
         writer.close()
         return 1
-    api = Api(config, counters, writer, storage, server.udp_inode)
+    api = Api(config, counters, writer, storage, server.udp_inode,
+              Access(config, users, Tokens(token_secret(config), config.token_ttl)))
     try:
         http_server = ApiServer(config, api)
     except OSError as exc:

@@ -2531,8 +2531,9 @@ def query_process_of(server, other_than=None) -> int:
     raise AssertionError("no query process")
 
 
-def metric(server, name: str) -> float:
-    status, _, body = http(server, "/metrics")
+def metric(server, name: str, headers=None) -> float:
+    status, _, body = http(server, "/metrics", headers=headers)
+    assert status == 200, body
     values = dict(line.rsplit(" ", 1) for line in body.decode().splitlines() if line and not line[0] == "#")
     return float(values.get("hepop_" + name, 0))
 
@@ -2731,3 +2732,108 @@ def test_under_a_1_gib_memory_limit_no_attack_stops_capture(servers, tmp_path):
                 group.rmdir()
                 break
             time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Login: users with hashed passwords, HS256 tokens, the API token, the limit on failed logins
+# ---------------------------------------------------------------------------------------------------------
+
+def hash_of(password: str) -> str:
+    result = subprocess.run([sys.executable, str(HERE / "hepop.py"), "hash-password"], input=password + "\n",
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def login(server, username: str, password: str):
+    status, head, body = http(server, "/api/v3/auth", json.dumps(
+        {"username": username, "password": password, "type": "internal"}).encode(),
+        {"Content-Type": "application/json"})
+    return status, head, json.loads(body)
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_hash_password_makes_a_salted_scrypt_hash_that_never_holds_the_password():
+    first, second = hash_of("s3cret-Pass"), hash_of("s3cret-Pass")
+    assert first.startswith("scrypt$") and first != second and "s3cret" not in first    # a random salt each time
+    assert hepop.password_matches("s3cret-Pass", first) and not hepop.password_matches("s3cret-pass", first)
+    empty = subprocess.run([sys.executable, str(HERE / "hepop.py"), "hash-password"], input="", capture_output=True,
+                           text=True, timeout=30)
+    assert empty.returncode == 2 and "stdin" in empty.stderr
+
+
+def test_users_log_in_for_a_token_that_opens_the_api_and_nothing_else_does(servers, tmp_path):
+    users = tmp_path / "users"
+    users.write_text(f"# who may search\nadmin:{hash_of('right-password')}\n")
+    server = servers(API_USERS_FILE=str(users))
+    status, _, body = http(server, "/api/v3/auth/type/list")                  # the login page asks, unauthenticated
+    assert status == 200 and json.loads(body)["data"]["internal"]["type"] == "internal"
+    assert query(server, "SELECT 1 AS one")[0] == 401
+    status, _, body = login(server, "admin", "right-password")
+    assert status == 201 and body["user"] == {"admin": True} and body["scope"]
+    token = body["token"]
+    header, claims, _ = token.split(".")
+    claims = json.loads(hepop.b64url_decode(claims))
+    assert json.loads(hepop.b64url_decode(header))["alg"] == "HS256"
+    assert claims["username"] == "admin" and 12 * 3600 - 5 < claims["exp"] - time.time() <= 12 * 3600
+    assert query(server, "SELECT 1 AS one", headers=bearer(token))[2] == [{"one": 1}]
+    assert http(server, "/metrics", headers=bearer(token))[0] == 200
+    assert http(server, "/health")[0] == 200                                   # never behind the login
+    tampered = json.loads(hepop.b64url_decode(token.split(".")[1]))
+    tampered["username"] = "root"
+    forged = ".".join([header, hepop.b64url(json.dumps(tampered).encode()), token.split(".")[2]])
+    unsigned = ".".join([hepop.b64url(b'{"alg":"none","typ":"JWT"}'), token.split(".")[1], ""])
+    for wrong in (forged, unsigned, token[:-2], "garbage", ""):
+        status, _, body = query(server, "SELECT 1 AS one", headers=bearer(wrong))
+        assert status == 401 and body["error"], wrong
+    for name, password in (("admin", "wrong"), ("nobody", "right-password")):
+        status, _, body = login(server, name, password)
+        assert status == 401 and body["statuscode"] == 401 and body["message"] and body["error"]
+    assert login(server, "admin", "right-password")[0] == 201                   # 2 failures: not yet limited
+    assert server.stop() == 0
+    assert server.counters()['logins_total{result="failed"}'] == 2
+
+
+def test_tokens_expire_and_outlive_a_restart_and_the_api_token_still_works(servers, tmp_path):
+    users = tmp_path / "users"
+    users.write_text(f"ops:{hash_of('pw')}\n")
+    server = servers(API_USERS_FILE=str(users), TOKEN_TTL="8s", API_TOKEN="machine-token")
+    token = login(server, "ops", "pw")[2]["token"]
+    expires = json.loads(hepop.b64url_decode(token.split(".")[1]))["exp"]
+    secret = tmp_path / "data" / "test" / ".jwt-secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert query(server, "SELECT 1 AS one", headers=bearer(token))[0] == 200
+    assert query(server, "SELECT 1 AS one", headers=bearer("machine-token"))[0] == 200
+    assert server.stop() == 0
+    server = servers(API_USERS_FILE=str(users), HTTP_PORT=server.http_port)
+    assert time.time() < expires - 1
+    assert query(server, "SELECT 1 AS one", headers=bearer(token))[0] == 200    # the same key after a restart
+    time.sleep(max(0.0, expires - time.time()) + 1.0)
+    status, _, body = query(server, "SELECT 1 AS one", headers=bearer(token))
+    assert status == 401
+    assert server.stop() == 0
+
+
+def test_failed_logins_are_limited_per_address_and_counted(servers, tmp_path):
+    users = tmp_path / "users"
+    users.write_text(f"admin:{hash_of('pw')}\n")
+    server = servers(API_USERS_FILE=str(users))
+    statuses = [login(server, "admin", f"guess-{i}")[0] for i in range(hepop.LOGIN_FAILURES_MAX)]
+    assert statuses == [401] * hepop.LOGIN_FAILURES_MAX
+    status, head, body = login(server, "admin", "pw")                           # even the right one, for now
+    assert status == 429 and 0 < int(head["retry-after"]) <= hepop.LOGIN_WINDOW_S and "failed logins" in body["error"]
+    assert server.stop() == 0
+    counters = server.counters()
+    assert counters['logins_total{result="limited"}'] == 1
+    assert counters['logins_total{result="failed"}'] == hepop.LOGIN_FAILURES_MAX
+
+
+@pytest.mark.parametrize("content", ["admin\n", "admin:plain-password\n", ":scrypt$1$2$3$a$b\n"])
+def test_a_users_file_without_hashes_is_a_bad_setting(tmp_path, content):
+    users = tmp_path / "users"
+    users.write_text(content)
+    result = run_hepop(env={"API_USERS_FILE": str(users), "PARQUET_DIR": str(tmp_path / "data")})
+    assert result.returncode == 2 and "API_USERS_FILE" in result.stderr and "line 1" in result.stderr
