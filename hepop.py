@@ -20,7 +20,7 @@ Data flow::
                             |   process (DuckDB sorts) into c_NNNNNNNNNN.parquet, swapped into
                             |   metadata.json; retention; the disk guard; empty folders
                             v
-    HTTP threads: /query, /health, /metrics, /api/v3/auth by a route table.  A query goes to the query process
+    HTTP threads: /query, /health, /metrics and HOMER's /api/v3 by a route table.  A query goes to the query process
                   (DuckDB over the files that every writer's metadata.json lists, pruned to the query's
                   time window, made JSON, CSV or Arrow there); the HTTP thread holds the files it reads
                   and relays its bytes
@@ -46,6 +46,7 @@ Sections, in reading order; each uses only what is above it:
                     what the capture process keeps of it (QueryProcess, FileCatalog)
     Capture         Ingest (bytes to batches) and CaptureServer (sockets, the selectors loop, signals)
     Access          users and their password hashes, login tokens (HS256 JWTs), the login limit
+    HOMER API       HOMER 7's searches, ladder and exports: their SQL, their answers' shapes, pcap
     HTTP            the route table, ApiHandler, ApiServer
     main()
 
@@ -2768,6 +2769,8 @@ class QueryJob(NamedTuple):
     sql: str
     fmt: str
     now_us: int                     # "now" for the time window: the moment the request came
+    plan: Optional["QueryPlan"] = None      # hepop's own SQL: the tables and window, not read from the SQL
+    params: Optional[dict] = None           # values for its $names
 
 
 class QueryPlan(NamedTuple):
@@ -2842,12 +2845,12 @@ class QueryRun:
         engine, cap = self.engine, self.config.query_max_rows
         job = self.conn.recv()
         engine.check_statement(job.sql)
-        window = engine.time_window(self.cursor, job.sql, job.now_us)
-        self.conn.send(QueryPlan(engine.types_named(job.sql), window))
-        engine.create_views(self.cursor, self.conn.recv(), window)
+        plan = job.plan or QueryPlan(engine.types_named(job.sql), engine.time_window(self.cursor, job.sql, job.now_us))
+        self.conn.send(plan)
+        engine.create_views(self.cursor, self.conn.recv(), plan.window)
         self.watching = True
         threading.Thread(target=self._watch, name="hepop-query-watch", daemon=True).start()
-        reader = self.cursor.sql(job.sql).to_arrow_reader(2048)
+        reader = self.cursor.sql(job.sql, params=job.params).to_arrow_reader(2048)
         batches = CappedBatches(reader, cap)
         encoded: list[bytes] = []
         out = ResultWriter(job.fmt, reader.schema, encoded.append)
@@ -3012,6 +3015,72 @@ class QueryProcess:
             if self._process.is_alive():
                 self._process.kill()
                 self._process.join()
+
+
+class QueryCut(Exception):
+    """A query that failed after its first bytes were passed on."""
+
+
+class QueryCall:
+    """One query's conversation with the query process, from the capture process: start() sends the job
+    and holds the files its plan reads; iterating gives the result's bytes; close() ends it (and stops the
+    query if it still runs).  Errors before the first bytes are QueryErrors, after them QueryCut."""
+
+    def __init__(self, queries: "QueryProcess", catalog: "FileCatalog", counters: Counters, limit_s: float):
+        self.catalog = catalog
+        self.counters = counters
+        self.limit_s = limit_s
+        self.conn = queries.connect()
+        self.held: list[str] = []
+        self.plan: Optional[QueryPlan] = None
+        self.truncated: Optional[bool] = None
+        self._started = False
+
+    def __enter__(self) -> "QueryCall":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.conn.close()
+        self.catalog.leases.release(self.held)
+
+    def start(self, job: QueryJob) -> QueryStart:
+        self.conn.send(job)
+        self.plan = self._answer(QueryPlan)
+        files_by_type, self.held = self.catalog.hold(self.plan)
+        self.counters.add("query_files_total", len(self.held))
+        self.conn.send(files_by_type)
+        start = self._answer(QueryStart)
+        self._started = True
+        if start.finished:
+            self.truncated = start.truncated
+        return start
+
+    def __iter__(self) -> Iterable[bytes]:
+        while not isinstance(answer := self._answer((bytes, QueryEnd)), QueryEnd):
+            yield answer
+        self.truncated = answer.truncated
+
+    def rows(self, job: QueryJob) -> list[dict]:
+        """The whole result of a query whose JSON fits in memory (hepop's own, with a LIMIT)."""
+        self.start(job._replace(fmt="json"))
+        return json.loads(b"".join(self))
+
+    def _answer(self, expected):
+        """The query process's next message if it is what `expected` says; its QueryFailed, its end or its
+        silence past `limit_s` as an error."""
+        try:
+            answer = self.conn.recv() if self.conn.poll(self.limit_s) else QueryFailed(
+                504, f"the query process did not answer within {self.limit_s:g} s")
+        except (EOFError, OSError):
+            answer = QueryFailed(500, "the query process ended while it ran the query (out of memory?); it "
+                                      "is started again")
+        if isinstance(answer, expected):
+            return answer
+        if not isinstance(answer, QueryFailed):
+            answer = QueryFailed(500, f"the query process answered {type(answer).__name__}")
+        if self._started:
+            raise QueryCut(answer.message)
+        raise QueryError(answer.message, answer.status)
 
 
 class FileCatalog:
@@ -3761,6 +3830,310 @@ class Access:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# HOMER API: HOMER 7's /api/v3 searches, ladders and exports, as SQL over the stored files.  What the
+# requests and answers look like is homer-app's; the SQL is built here from names and values the
+# request gives, never from its text: field names come from HOMER_FIELDS, values are $parameters.
+# ---------------------------------------------------------------------------------------------------------
+
+class HomerError(ValueError):
+    """A HOMER request that cannot be answered as asked (400)."""
+
+
+HOMER_NODE = "localnode"
+DEFAULT_SEARCH_LIMIT = 200
+CALL_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "UPDATE", "PRACK", "REFER", "INFO", "NOTIFY")
+CSEQ_METHOD_SQL = "upper(split_part(cseq, ' ', 2))"
+# HOMER 7 files SIP under a profile by its CSeq method, responses with their request.
+SIP_PROFILES = {
+    "call": f"{CSEQ_METHOD_SQL} IN ({', '.join(map(sql_string, CALL_METHODS))})",
+    "registration": f"{CSEQ_METHOD_SQL} = 'REGISTER'",
+    "default": f"{CSEQ_METHOD_SQL} NOT IN ({', '.join(map(sql_string, CALL_METHODS + ('REGISTER',)))})",
+}
+# A message's id: 53 bits (a JavaScript number) of the md5 of what makes it itself, so that it is the same
+# before and after compaction, after a restart and from any writer, with no column to store.  Ids are
+# looked up within seconds of the message's time, where two messages with the same time, addresses,
+# ports and length do not occur.
+MESSAGE_ID_SQL = ("CAST(md5_number(concat_ws('|', epoch_us(time), src_ip, src_port, dst_ip, dst_port, capture_id, "
+                  "length(payload))) % 9007199254740881 AS BIGINT)")
+NON_SIP_METHODS = {100: "LOG", 5: "RTCP", 34: "Report RTP", 35: "Report RTP", 54: "ISUP", 81: "CDR"}
+HEADER_FIELDS = {
+    "protocol_header.correlation_id": "correlation_id", "protocol_header.srcIp": "src_ip",
+    "protocol_header.srcPort": "src_port", "protocol_header.dstIp": "dst_ip", "protocol_header.dstPort": "dst_port",
+    "protocol_header.timeSeconds": "epoch_us(time) // 1000000", "protocol_header.timeUseconds": "epoch_us(time) % 1000000",
+    "protocol_header.payloadType": "proto_type", "protocol_header.protocolFamily": "ip_family",
+    "protocol_header.protocol": "protocol", "protocol_header.captureId": "capture_id", "id": MESSAGE_ID_SQL,
+    "raw": "payload",
+}
+SIP_FIELDS_SQL = {
+    "sid": "call_id", "data_header.callid": "call_id",
+    "data_header.method": "coalesce(sip_method, CAST(sip_status AS VARCHAR))",
+    "data_header.ruri_user": "ruri_user", "data_header.from_user": "from_user", "data_header.to_user": "to_user",
+    "data_header.user_agent": "user_agent", "data_header.cseq": "cseq",
+    "data_header.from_tag": r"regexp_extract(payload, '(?im)^(?:from|f)[ \t]*:[^\r\n]*?;[ \t]*tag=([^;>\s]+)', 1)",
+    "data_header.to_tag": r"regexp_extract(payload, '(?im)^(?:to|t)[ \t]*:[^\r\n]*?;[ \t]*tag=([^;>\s]+)', 1)",
+    "data_header.ruri_domain": r"regexp_extract(payload, '^[A-Za-z]+ sips?:(?:[^@\s>;]*@)?([^\s;>:]+)', 1)",
+    "data_header.protocol": r"regexp_extract(payload, '(?im)^(?:via|v)[ \t]*:[ \t]*SIP/2\.0/([A-Za-z]+)', 1)",
+}
+
+
+def homer_fields(proto_type: int) -> dict[str, str]:
+    """The fields a search may name for a type, and the SQL of each."""
+    if proto_type == SIP_TYPE:
+        return {**HEADER_FIELDS, **SIP_FIELDS_SQL}
+    return {**HEADER_FIELDS, "sid": "correlation_id"}
+
+
+def homer_columns(proto_type: int) -> str:
+    """The columns of a HOMER row, as SQL (each the row's key)."""
+    fields = homer_fields(proto_type)
+    columns = {"id": fields["id"], "create_date": "epoch_ms(time)", "sid": fields["sid"], "srcIp": "src_ip",
+               "dstIp": "dst_ip", "srcPort": "src_port", "dstPort": "dst_port", "protocol": "protocol",
+               "protocolFamily": "ip_family", "payloadType": "proto_type", "captureId": "capture_id",
+               "timeSeconds": fields["protocol_header.timeSeconds"],
+               "timeUseconds": fields["protocol_header.timeUseconds"],
+               "correlation_id": "coalesce(correlation_id, '')"}
+    if proto_type == SIP_TYPE:
+        columns.update({name.split(".")[1]: fields[name] for name in fields            # `protocol` stays the
+                        if name.startswith("data_header.") and name != "data_header.protocol"})  # header's number
+    else:
+        columns["method"] = sql_string(NON_SIP_METHODS.get(proto_type, f"HEP {proto_type}"))
+    return ", ".join(f'{sql} AS "{name}"' for name, sql in columns.items())
+
+
+class HomerSearch(NamedTuple):
+    proto_type: int
+    sql: str
+    params: dict
+
+
+def homer_window(request: dict) -> TimeWindow:
+    """timestamp.from/to (ms, as the UI sends them) as a TimeWindow."""
+    try:
+        stamps = request["timestamp"]
+        low_ms, high_ms = int(stamps["from"]), int(stamps["to"])
+    except (KeyError, TypeError, ValueError):
+        raise HomerError('the request needs "timestamp": {"from": ms, "to": ms}') from None
+    if low_ms > high_ms:
+        raise HomerError("timestamp.from is after timestamp.to")
+    return TimeWindow(low_ms * 1000, high_ms * 1000 + 999, False)
+
+
+def homer_search(profile: str, fields: list, orlogic: bool, window: TimeWindow, with_raw: bool) -> HomerSearch:
+    """The SQL of one profile's search (`1_call`, `100_default`, ...): its conditions, ANDed or, with
+    `orlogic` or a value starting '||', ORed; the newest `limit` rows (the pseudo-field, 200 by default)."""
+    type_text, _, name = profile.partition("_")
+    if not type_text.isdigit() or not 0 <= int(type_text) <= 255:
+        raise HomerError(f"unknown search profile {profile!r}: use <hepid>_<profile>, e.g. 1_call")
+    proto_type = int(type_text)
+    known = homer_fields(proto_type)
+    conditions, params, limit = "", {}, DEFAULT_SEARCH_LIMIT
+    if proto_type == SIP_TYPE:
+        if name not in SIP_PROFILES:
+            raise HomerError(f"unknown SIP profile {name!r}: use call, registration or default")
+        conditions = SIP_PROFILES[name]
+    if not isinstance(fields, list):
+        raise HomerError(f"param.search.{profile} must be a list of {{name, value}}")
+    terms = ""
+    for field in fields:
+        try:
+            field_name, value, kind = str(field["name"]), str(field["value"]), str(field.get("type", "string"))
+        except (KeyError, TypeError, AttributeError):
+            raise HomerError(f"a search field of {profile} is not {{name, value}}") from None
+        if field_name == "limit":
+            if not value.strip().isdigit() or not 0 < int(value) <= 100_000:
+                raise HomerError(f"limit {value!r} is not a number of rows from 1 to 100000")
+            limit = int(value)
+            continue
+        if field_name not in known:
+            raise HomerError(f"unknown search field {field_name!r} for {profile}")
+        joiner = "OR" if orlogic or value.startswith("||") else "AND"
+        term = search_term(known[field_name], field_name, value.removeprefix("||"), kind, params)
+        terms = f"({terms}) {joiner} ({term})" if terms else term
+    where = " AND ".join(c for c in [f"time BETWEEN make_timestamp({window.low_us}) AND make_timestamp({window.high_us})",
+                                     conditions, f"({terms})" if terms else ""] if c)
+    columns = homer_columns(proto_type) + (', payload AS "raw"' if with_raw else "")
+    sql = (f"SELECT * FROM (SELECT {columns}, time FROM hep_{proto_type} WHERE {where} "
+           f"ORDER BY time DESC LIMIT {limit}) ORDER BY time")
+    return HomerSearch(proto_type, sql, params)
+
+
+def search_term(column_sql: str, field_name: str, value: str, kind: str, params: dict) -> str:
+    """One condition in HOMER's value syntax: '!=' negates; 'a;b' is IN; '%' is LIKE; isEmpty, isNull;
+    `raw` matches the payload case-blind anywhere; type integer compares numbers."""
+    negate = value.startswith("!=")
+    value = value.removeprefix("!=").strip()
+    key = f"p{len(params)}"
+    text = f"CAST({column_sql} AS VARCHAR)"
+    if value == "isNull":
+        term = f"{column_sql} IS NULL"
+    elif value == "isEmpty":
+        term = f"({column_sql} IS NULL OR {text} = '')"
+    elif field_name == "raw":
+        params[key] = value if "%" in value else f"%{value}%"
+        term = f"{column_sql} ILIKE ${key}"
+    elif kind == "integer":
+        try:
+            params[key] = [int(v) for v in value.split(";")]
+        except ValueError:
+            raise HomerError(f"{field_name}: {value!r} is not an integer") from None
+        term = f"list_contains(${key}::BIGINT[], TRY_CAST({column_sql} AS BIGINT))"
+    elif ";" in value:
+        params[key] = [v.strip() for v in value.split(";")]
+        term = f"list_contains(${key}::VARCHAR[], {text})"
+    elif "%" in value:
+        params[key] = value
+        term = f"{text} LIKE ${key}"
+    else:
+        params[key] = value
+        term = f"{text} = ${key}"
+    return f"NOT coalesce({term}, false)" if negate else term
+
+
+def homer_row(row: dict, profile: str) -> dict:
+    """A row as homer-app gives it: its own keys, and the ones it adds."""
+    row.pop("time", None)
+    host_of = lambda ip, port: f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
+    return {**row, "uuid": row["id"], "node": HOMER_NODE, "dbnode": HOMER_NODE,
+            "aliasSrc": host_of(row["srcIp"], row["srcPort"]), "aliasDst": host_of(row["dstIp"], row["dstPort"]),
+            "table": f"hep_proto_{profile}", "profile": profile}
+
+
+def search_profiles(request: dict) -> dict:
+    try:
+        search = request["param"]["search"]
+    except (KeyError, TypeError):
+        raise HomerError('the request needs "param": {"search": {"1_call": [...]}}') from None
+    if not isinstance(search, dict):
+        raise HomerError("param.search must be an object keyed by profile")
+    return search
+
+
+def transaction_call_ids(request: dict) -> list[str]:
+    """The Call-IDs a transaction, export or report asks for, from every profile of param.search."""
+    ids = []
+    for value in search_profiles(request).values():
+        if isinstance(value, dict):
+            found = value.get("callid") or value.get("sid") or []
+            ids.extend(found if isinstance(found, list) else [found])
+    ids = [str(i) for i in ids if str(i)]
+    if not ids:
+        raise HomerError('the request names no call: param.search.1_call.callid is a list of Call-IDs')
+    return ids
+
+
+# homer-app looks around the window the UI sends (itself the call's time +-300 s) so that a call whose
+# messages straddle its edges comes back whole: the "empty ladder" HOMER users meet comes from a narrower one.
+TRANSACTION_BEFORE_US = 600 * 1_000_000
+TRANSACTION_AFTER_US = 600 * 1_000_000
+TRANSACTION_MAX_ROWS = 5000
+
+
+def transaction_sql(proto_type: int, with_correlated: bool) -> str:
+    """A call's messages of one type: SIP by Call-ID or by a correlation id naming one (the other leg),
+    other types by correlation id; $ids, $low, $high."""
+    match = "(list_contains($ids, call_id) OR list_contains($ids, correlation_id))" if with_correlated \
+        else "list_contains($ids, correlation_id)"
+    return (f"SELECT {homer_columns(proto_type)}, payload AS raw, time FROM hep_{proto_type} "
+            f"WHERE time BETWEEN make_timestamp($low) AND make_timestamp($high) AND {match} "
+            f"ORDER BY time LIMIT {TRANSACTION_MAX_ROWS}")
+
+
+def ladder(messages: list[dict]) -> dict:
+    """The transaction's data: `messages`, `calldata` (one per message, joined on create_date and id),
+    `hosts` in the order they first appear, `alias`."""
+    hosts: dict[str, dict] = {}
+    calldata = []
+    for message in messages:
+        source, destination = message["aliasSrc"], message["aliasDst"]
+        for host in (source, destination):
+            hosts.setdefault(host, {"host": [host], "position": len(hosts)})
+        method = message.get("method") or ""
+        calldata.append({
+            "id": message["id"], "sid": message["sid"], "create_date": message["create_date"],
+            "srcHost": message["srcIp"], "dstHost": message["dstIp"], "srcIp": message["srcIp"],
+            "dstIp": message["dstIp"], "srcPort": message["srcPort"], "dstPort": message["dstPort"],
+            "srcId": source, "dstId": destination, "aliasSrc": source, "aliasDst": destination,
+            "method": method, "method_text": method, "protocol": message["protocol"],
+            "msg_color": "red" if method[:1] in "3456" and method.isdigit() else
+                         "green" if method.isdigit() else "blue",
+            "ruri_user": message.get("ruri_user") or "", "destination": hosts[destination]["position"],
+            "table": message["table"]})
+    return {"messages": messages, "calldata": calldata, "hosts": hosts, "alias": {}}
+
+
+# -- pcap: the call as packets that Wireshark opens ------------------------------------------------------
+
+PCAP_LINKTYPE_RAW = 101             # each record starts with its IPv4 or IPv6 header
+PCAP_MAX_PAYLOAD = 65_000
+
+
+def internet_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def ip_packet(message: dict, payload: bytes, tcp_sequence: dict) -> bytes:
+    """An IPv4 or IPv6 packet with a UDP or TCP segment carrying `payload`, from the stored addresses."""
+    v6 = ":" in message["srcIp"]
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    source, destination = socket.inet_pton(family, message["srcIp"]), socket.inet_pton(family, message["dstIp"])
+    ports = struct.pack("!HH", message["srcPort"] or 0, message["dstPort"] or 0)
+    tcp = message["protocol"] == 6
+    if tcp:
+        flow = (message["srcIp"], message["srcPort"], message["dstIp"], message["dstPort"])
+        sequence = tcp_sequence.get(flow, 1)
+        tcp_sequence[flow] = (sequence + len(payload)) & 0xFFFFFFFF
+        segment = ports + struct.pack("!IIBBHHH", sequence, 1, 5 << 4, 0x18, 65535, 0, 0) + payload
+        number = 6
+    else:
+        segment = ports + struct.pack("!HH", 8 + len(payload), 0) + payload
+        number = 17
+    pseudo = (source + destination + struct.pack("!IxxxB", len(segment), number) if v6 else
+              source + destination + struct.pack("!xBH", number, len(segment)))
+    checksum = internet_checksum(pseudo + segment) or 0xFFFF
+    at = 16 if tcp else 6
+    segment = segment[:at] + struct.pack("!H", checksum) + segment[at + 2:]
+    if v6:
+        return struct.pack("!IHBB", 6 << 28, len(segment), number, 64) + source + destination + segment
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(segment), 0, 0x4000, 64, number, 0, source, destination)
+    header = header[:10] + struct.pack("!H", internet_checksum(header)) + header[12:]
+    return header + segment
+
+
+def pcap_of(messages: list[dict]) -> bytes:
+    """A pcap file (microsecond times, raw IP) of the messages, in time order."""
+    out = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, PCAP_LINKTYPE_RAW)]
+    tcp_sequence: dict = {}
+    for message in messages:
+        payload = message["raw"].encode("utf-8", "surrogateescape")[:PCAP_MAX_PAYLOAD]
+        packet = ip_packet(message, payload, tcp_sequence)
+        out.append(struct.pack("<IIII", message["timeSeconds"], message["timeUseconds"], len(packet), len(packet)))
+        out.append(packet)
+    return b"".join(out)
+
+
+def text_of(messages: list[dict]) -> str:
+    """The call's flow as text: each message with its time and addresses, then its payload."""
+    lines = []
+    for message in messages:
+        lines.append(f"{format_time(message['timeSeconds'] * 1_000_000 + message['timeUseconds'])} "
+                     f"{message['aliasSrc']} -> {message['aliasDst']} {message.get('method', '')}")
+        lines.append(message["raw"].replace("\r\n", "\n").rstrip("\n"))
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def sip_profile_of(row: dict) -> str:
+    """The HOMER profile of a SIP row, by its CSeq method as HOMER 7 files it."""
+    method = (row.get("cseq") or "").partition(" ")[2].strip().upper()
+    return "1_call" if method in CALL_METHODS else "1_registration" if method == "REGISTER" else "1_default"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # HTTP: a route table on HTTP_PORT (/query, /health, /metrics), every answer JSON, errors in one place.
 # ---------------------------------------------------------------------------------------------------------
 
@@ -3786,6 +4159,9 @@ class Api:
         self.queries = QueryProcess(config, counters)
         self.query_turns = threading.BoundedSemaphore(config.max_queries)
         self.started = time.time()
+
+    def query_call(self) -> QueryCall:
+        return QueryCall(self.queries, self.catalog, self.counters, self.config.query_timeout_s + QUERY_GRACE_S)
 
     def health(self) -> tuple[int, dict]:
         """200 while writes succeed; 503 with the reason while they fail."""
@@ -3860,6 +4236,11 @@ ROUTES = (
     Route("POST", re.compile(r"/query"), "query"),
     Route("POST", re.compile(r"/api/v3/auth"), "login", open=True),
     Route("GET", re.compile(r"/api/v3/auth/type/list"), "auth_types", open=True),
+    Route("POST", re.compile(r"/api/v3/search/call/data"), "homer_search_data"),
+    Route("POST", re.compile(r"/api/v3/search/call/message"), "homer_search_message"),
+    Route("POST", re.compile(r"/api/v3/call/transaction"), "homer_transaction"),
+    Route("POST", re.compile(r"/api/v3/export/call/messages/pcap"), "homer_export_pcap"),
+    Route("POST", re.compile(r"/api/v3/export/call/messages/text"), "homer_export_text"),
 )
 
 
@@ -3894,6 +4275,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(exc.status, {"error": str(exc)}, exc.headers)
         except QueryError as exc:
             self.send_json(exc.status, {"error": str(exc)})
+        except HomerError as exc:                   # homer-app's error shape, with hepop's `error`
+            self.send_json(400, {"error": str(exc), "message": str(exc), "data": {}})
         except RecursionError:
             self.send_json(400, {"error": "the request is nested too deeply to be read"})
         except (ResponseCut, BrokenPipeError, ConnectionResetError, TimeoutError):
@@ -3990,16 +4373,22 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
     def query(self, url) -> None:
         sql, fmt = self.query_request(url)
+        with self.query_turn("200"):
+            self.relay_query(sql, fmt)
+
+    @contextlib.contextmanager
+    def query_turn(self, status: str):
+        """One of MAX_QUERIES turns, waited for QUERY_WAIT_S at most (then 503 with Retry-After), and the
+        query counted by its outcome."""
         if not self.api.query_turns.acquire(timeout=QUERY_WAIT_S):
             self.api.counters.add("queries_total", status="503")
             raise HttpError(503, f"MAX_QUERIES ({self.api.config.max_queries}) queries are running: try again",
                             {"Retry-After": str(round(QUERY_WAIT_S))})
         started = time.perf_counter()
-        status = "200"
         try:
-            self.relay_query(sql, fmt)
-        except QueryError as exc:
-            status = str(exc.status)
+            yield
+        except (QueryError, HomerError) as exc:
+            status = str(getattr(exc, "status", 400))
             raise
         except BaseException:
             status = "aborted"
@@ -4042,17 +4431,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         ends the response without its last chunk, which every HTTP client reports as a cut transfer, and
         is counted as `aborted`."""
         api = self.api
-        conn = api.queries.connect()
-        held: list[str] = []
-        try:
-            conn.send(QueryJob(sql, fmt, time.time_ns() // 1000))
-            plan = self.query_answer(conn, QueryPlan)
-            files_by_type, held = api.catalog.hold(plan)
-            api.counters.add("query_files_total", len(held))
-            conn.send(files_by_type)
-            start = self.query_answer(conn, QueryStart)
+        with api.query_call() as call:
+            start = call.start(QueryJob(sql, fmt, time.time_ns() // 1000))
             headers = {"Content-Type": ResultWriter.TYPES[fmt], "Transfer-Encoding": "chunked",
-                       "X-Hepop-Time-Window": plan.window.header(), "X-Hepop-Files": str(len(held)),
+                       "X-Hepop-Time-Window": call.plan.window.header(), "X-Hepop-Files": str(len(call.held)),
                        "X-Hepop-Row-Cap": str(api.config.query_max_rows)}
             if start.finished:
                 headers["X-Hepop-Truncated"] = "true" if start.truncated else "false"
@@ -4062,34 +4444,97 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             for name, value in headers.items():
                 self.send_header(name, value)
             self.end_headers()
-            while not isinstance(answer := self.query_answer(conn, (bytes, QueryEnd), started=True), QueryEnd):
-                self.write_chunk(answer)
+            try:
+                for data in call:
+                    self.write_chunk(data)
+            except QueryCut as exc:
+                log.warning("query failed while its rows were being sent: %s", exc)
+                self.close_connection = True
+                raise ResponseCut(str(exc)) from None
             trailer = b"" if start.finished else \
-                f"X-Hepop-Truncated: {'true' if answer.truncated else 'false'}\r\n".encode()
+                f"X-Hepop-Truncated: {'true' if call.truncated else 'false'}\r\n".encode()
             self.wfile.write(b"0\r\n" + trailer + b"\r\n")
-        finally:
-            conn.close()
-            api.catalog.leases.release(held)
 
-    def query_answer(self, conn: multiprocessing.connection.Connection, expected, started: bool = False):
-        """The query process's next message, if it is what `expected` says; its QueryFailed as a
-        QueryError (ResponseCut once `started`); the process's end or silence as an error too."""
-        limit_s = self.api.config.query_timeout_s + QUERY_GRACE_S
+    # -- the HOMER API (see the HOMER API section) -----------------------------------------------------------
+
+    def homer_request(self) -> dict:
         try:
-            answer = conn.recv() if conn.poll(limit_s) else QueryFailed(
-                504, f"the query process did not answer within {limit_s:g} s")
-        except (EOFError, OSError):
-            answer = QueryFailed(500, "the query process ended while it ran the query (out of memory?); it "
-                                      "is started again")
-        if isinstance(answer, expected):
-            return answer
-        if not isinstance(answer, QueryFailed):
-            answer = QueryFailed(500, f"the query process answered {type(answer).__name__}")
-        if started:
-            log.warning("query failed while its rows were being sent: %s", answer.message)
-            self.close_connection = True
-            raise ResponseCut(answer.message)
-        raise QueryError(answer.message, answer.status)
+            request = json.loads(self.read_body())
+        except ValueError:
+            raise HomerError("the body is not JSON") from None
+        if not isinstance(request, dict):
+            raise HomerError("the body is not a JSON object")
+        return request
+
+    def homer_rows(self, sql: str, params: dict, proto_type: int, window: TimeWindow) -> list[dict]:
+        """The rows of hepop's own SQL over one type's files in `window`, in a query turn."""
+        with self.query_turn("201"), self.api.query_call() as call:
+            return call.rows(QueryJob(sql, "json", time.time_ns() // 1000, QueryPlan([proto_type], window), params))
+
+    def homer_search_data(self, url) -> None:
+        """The call list: each profile's search, newest `limit` rows each, in time order."""
+        request = self.homer_request()
+        window = homer_window(request)
+        orlogic = bool((request.get("param") or {}).get("orlogic"))
+        rows = []
+        for profile, fields in search_profiles(request).items():
+            search = homer_search(profile, fields, orlogic, window, with_raw=profile.startswith("100_"))
+            rows += [homer_row(row, profile) for row in self.homer_rows(search.sql, search.params,
+                                                                         search.proto_type, window)]
+        rows.sort(key=lambda row: (row["timeSeconds"], row["timeUseconds"]))
+        self.send_json(201, {"total": len(rows), "data": rows, "keys": sorted({key for row in rows for key in row})})
+
+    def homer_search_message(self, url) -> None:
+        """One message by its id (or uuid) in the window, with its payload."""
+        request = self.homer_request()
+        window = homer_window(request)
+        rows = []
+        for profile, wanted in search_profiles(request).items():
+            if not isinstance(wanted, dict):
+                raise HomerError(f"param.search.{profile} must be {{\"id\": ...}}")
+            ids = wanted.get("id") or wanted.get("uuid") or []
+            try:
+                ids = [int(i) for i in (ids if isinstance(ids, list) else [ids])]
+            except (TypeError, ValueError):
+                raise HomerError("a message id is a number") from None
+            search = homer_search(profile, [], False, window, with_raw=True)
+            sql = search.sql.replace(" ORDER BY time DESC", f" AND list_contains($ids::BIGINT[], {MESSAGE_ID_SQL}) "
+                                     "ORDER BY time DESC", 1)
+            found = self.homer_rows(sql, {**search.params, "ids": ids}, search.proto_type, window) if ids else []
+            rows += [{**homer_row(row, profile), "create_ts": row["create_date"], "micro_ts": row["create_date"]}
+                     for row in found]
+        self.send_json(201, {"total": len(rows), "data": rows, "keys": sorted({key for row in rows for key in row})})
+
+    def homer_call(self, request: dict) -> list[dict]:
+        """A call's SIP messages, both legs: the Call-IDs asked for, what names one of them as its
+        correlation id, and the Call-IDs those name, over the window widened so the call is whole."""
+        window = homer_window(request)
+        wide = TimeWindow(window.low_us - TRANSACTION_BEFORE_US, window.high_us + TRANSACTION_AFTER_US, False)
+        ids = set(transaction_call_ids(request))
+        ids |= {f"{call_id}_b2b-1" for call_id in ids}
+        rows: list[dict] = []
+        for _ in range(3):
+            rows = self.homer_rows(transaction_sql(SIP_TYPE, True), {"ids": sorted(ids), "low": wide.low_us,
+                                   "high": wide.high_us}, SIP_TYPE, wide)
+            found = ids | {row["sid"] for row in rows} | {row["correlation_id"] for row in rows if row["correlation_id"]}
+            if found <= ids:
+                break
+            ids = found
+        return [homer_row(row, sip_profile_of(row)) for row in rows]
+
+    def homer_transaction(self, url) -> None:
+        messages = self.homer_call(self.homer_request())
+        for message in messages:
+            message["create_ts"] = message["create_date"]
+        self.send_json(201, {"total": len(messages), "data": ladder(messages), "keys": []})
+
+    def homer_export_pcap(self, url) -> None:
+        self.send_body(200, pcap_of(self.homer_call(self.homer_request())), "application/vnd.tcpdump.pcap",
+                       {"Content-Disposition": 'attachment; filename="call.pcap"'})
+
+    def homer_export_text(self, url) -> None:
+        self.send_body(200, text_of(self.homer_call(self.homer_request())).encode(), "text/plain; charset=utf-8",
+                       {"Content-Disposition": 'attachment; filename="call.txt"'})
 
     def write_chunk(self, data: bytes) -> None:
         if data:

@@ -53,11 +53,11 @@ def chunk(kind: int, body: bytes, vendor: int = 0) -> bytes:
 
 def hep3(payload: bytes = b"OPTIONS sip:x@y SIP/2.0\r\n\r\n", *, src="10.0.0.1", dst="10.0.0.2",
          sport=5060, dport=5061, seconds=None, useconds=0, proto_type=1, capture_id=7,
-         extra: bytes = b"", payload_chunk: int = 15) -> bytes:
+         extra: bytes = b"", payload_chunk: int = 15, protocol: int = 17) -> bytes:
     """A HEP3 message; seconds=None means the current time, seconds=False sends no time chunks."""
     v6 = ":" in src
     family = socket.AF_INET6 if v6 else socket.AF_INET
-    body = chunk(1, bytes([10 if v6 else 2])) + chunk(2, bytes([17]))
+    body = chunk(1, bytes([10 if v6 else 2])) + chunk(2, bytes([protocol]))
     body += chunk(5 if v6 else 3, socket.inet_pton(family, src)) + chunk(6 if v6 else 4, socket.inet_pton(family, dst))
     body += chunk(7, struct.pack("!H", sport)) + chunk(8, struct.pack("!H", dport))
     if seconds is not False:
@@ -2837,3 +2837,234 @@ def test_a_users_file_without_hashes_is_a_bad_setting(tmp_path, content):
     users.write_text(content)
     result = run_hepop(env={"API_USERS_FILE": str(users), "PARQUET_DIR": str(tmp_path / "data")})
     assert result.returncode == 2 and "API_USERS_FILE" in result.stderr and "line 1" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HOMER's /api/v3: search, one message, the ladder, pcap and text exports
+# ---------------------------------------------------------------------------------------------------------
+
+HOMER_BASE_S = int(time.time()) - 1800      # the calls happened half an hour ago
+
+
+def sip_message(call_id: str, first_line: str, cseq: str, from_user="1001", to_user="2002", extra="") -> bytes:
+    return (f"{first_line}\r\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK{abs(hash(first_line + call_id))}\r\n"
+            f"From: <sip:{from_user}@example.com>;tag=ft-{call_id[:4]}\r\nTo: <sip:{to_user}@example.com>"
+            f"{';tag=tt-' + call_id[:4] if first_line.startswith('SIP/') else ''}\r\nCall-ID: {call_id}\r\n"
+            f"CSeq: {cseq}\r\n{extra}Content-Length: 0\r\n\r\n").encode()
+
+
+def homer_traffic() -> list[dict]:
+    """The calls the HOMER tests search: an A leg and its B leg (correlated), a REGISTER, an OPTIONS, an
+    IPv6 call, a call over TCP, and a call that began 400 s before the rest."""
+    a, b, v4, v6 = ("10.0.0.1", 5060), ("10.0.0.2", 5060), ("10.0.0.3", 5060), ("2001:db8::1", 5060)
+    v6b = ("2001:db8::2", 5062)
+    flows = [
+        ("a-leg@x", "INVITE sip:2002@example.com SIP/2.0", "1 INVITE", a, b, 0.0, {}),
+        ("a-leg@x", "SIP/2.0 100 Trying", "1 INVITE", b, a, 0.01, {}),
+        ("b-leg@y", "INVITE sip:2002@pbx.example.net SIP/2.0", "1 INVITE", b, v4, 0.02, {"corr": "a-leg@x"}),
+        ("b-leg@y", "SIP/2.0 200 OK", "1 INVITE", v4, b, 2.0, {"corr": "a-leg@x"}),
+        ("a-leg@x", "SIP/2.0 200 OK", "1 INVITE", b, a, 2.01, {"marker": True}),
+        ("a-leg@x", "ACK sip:2002@example.com SIP/2.0", "1 ACK", a, b, 2.1, {}),
+        ("a-leg@x", "BYE sip:2002@example.com SIP/2.0", "2 BYE", a, b, 30.0, {}),
+        ("a-leg@x", "SIP/2.0 200 OK", "2 BYE", b, a, 30.01, {}),
+        ("reg@x", "REGISTER sip:example.com SIP/2.0", "1 REGISTER", a, b, 40.0, {"from": "3003", "to": "3003"}),
+        ("opt@x", "OPTIONS sip:example.com SIP/2.0", "1 OPTIONS", a, b, 41.0, {"from": "ping", "to": "ping"}),
+        ("v6@x", "INVITE sip:5005@example.com SIP/2.0", "1 INVITE", v6, v6b, 50.0, {"from": "4004", "to": "5005"}),
+        ("v6@x", "SIP/2.0 486 Busy Here", "1 INVITE", v6b, v6, 50.5, {"from": "4004", "to": "5005"}),
+        ("tcp@x", "INVITE sip:7007@example.com SIP/2.0", "1 INVITE", a, v4, 60.0, {"from": "6006", "to": "7007",
+                                                                                     "tcp": True}),
+        ("early@x", "INVITE sip:8008@example.com SIP/2.0", "1 INVITE", a, b, -400.0, {"from": "9009", "to": "8008"}),
+        ("early@x", "SIP/2.0 200 OK", "1 INVITE", b, a, 45.0, {"from": "9009", "to": "8008"}),
+    ]
+    sent = []
+    for call_id, first, cseq, (src, sport), (dst, dport), offset, more in flows:
+        time_us = round((HOMER_BASE_S + offset) * 1e6)
+        payload = sip_message(call_id, first, cseq, more.get("from", "1001"), more.get("to", "2002"),
+                              "X-Marker-Q: 1\r\n" if more.get("marker") else "")
+        seconds, useconds = divmod(time_us, 1_000_000)
+        packet = hep3(payload, src=src, dst=dst, sport=sport, dport=dport, seconds=seconds, useconds=useconds,
+                      protocol=6 if more.get("tcp") else 17,
+                      extra=chunk(17, more["corr"].encode()) if "corr" in more else b"")
+        sent.append({"call_id": call_id, "first": first, "cseq": cseq, "src": src, "sport": sport, "dst": dst,
+                     "dport": dport, "time_us": time_us, "payload": payload, "packet": packet,
+                     "from_user": more.get("from", "1001"), "to_user": more.get("to", "2002")})
+    return sent
+
+
+@pytest.fixture(scope="module")
+def homer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("homer")
+    server = Server(root / "data", COMPACT_INTERVAL_S="3600")
+    sent = homer_traffic()
+    server.udp([s["packet"] for s in sent])
+    deadline = time.monotonic() + 10
+    while len(stored_rows(root / "data", columns="time", running=True)) < len(sent):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    yield server, sent
+    assert server.stop() == 0
+
+
+def homer_window_ms(before_s=-60, after_s=120) -> dict:
+    return {"from": (HOMER_BASE_S + before_s) * 1000, "to": (HOMER_BASE_S + after_s) * 1000}
+
+
+def homer_search(server, search: dict, orlogic=False, window=None) -> tuple[int, dict]:
+    body = {"param": {"transaction": {}, "limit": 200, "orlogic": orlogic, "search": search,
+                      "location": {"node": ["localnode"]}, "timezone": {"value": -60, "name": "Local"}},
+            "timestamp": window or homer_window_ms()}
+    status, _, data = http(server, "/api/v3/search/call/data", json.dumps(body).encode(),
+                           {"Content-Type": "application/json"})
+    return status, json.loads(data)
+
+
+def field(name, value, kind="string"):
+    return {"name": name, "value": value, "type": kind, "hepid": 1}
+
+
+def call_ids(body) -> list[str]:
+    return sorted({row["callid"] for row in body["data"]})
+
+
+def test_homer_search_answers_each_value_form_with_the_rows_sent(homer):
+    server, sent = homer
+    status, body = homer_search(server, {"1_call": [field("data_header.from_user", "1001")]})
+    assert status == 201 and body["total"] == len(body["data"]) == 8 and call_ids(body) == ["a-leg@x", "b-leg@y"]
+    assert set(body["keys"]) == {key for row in body["data"] for key in row}
+    expected = [s for s in sent if s["call_id"] in ("a-leg@x", "b-leg@y")]
+    for row, message in zip(body["data"], sorted(expected, key=lambda s: s["time_us"])):   # in time order
+        first = message["first"].split()
+        assert row["callid"] == row["sid"] == message["call_id"]
+        assert row["method"] == (first[1] if first[0].startswith("SIP/") else first[0])
+        assert (row["srcIp"], row["srcPort"], row["dstIp"], row["dstPort"]) == \
+            (message["src"], message["sport"], message["dst"], message["dport"])
+        assert row["create_date"] == message["time_us"] // 1000
+        assert row["timeSeconds"] * 1_000_000 + row["timeUseconds"] == message["time_us"]
+        assert (row["from_user"], row["to_user"], row["cseq"]) == ("1001", "2002", message["cseq"])
+        assert row["from_tag"] == f"ft-{message['call_id'][:4]}" and row["uuid"] == row["id"]
+        assert row["correlation_id"] == ("a-leg@x" if message["call_id"] == "b-leg@y" else "")
+        assert "raw" not in row and row["node"] == "localnode" and row["table"] == "hep_proto_1_call"
+    by_value = {
+        "1001;4004": ["a-leg@x", "b-leg@y", "v6@x"], "9%": ["early@x"], "!=1001": ["early@x", "tcp@x", "v6@x"],
+        "nobody": []}
+    for value, ids in by_value.items():
+        assert call_ids(homer_search(server, {"1_call": [field("data_header.from_user", value)]})[1]) == ids, value
+    assert call_ids(homer_search(server, {"1_call": [field("data_header.user_agent", "isEmpty")]})[1]) == \
+        ["a-leg@x", "b-leg@y", "early@x", "tcp@x", "v6@x"]
+    either = [field("data_header.from_user", "4004"), field("data_header.to_user", "||8008")]
+    assert call_ids(homer_search(server, {"1_call": either})[1]) == ["early@x", "v6@x"]
+    both = [field("data_header.from_user", "4004"), field("data_header.to_user", "8008")]
+    assert call_ids(homer_search(server, {"1_call": both})[1]) == []
+    assert call_ids(homer_search(server, {"1_call": both}, orlogic=True)[1]) == ["early@x", "v6@x"]
+    status, body = homer_search(server, {"1_call": [field("protocol_header.srcPort", "5062", "integer")]})
+    assert [(r["callid"], r["method"], r["srcIp"]) for r in body["data"]] == [("v6@x", "486", "2001:db8::2")]
+    assert body["data"][0]["aliasSrc"] == "[2001:db8::2]:5062"
+    assert [r["method"] for r in homer_search(server, {"1_call": [field("raw", "x-marker-q")]})[1]["data"]] == ["200"]
+    limited = homer_search(server, {"1_call": [field("data_header.from_user", "1001"), field("limit", "3")]})[1]
+    assert [r["method"] for r in limited["data"]] == ["ACK", "BYE", "200"]          # the newest 3, in time order
+    assert call_ids(homer_search(server, {"1_registration": []})[1]) == ["reg@x"]
+    assert call_ids(homer_search(server, {"1_default": []})[1]) == ["opt@x"]
+    assert homer_search(server, {"1_call": []}, window=homer_window_ms(-3600, -1000))[1]["total"] == 0
+    for bad in ({"1_call": [field("data_header.nonsense", "1")]}, {"1_nonsense": []},
+                {"1_call": [field("limit", "lots")]}, {"1_call": [field("protocol_header.srcPort", "x", "integer")]}):
+        status, body = homer_search(server, bad)
+        assert status == 400 and body["error"] and body["message"] == body["error"], bad
+
+
+def homer_post(server, path: str, callids: list[str], window=None) -> tuple[int, dict, bytes]:
+    body = {"param": {"search": {"1_call": {"id": 0, "callid": callids}}, "location": {"node": ["localnode"]},
+                      "transaction": {"call": True, "registration": False, "rest": False}},
+            "timestamp": window or homer_window_ms(-300, 300)}
+    return http(server, path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+
+def test_homer_transaction_is_the_whole_call_with_both_legs(homer):
+    server, sent = homer
+    status, _, data = homer_post(server, "/api/v3/call/transaction", ["a-leg@x"])
+    body = json.loads(data)
+    assert status == 201
+    messages, calldata, hosts = body["data"]["messages"], body["data"]["calldata"], body["data"]["hosts"]
+    legs = sorted((s for s in sent if s["call_id"] in ("a-leg@x", "b-leg@y")), key=lambda s: s["time_us"])
+    assert [m["raw"].encode() for m in messages] == [s["payload"] for s in legs]
+    assert len(calldata) == len(messages) == body["total"] == 8
+    for message, call in zip(messages, calldata):                 # the UI joins them on (create_date, id)
+        assert (message["create_date"], message["id"]) == (call["create_date"], call["id"])
+        assert hosts[call["dstId"]]["position"] == call["destination"] and hosts[call["srcId"]]["host"] == [call["srcId"]]
+    assert {h: v["position"] for h, v in hosts.items()} == {"10.0.0.1:5060": 0, "10.0.0.2:5060": 1, "10.0.0.3:5060": 2}
+    assert body["data"]["alias"] == {} and {m["profile"] for m in messages} == {"1_call"}
+    status, _, data = homer_post(server, "/api/v3/call/transaction", ["early@x"], homer_window_ms(-100, 300))
+    early = json.loads(data)["data"]["messages"]
+    assert [m["method"] for m in early] == ["INVITE", "200"]      # it began 300 s before the window asked for
+    status, _, data = homer_post(server, "/api/v3/call/transaction", ["v6@x"])
+    assert set(json.loads(data)["data"]["hosts"]) == {"[2001:db8::1]:5060", "[2001:db8::2]:5062"}
+
+
+def test_homer_message_by_id_with_its_payload(homer):
+    server, sent = homer
+    row = homer_search(server, {"1_call": [field("data_header.callid", "v6@x")]})[1]["data"][0]
+    body = {"param": {"search": {"1_call": {"id": row["id"]}}, "limit": 1},
+            "timestamp": {"from": row["create_date"] - 5000, "to": row["create_date"] + 5000}}
+    status, _, data = http(server, "/api/v3/search/call/message", json.dumps(body).encode())
+    found = json.loads(data)
+    assert status == 201 and found["total"] == 1
+    assert found["data"][0]["raw"].encode() == next(s["payload"] for s in sent if s["call_id"] == "v6@x")
+    assert found["data"][0]["id"] == row["id"] and found["data"][0]["create_ts"] == row["create_date"]
+
+
+def test_homer_exports_a_pcap_that_tshark_reads_and_the_flow_as_text(homer, tmp_path):
+    need("tshark", shutil.which("tshark") is not None)
+    server, sent = homer
+    for callids in (["a-leg@x"], ["v6@x"], ["tcp@x"]):
+        status, head, data = homer_post(server, "/api/v3/export/call/messages/pcap", callids)
+        assert status == 200 and head["content-type"] == "application/vnd.tcpdump.pcap"
+        path = tmp_path / "call.pcap"
+        path.write_bytes(data)
+        result = subprocess.run(["tshark", "-r", str(path), "-o", "tcp.check_checksum:TRUE",
+                                 "-o", "udp.check_checksum:TRUE", "-T", "fields", "-E", "separator=|",
+                                 "-e", "frame.time_epoch", "-e", "ip.src", "-e", "ipv6.src", "-e", "udp.srcport",
+                                 "-e", "tcp.srcport", "-e", "sip.Call-ID", "-e", "sip.Method", "-e", "sip.Status-Code",
+                                 "-e", "_ws.expert"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        lines = [line.split("|") for line in result.stdout.splitlines()]
+        expected = sorted((s for s in sent if s["call_id"] in callids or
+                           (callids == ["a-leg@x"] and s["call_id"] == "b-leg@y")), key=lambda s: s["time_us"])
+        assert len(lines) == len(expected)
+        for fields, message in zip(lines, expected):
+            epoch, ip4, ip6, udp_port, tcp_port, call_id, method, status_code, expert = fields
+            assert round(float(epoch) * 1e6) == message["time_us"]
+            assert (ip4 or ip6) == message["src"] and int(udp_port or tcp_port) == message["sport"]
+            assert bool(tcp_port) == (message["call_id"] == "tcp@x")
+            assert call_id == message["call_id"] and (method or status_code) == message["first"].split()[
+                1 if message["first"].startswith("SIP/") else 0]
+            assert "checksum" not in expert.lower(), expert
+    status, head, data = homer_post(server, "/api/v3/export/call/messages/text", ["a-leg@x"])
+    text = data.decode()
+    assert status == 200 and text.count("Call-ID: a-leg@x") == 6 and text.count("Call-ID: b-leg@y") == 2
+    assert "10.0.0.1:5060 -> 10.0.0.2:5060 INVITE" in text
+
+
+def test_message_ids_stay_the_same_after_compaction_and_a_restart(servers, tmp_path):
+    hour_ago = (int(time.time()) // 3600 - 2) * 3600 + 600           # in an hour that is closed
+    server = servers(COMPACT_INTERVAL_S="1", COMPACT_GRACE_S="1")
+    packets = [hep3(sip_message(f"id-{i}@x", "INVITE sip:1@x SIP/2.0", "1 INVITE"), seconds=hour_ago + i)
+               for i in range(20)]
+    server.udp(packets)
+    window = {"from": (hour_ago - 10) * 1000, "to": (hour_ago + 60) * 1000}
+
+    def ids():
+        rows = homer_search(server, {"1_call": []}, window=window)[1]["data"]
+        return {row["callid"]: row["id"] for row in rows}
+    deadline = time.monotonic() + 30
+    while len(before := ids()) < 20:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert len(set(before.values())) == 20
+    type_dir = type_dirs(tmp_path / "data")[0]
+    while not any(path.name.startswith("c_") for path in type_dir.rglob("*.parquet")):
+        assert time.monotonic() < deadline + 30
+        time.sleep(0.2)
+    assert ids() == before
+    assert server.stop() == 0
+    server = servers(HTTP_PORT=server.http_port)
+    assert ids() == before
+    assert server.stop() == 0
