@@ -102,6 +102,7 @@ import io
 import itertools
 import json
 import logging
+import mimetypes
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -276,6 +277,8 @@ SETTINGS = (
     Setting("JWT_SECRET", str, lambda s: "",
             "key that signs login tokens (default: a random key kept in PARQUET_DIR/WRITER_ID/.jwt-secret)"),
     Setting("TOKEN_TTL", parse_duration, lambda s: "12h", "how long a login token is valid"),
+    Setting("UI_DIR", str, lambda s: "", "a folder of static files served at / (a built homer-ui), with "
+            "index.html for any other path that is no file and no API route"),
     Setting("HTTP_HOST", str, lambda s: s["host"] if s["api_token"] or s["api_users_file"] else "127.0.0.1",
             "address of the HTTP port: call data is personal data, so without API_TOKEN it is loopback "
             "only unless set here"),
@@ -318,6 +321,7 @@ class Config:
     api_users_file: str
     jwt_secret: str
     token_ttl: float
+    ui_dir: str
     http_host: str
     hep_auth_key: str
     stats_interval_s: float
@@ -1181,6 +1185,9 @@ class TreeLayout:
 
     def jwt_secret_path(self, writer_id: str) -> str:
         return os.path.join(self.root, writer_id, ".jwt-secret")
+
+    def dashboards_path(self, writer_id: str) -> str:
+        return os.path.join(self.root, writer_id, "dashboards.json")
 
     def types_dir(self, writer_id: str) -> str:
         return os.path.join(self.root, writer_id, "dbs", "hep-0")
@@ -4061,6 +4068,101 @@ def ladder(messages: list[dict]) -> dict:
     return {"messages": messages, "calldata": calldata, "hosts": hosts, "alias": {}}
 
 
+def side_sql(proto_types: list[int]) -> str:
+    """A call's rows of other types (logs, RTCP, RTP reports), by the correlation id they carry; $ids,
+    $low, $high."""
+    return " UNION ALL ".join(
+        f"SELECT {homer_columns(t)}, payload AS raw, time FROM hep_{t} WHERE time BETWEEN make_timestamp($low) "
+        f"AND make_timestamp($high) AND list_contains($ids, correlation_id)" for t in proto_types) + \
+        f" ORDER BY time LIMIT {TRANSACTION_MAX_ROWS}"
+
+
+# -- what the stock HOMER UI asks for besides searches ---------------------------------------------------
+
+SEARCH_PROFILES = ((SIP_TYPE, "call", "SIP"), (SIP_TYPE, "registration", "SIP"), (SIP_TYPE, "default", "SIP"),
+                   (100, "default", "LOG"), (5, "default", "RTCP"))
+INTEGER_FIELDS = {"protocol_header.srcPort", "protocol_header.dstPort", "protocol_header.timeSeconds",
+                  "protocol_header.timeUseconds", "protocol_header.payloadType", "protocol_header.protocolFamily",
+                  "protocol_header.protocol", "protocol_header.captureId", "id"}
+HOME_SEARCH_FIELDS = ("data_header.from_user", "data_header.to_user", "data_header.ruri_user",
+                      "data_header.callid", "data_header.method", "protocol_header.srcIp", "protocol_header.dstIp")
+MAX_DASHBOARDS = 100
+
+
+def field_title(name: str) -> str:
+    """'data_header.from_user' as 'From user', 'protocol_header.srcIp' as 'Src IP'."""
+    words = re.sub(r"([a-z])([A-Z])", r"\1 \2", name.rpartition(".")[2]).replace("_", " ")
+    return words[:1].upper() + words[1:].replace(" ip", " IP").replace("id", "ID" if words == "id" else "id")
+
+
+def protocol_mapping() -> list[dict]:
+    """/mapping/protocol: each profile hepop searches, with the fields it takes (homer_fields)."""
+    entries = []
+    for position, (proto_type, profile, alias) in enumerate(SEARCH_PROFILES):
+        fields = [{"id": name, "name": field_title(name), "type": "integer" if name in INTEGER_FIELDS else "string",
+                   "index": "none", "form_type": "input", "position": index, "skip": False, "hide": name == "id"}
+                  for index, name in enumerate(homer_fields(proto_type))]
+        entries.append({"guid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"hepop:{proto_type}_{profile}")),
+                        "profile": profile, "hepid": proto_type, "hep_alias": alias, "partid": 10, "version": 1,
+                        "retention": 7, "partition_step": 10, "create_index": {}, "create_table": "",
+                        "fields_mapping": fields, "correlation_mapping": [], "schema_mapping": {},
+                        "schema_settings": {}, "position": position})
+    return entries
+
+
+def home_dashboard() -> dict:
+    """The dashboard the UI opens first, until one is saved: a call search form and its results."""
+    fields = [{"field_name": name, "hepid": SIP_TYPE, "name": f"1:call:{name}", "selection": field_title(name),
+               "type": "string", "value": ""} for name in HOME_SEARCH_FIELDS]
+    search = {"id": "protosearch-home", "name": "protosearch", "title": "Call search", "group": "Search",
+              "description": "Search calls", "refresh": False, "row": 0, "rows": 2, "col": 0, "cols": 2,
+              "x": 0, "y": 0, "countFieldColumns": 1, "fields": fields,
+              "config": {"title": "Call search", "searchbutton": True,
+                         "protocol_id": {"name": "SIP", "value": SIP_TYPE},
+                         "protocol_profile": {"name": "call", "value": "call"}}}
+    return {"id": "home", "name": "Home", "alias": "home", "param": "home", "type": 1, "shared": False,
+            "weight": 10, "selectedItem": "",
+            "config": {"columns": 5, "gridType": "scrollVertical", "ignoreMinSize": "Ignore", "maxrows": 5,
+                       "pushing": True},
+            "widgets": [{"id": "protosearch-home", "name": "protosearch", "strongIndex": "ProtosearchWidgetComponent",
+                         "title": "Call search", "x": 0, "y": 0, "cols": 2, "rows": 2, "output": {}, "config": search},
+                        {"id": "result-home", "name": "result", "strongIndex": "ResultWidgetComponent",
+                         "title": "Results", "x": 2, "y": 0, "cols": 3, "rows": 2, "output": {}, "config": {}}]}
+
+
+class Dashboards:
+    """The dashboards the UI saves, kept in WRITER_ID/dashboards.json (written atomically)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def all(self) -> dict[str, dict]:
+        try:
+            with open(self.path) as source:
+                saved = json.load(source)
+            return saved if isinstance(saved, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, name: str) -> Optional[dict]:
+        return self.all().get(name) or (home_dashboard() if name == "home" else None)
+
+    def put(self, name: str, dashboard: dict) -> None:
+        with self._lock:
+            saved = self.all()
+            if name not in saved and len(saved) >= MAX_DASHBOARDS:
+                raise HomerError(f"{MAX_DASHBOARDS} dashboards are kept at most: delete one first")
+            saved[name] = dashboard
+            write_atomically(self.path, lambda out: out.write(json.dumps(saved).encode()))
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            saved = self.all()
+            saved.pop(name, None)
+            write_atomically(self.path, lambda out: out.write(json.dumps(saved).encode()))
+
+
 # -- pcap: the call as packets that Wireshark opens ------------------------------------------------------
 
 PCAP_LINKTYPE_RAW = 101             # each record starts with its IPv4 or IPv6 header
@@ -4141,6 +4243,7 @@ MAX_BODY_BYTES = 1 << 20
 # A body over MAX_BODY_BYTES but under this is read and thrown away before the 413: a client that is
 # still sending when the server closes gets a broken pipe instead of the answer.  Larger: 413 at once.
 DISCARD_BODY_BYTES = 16 << 20
+MAX_STATIC_BYTES = 32 << 20         # the largest UI file served (a built homer-ui's largest is about 10 MB)
 QUERY_WAIT_S = 2.0                  # how long a query waits for one of MAX_QUERIES turns before its 503
 LINGER_S = 2.0                      # how long a connection closed on an unread body drops what still comes
 
@@ -4156,6 +4259,7 @@ class Api:
         self.writer = writer
         self.udp_inode = udp_inode
         self.catalog = FileCatalog(storage)
+        self.dashboards = Dashboards(storage.layout.dashboards_path(config.writer_id))
         self.queries = QueryProcess(config, counters)
         self.query_turns = threading.BoundedSemaphore(config.max_queries)
         self.started = time.time()
@@ -4227,6 +4331,7 @@ class Route(NamedTuple):
     pattern: re.Pattern
     handler: str
     open: bool = False          # answered without the API token
+    setting: str = ""           # a Config field that must be set for the route to exist
 
 
 ROUTES = (
@@ -4241,6 +4346,23 @@ ROUTES = (
     Route("POST", re.compile(r"/api/v3/call/transaction"), "homer_transaction"),
     Route("POST", re.compile(r"/api/v3/export/call/messages/pcap"), "homer_export_pcap"),
     Route("POST", re.compile(r"/api/v3/export/call/messages/text"), "homer_export_text"),
+    Route("POST", re.compile(r"/api/v3/call/report/log"), "homer_report_log"),
+    Route("POST", re.compile(r"/api/v3/call/report/qos"), "homer_report_qos"),
+    Route("POST", re.compile(r"/api/v3/search/call/decode/message"), "homer_decode"),
+    Route("GET", re.compile(r"/api/v3/mapping/protocol"), "homer_mapping"),
+    Route("GET", re.compile(r"/api/v3/dashboard/info"), "homer_dashboard_list"),
+    Route("GET", re.compile(r"/api/v3/dashboard/store/(?P<name>[\w.-]{1,64})"), "homer_dashboard_get"),
+    Route("PUT", re.compile(r"/api/v3/dashboard/store/(?P<name>[\w.-]{1,64})"), "homer_dashboard_put"),
+    Route("POST", re.compile(r"/api/v3/dashboard/store/(?P<name>[\w.-]{1,64})"), "homer_dashboard_put"),
+    Route("DELETE", re.compile(r"/api/v3/dashboard/store/(?P<name>[\w.-]{1,64})"), "homer_dashboard_delete"),
+    Route("GET", re.compile(r"/api/v3/users/profile"), "homer_profile"),
+    Route("GET", re.compile(r"/api/v3/database/node/list"), "homer_nodes"),
+    Route("GET", re.compile(r"/api/v3/version/api/info"), "homer_version"),
+    Route("GET", re.compile(r"/api/v3/modules/status"), "homer_modules"),
+    Route("GET", re.compile(r"/api/v3/(?P<what>advanced|alias|hepsub/protocol|agent/subscribe|"
+                            r"user/settings(?:/[\w-]{1,64})?)"), "homer_empty"),
+    Route("GET", re.compile(r"/(?!api/|query$|health$|metrics$)(?P<path>.*)"), "static_file", open=True,
+          setting="ui_dir"),
 )
 
 
@@ -4292,6 +4414,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def find_route(self, path: str) -> tuple[Route, dict]:
         allowed = []
         for route in ROUTES:
+            if route.setting and not getattr(self.api.config, route.setting):
+                continue
             match = route.pattern.fullmatch(path)
             if match and route.method == self.command:
                 return route, match.groupdict()
@@ -4535,6 +4659,101 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def homer_export_text(self, url) -> None:
         self.send_body(200, text_of(self.homer_call(self.homer_request())).encode(), "text/plain; charset=utf-8",
                        {"Content-Disposition": 'attachment; filename="call.txt"'})
+
+    def homer_side(self, proto_types: list[int]) -> list[dict]:
+        """The call's rows of `proto_types`, by the Call-IDs and window of the request."""
+        request = self.homer_request()
+        window = homer_window(request)
+        wide = TimeWindow(window.low_us - TRANSACTION_BEFORE_US, window.high_us + TRANSACTION_AFTER_US, False)
+        ids = sorted(set(transaction_call_ids(request)))
+        rows = []
+        for proto_type in proto_types:
+            rows += [homer_row(row, f"{proto_type}_default") for row in self.homer_rows(
+                side_sql([proto_type]), {"ids": ids, "low": wide.low_us, "high": wide.high_us}, proto_type, wide)]
+        return rows
+
+    def homer_report_log(self, url) -> None:
+        rows = self.homer_side([100])
+        self.send_json(201, {"total": len(rows), "data": rows})
+
+    def homer_report_qos(self, url) -> None:
+        rows = self.homer_side([5, 34, 35])
+        rtcp = [row for row in rows if row["payloadType"] == 5]
+        rtp = [row for row in rows if row["payloadType"] != 5]
+        self.send_json(201, {"rtcp": {"total": len(rtcp), "data": rtcp}, "rtp": {"total": len(rtp), "data": rtp}})
+
+    def homer_decode(self, url) -> None:
+        """What homer-app gets from tshark for one message; hepop has no decoder to run: nothing."""
+        self.homer_request()
+        self.send_json(201, {"total": 0, "data": []})
+
+    def homer_mapping(self, url) -> None:
+        mapping = protocol_mapping()
+        self.send_json(200, {"count": len(mapping), "data": mapping})
+
+    def homer_dashboard_list(self, url) -> None:
+        dashboards = {"home": home_dashboard(), **self.api.dashboards.all()}
+        data = [{key: board.get(key) for key in ("id", "name", "alias", "param", "type", "shared", "weight")}
+                for board in dashboards.values() if isinstance(board, dict)]
+        self.send_json(200, {"count": len(data), "data": data})
+
+    def homer_dashboard_get(self, url, name: str) -> None:
+        board = self.api.dashboards.get(name)
+        if board is None:
+            raise HttpError(404, f"no dashboard {name!r}")
+        self.send_json(200, {"data": board, "owner": self.username()})
+
+    def homer_dashboard_put(self, url, name: str) -> None:
+        board = self.homer_request()
+        self.api.dashboards.put(name, board)
+        self.send_json(201 if self.command == "POST" else 200, {"data": name, "message": "dashboard saved"})
+
+    def homer_dashboard_delete(self, url, name: str) -> None:
+        self.api.dashboards.delete(name)
+        self.send_json(200, {"data": name, "message": "dashboard deleted"})
+
+    def homer_profile(self, url) -> None:
+        name = self.username()
+        self.send_json(200, {"count": 1, "data": {
+            "guid": str(uuid.uuid5(uuid.NAMESPACE_URL, "hepop:" + name)), "username": name, "firstname": name,
+            "lastname": "", "email": "", "usergroup": "admin", "partid": 10, "department": "", "avatar": ""}})
+
+    def username(self) -> str:
+        """The name of the user whose token came with the request ('admin' with API_TOKEN or no login)."""
+        scheme, _, credential = self.headers.get("Authorization", "").partition(" ")
+        claims = self.api.access.tokens.check(credential) if scheme.lower() == "bearer" else None
+        return str(claims["username"]) if claims else "admin"
+
+    def homer_nodes(self, url) -> None:
+        self.send_json(200, {"count": 1, "data": [{"name": HOMER_NODE, "value": HOMER_NODE, "node": HOMER_NODE,
+                                                   "db_name": "hepop", "host": "", "online": True, "primary": True}]})
+
+    def homer_version(self, url) -> None:
+        self.send_json(200, {"data": {"version": __version__, "name": "hepop"}})
+
+    def homer_modules(self, url) -> None:
+        self.send_json(200, {"data": {module: {"enable": False} for module in ("loki", "prometheus", "grafana")}})
+
+    def homer_empty(self, url, what: str) -> None:
+        """What hepop keeps none of (advanced settings, aliases, HEP subscriptions, user settings)."""
+        self.send_json(200, {"count": 0, "data": []})
+
+    def static_file(self, url, path: str) -> None:
+        """UI_DIR's files at /, and its index.html for any other path (the UI's own routes)."""
+        root = os.path.realpath(self.api.config.ui_dir)
+        target = os.path.realpath(os.path.join(root, urllib.parse.unquote(path)))
+        if not target.startswith(root + os.sep) or not os.path.isfile(target):
+            target = os.path.join(root, "index.html")
+        try:
+            with open(target, "rb") as source:
+                data = source.read(MAX_STATIC_BYTES + 1)
+        except OSError:
+            raise HttpError(404, f"no such file: /{path}") from None
+        if len(data) > MAX_STATIC_BYTES:
+            raise HttpError(500, f"{os.path.basename(target)} is over {MAX_STATIC_BYTES >> 20} MiB")
+        kind = mimetypes.guess_type(target)[0] or "application/octet-stream"
+        self.send_body(200, data, kind + ("; charset=utf-8" if kind.startswith("text/") or kind.endswith(
+            "javascript") else ""))
 
     def write_chunk(self, data: bytes) -> None:
         if data:

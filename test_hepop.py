@@ -3068,3 +3068,86 @@ def test_message_ids_stay_the_same_after_compaction_and_a_restart(servers, tmp_p
     server = servers(HTTP_PORT=server.http_port)
     assert ids() == before
     assert server.stop() == 0
+
+
+def test_the_stock_uis_start_up_calls_answer_with_the_shapes_it_reads(homer):
+    server, _ = homer
+    get = lambda path: (lambda r: (r[0], json.loads(r[2])))(http(server, "/api/v3/" + path))
+    for path in ("advanced", "alias", "user/settings", "user/settings/system", "hepsub/protocol", "agent/subscribe"):
+        status, body = get(path)
+        assert status == 200 and body["data"] == [] and body["count"] == 0, path
+    status, board = get("dashboard/store/home")
+    widgets = {widget["name"]: widget for widget in board["data"]["widgets"]}
+    assert status == 200 and {"protosearch", "result"} <= set(widgets) and board["owner"] == "admin"
+    status, mapping = get("mapping/protocol")
+    call = next(entry for entry in mapping["data"] if entry["hepid"] == 1 and entry["profile"] == "call")
+    assert call["hep_alias"] == "SIP" and mapping["count"] == len(mapping["data"])
+    ids = {f["id"] for f in call["fields_mapping"]}
+    assert {f["field_name"] for f in widgets["protosearch"]["config"]["fields"]} <= ids
+    assert {"data_header.from_user", "data_header.callid", "protocol_header.srcIp", "raw"} <= ids
+    assert isinstance(get("users/profile")[1]["data"]["guid"], str)
+    assert get("database/node/list")[1]["data"][0]["name"] == "localnode"
+    assert get("version/api/info")[1]["data"]["name"] == "hepop"
+    assert get("modules/status")[0] == 200 and get("dashboard/info")[1]["data"][0]["id"] == "home"
+    status, _, data = http(server, "/api/v3/search/call/decode/message", json.dumps({"param": {}}).encode())
+    assert status == 201 and json.loads(data)["data"] == []
+    assert http(server, "/api/v3/no/such/thing")[0] == 404
+
+
+def test_a_saved_dashboard_is_kept_across_a_restart(servers, tmp_path):
+    server = servers()
+    board = {"id": "home", "name": "Mine", "widgets": [{"name": "result", "id": "r1"}]}
+    status, _, _ = http(server, "/api/v3/dashboard/store/home", json.dumps(board).encode(), method="PUT")
+    assert status == 200
+    assert server.stop() == 0
+    server = servers(HTTP_PORT=server.http_port)
+    status, _, data = http(server, "/api/v3/dashboard/store/home")
+    assert status == 200 and json.loads(data)["data"] == board
+    assert http(server, "/api/v3/dashboard/store/home", method="DELETE")[0] == 200
+    assert json.loads(http(server, "/api/v3/dashboard/store/home")[2])["data"]["name"] == "Home"   # the default
+    assert server.stop() == 0
+
+
+def test_logs_and_rtcp_of_a_call_for_the_uis_tabs(homer):
+    server, _ = homer
+    time_us = round((HOMER_BASE_S + 1.0) * 1e6)
+    seconds, useconds = divmod(time_us, 1_000_000)
+    report = json.dumps({"type": 200, "ssrc": 1234, "report_count": 1}).encode()
+    server.udp([hep3(b"INFO kamailio: call a-leg@x routed", proto_type=100, seconds=seconds, useconds=useconds,
+                     extra=chunk(17, b"a-leg@x")),
+                hep3(report, proto_type=5, seconds=seconds, useconds=useconds + 1, extra=chunk(17, b"a-leg@x")),
+                hep3(report, proto_type=5, seconds=seconds, useconds=useconds + 2, extra=chunk(17, b"other@x"))])
+    deadline = time.monotonic() + 10
+    while True:
+        logs = json.loads(homer_post(server, "/api/v3/call/report/log", ["a-leg@x"])[2])
+        qos = json.loads(homer_post(server, "/api/v3/call/report/qos", ["a-leg@x"])[2])
+        if logs["total"] and qos["rtcp"]["total"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [(r["raw"], r["sid"], r["method"]) for r in logs["data"]] == [
+        ("INFO kamailio: call a-leg@x routed", "a-leg@x", "LOG")]
+    assert qos["rtcp"]["total"] == 1 and json.loads(qos["rtcp"]["data"][0]["raw"])["ssrc"] == 1234
+    assert qos["rtp"] == {"total": 0, "data": []}
+    assert qos["rtcp"]["data"][0]["create_date"] == time_us // 1000
+
+
+def test_ui_dir_serves_the_built_ui_with_its_types_and_index_for_its_routes(servers, tmp_path):
+    ui = tmp_path / "ui"
+    (ui / "assets").mkdir(parents=True)
+    (ui / "index.html").write_text("<!doctype html><title>homer</title>")
+    (ui / "main.js").write_text("console.log('ui')")
+    (ui / "assets" / "style.css").write_text("body {}")
+    (tmp_path / "secret.txt").write_text("not for the web")
+    server = servers(UI_DIR=str(ui))
+    for path, kind, text in (("/", "text/html", "<title>homer"), ("/main.js", "javascript", "console.log"),
+                             ("/assets/style.css", "text/css", "body"), ("/search/result?x=1", "text/html", "<title>"),
+                             ("/%2e%2e/secret.txt", "text/html", "<title>"), ("/../secret.txt", "text/html", "<title>")):
+        status, head, body = http(server, path)
+        assert status == 200 and kind in head["content-type"] and text in body.decode(), path
+    assert http(server, "/api/v3/nothing")[0] == 404 and http(server, "/health")[0] == 200
+    assert server.stop() == 0
+    server = servers(HTTP_PORT=server.http_port)                   # without UI_DIR: no files, and JSON errors
+    status, _, body = http(server, "/")
+    assert status == 404 and json.loads(body)["error"]
+    assert http(server, "/nothing", b"{}")[0] == 404
+    assert server.stop() == 0
