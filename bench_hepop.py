@@ -427,6 +427,7 @@ def bench_queries(total_rows: int, runs: int = 5) -> None:
             timings.sort()
             print(f"  {name:<30} {timings[len(timings) // 2]:>7.0f} ms (target {target} ms), {rows} rows, "
                   f"{files_read} files read", flush=True)
+        homer_figures(http_port, runs)
         before, _ = stored(Path(tmp))
         sent, queries, drops = load_while_querying(port, http_port, rate=20_000, seconds=20)
         server.send_signal(signal.SIGTERM)
@@ -435,6 +436,44 @@ def bench_queries(total_rows: int, runs: int = 5) -> None:
         print(f"  loss at 20,000 packets/s UDP for 20 s while heavy queries ran back to back ({queries} queries): "
               f"sent {sent:,}, stored {stored_rows:,}, loss {100 * (sent - stored_rows) / sent:.3f} %, "
               f"kernel drops {drops}", flush=True)
+
+
+def homer_post(port: int, path: str, body: dict) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    if response.status not in (200, 201):
+        raise SystemExit(f"{path} failed: {response.status} {data[:300]!r}")
+    return data
+
+
+def homer_figures(http_port: int, runs: int) -> None:
+    """HOMER's API over the same day: a search by From user and by Call-ID over the whole day, the
+    ladder of one call, and its pcap, median of `runs`, over HTTP."""
+    sample = json.loads(http_get(http_port, "SELECT call_id, from_user, epoch_ms(time) AS ms FROM hep_1 WHERE time > "
+                                            "now() - INTERVAL 1 DAY AND sip_method = 'INVITE' LIMIT 1 OFFSET 5000")[1])[0]
+    now_ms = int(time.time() * 1000)
+    day = {"from": now_ms - 86_400_000, "to": now_ms}
+    around = {"from": sample["ms"] - 300_000, "to": sample["ms"] + 300_000}
+    by = lambda name, value: {"param": {"search": {"1_call": [{"name": name, "value": value, "type": "string"}]}},
+                              "timestamp": day}
+    call = {"param": {"search": {"1_call": {"callid": [sample["call_id"]]}}}, "timestamp": around}
+    for name, path, body, target in [
+            ("HOMER search, From user, the day", "/api/v3/search/call/data", by("data_header.from_user",
+                                                                              sample["from_user"]), 300),
+            ("HOMER search, Call-ID, the day", "/api/v3/search/call/data", by("data_header.callid", sample["call_id"]),
+             300),
+            ("HOMER call/transaction", "/api/v3/call/transaction", call, 300),
+            ("HOMER pcap export", "/api/v3/export/call/messages/pcap", call, 300)]:
+        timings, size = [], 0
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            size = len(homer_post(http_port, path, body))
+            timings.append(1000 * (time.perf_counter() - t0))
+        timings.sort()
+        print(f"  {name:<34} {timings[len(timings) // 2]:>7.0f} ms (target {target} ms), {size:,} bytes", flush=True)
 
 
 def load_while_querying(port: int, http_port: int, rate: int, seconds: float) -> tuple[int, int, int]:

@@ -3958,8 +3958,10 @@ def homer_search(profile: str, fields: list, orlogic: bool, window: TimeWindow, 
         terms = f"({terms}) {joiner} ({term})" if terms else term
     where = " AND ".join(c for c in [f"time BETWEEN make_timestamp({window.low_us}) AND make_timestamp({window.high_us})",
                                      conditions, f"({terms})" if terms else ""] if c)
+    # Two phases: the conditions and the newest `limit` rows first, the columns made of the payload (tags,
+    # domain, the id) only for those.
     columns = homer_columns(proto_type) + (', payload AS "raw"' if with_raw else "")
-    sql = (f"SELECT * FROM (SELECT {columns}, time FROM hep_{proto_type} WHERE {where} "
+    sql = (f"SELECT {columns}, time FROM (SELECT * FROM hep_{proto_type} WHERE {where} "
            f"ORDER BY time DESC LIMIT {limit}) ORDER BY time")
     return HomerSearch(proto_type, sql, params)
 
