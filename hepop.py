@@ -3732,6 +3732,11 @@ def read_users(path: str) -> dict[str, str]:
     return users
 
 
+def user_guid(username: str) -> str:
+    """A user's guid, as HOMER's UI wants one: the same for the same name, on every box."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "hepop:" + username))
+
+
 class Tokens:
     """Login tokens: HS256 JWTs with the claims HOMER's UI reads (username, useradmin, exp, ...)."""
 
@@ -3743,9 +3748,9 @@ class Tokens:
 
     def issue(self, username: str) -> str:
         now = int(time.time())
-        claims = {"username": username, "useradmin": True, "usergroup": "admin", "externalauth": False,
-                  "externaltype": "", "displayname": username, "avatar": "", "iat": now,
-                  "exp": now + int(self.ttl_s)}
+        claims = {"username": username, "guid": user_guid(username), "useradmin": True, "usergroup": "admin",
+                  "partid": 10, "externalauth": False, "externaltype": "", "force_password": False,
+                  "displayname": username, "avatar": "", "iat": now, "exp": now + int(self.ttl_s)}
         body = f"{self.HEADER}.{b64url(json.dumps(claims, separators=(',', ':')).encode())}"
         return f"{body}.{b64url(self._sign(body))}"
 
@@ -4089,6 +4094,12 @@ INTEGER_FIELDS = {"protocol_header.srcPort", "protocol_header.dstPort", "protoco
 HOME_SEARCH_FIELDS = ("data_header.from_user", "data_header.to_user", "data_header.ruri_user",
                       "data_header.callid", "data_header.method", "protocol_header.srcIp", "protocol_header.dstIp")
 MAX_DASHBOARDS = 100
+# The columns the UI's result grid shows at first (the user picks others in its settings); all of them
+# at once made each too narrow to read its header.
+SHOWN_FIELDS = {"data_header.method", "data_header.from_user", "data_header.to_user", "data_header.ruri_user",
+                "data_header.callid", "data_header.user_agent", "data_header.cseq", "protocol_header.srcIp",
+                "protocol_header.srcPort", "protocol_header.dstIp", "protocol_header.dstPort",
+                "protocol_header.correlation_id"}
 
 
 def field_title(name: str) -> str:
@@ -4102,7 +4113,8 @@ def protocol_mapping() -> list[dict]:
     entries = []
     for position, (proto_type, profile, alias) in enumerate(SEARCH_PROFILES):
         fields = [{"id": name, "name": field_title(name), "type": "integer" if name in INTEGER_FIELDS else "string",
-                   "index": "none", "form_type": "input", "position": index, "skip": False, "hide": name == "id"}
+                   "index": "none", "form_type": "input", "position": index, "skip": False,
+                   "hide": name not in SHOWN_FIELDS}
                   for index, name in enumerate(homer_fields(proto_type))]
         entries.append({"guid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"hepop:{proto_type}_{profile}")),
                         "profile": profile, "hepid": proto_type, "hep_alias": alias, "partid": 10, "version": 1,
@@ -4116,6 +4128,10 @@ def home_dashboard() -> dict:
     """The dashboard the UI opens first, until one is saved: a call search form and its results."""
     fields = [{"field_name": name, "hepid": SIP_TYPE, "name": f"1:call:{name}", "selection": field_title(name),
                "type": "string", "value": ""} for name in HOME_SEARCH_FIELDS]
+    # The UI shows a search's results in the dashboard's result widget only with this field; without it,
+    # it opens its own results page.
+    fields.append({"field_name": "targetResultsContainer", "hepid": SIP_TYPE, "name": "1:call:targetResultsContainer",
+                   "selection": "Results container", "type": "string", "value": ""})
     search = {"id": "protosearch-home", "name": "protosearch", "title": "Call search", "group": "Search",
               "description": "Search calls", "refresh": False, "row": 0, "rows": 2, "col": 0, "cols": 2,
               "x": 0, "y": 0, "countFieldColumns": 1, "fields": fields,
@@ -4487,8 +4503,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                                  "password" if access.users else "no users are set up (API_USERS_FILE)"})
             return
         self.api.counters.add("logins_total", result="ok")
-        self.send_json(201, {"token": token, "scope": str(uuid.uuid5(uuid.NAMESPACE_URL, "hepop:" + username)),
-                             "user": {"admin": True}})
+        self.send_json(201, {"token": token, "scope": user_guid(username), "user": {"admin": True}})
 
     def auth_types(self, url) -> None:
         self.send_json(200, {"data": {"internal": {"enable": True, "name": "Internal", "type": "internal",
@@ -4717,8 +4732,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def homer_profile(self, url) -> None:
         name = self.username()
         self.send_json(200, {"count": 1, "data": {
-            "guid": str(uuid.uuid5(uuid.NAMESPACE_URL, "hepop:" + name)), "username": name, "firstname": name,
-            "lastname": "", "email": "", "usergroup": "admin", "partid": 10, "department": "", "avatar": ""}})
+            "guid": user_guid(name), "username": name, "displayname": name, "admin": True, "group": "admin",
+            "department": "", "avatar": "", "external_auth": False, "external_profile": ""}})
 
     def username(self) -> str:
         """The name of the user whose token came with the request ('admin' with API_TOKEN or no login)."""

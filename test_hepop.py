@@ -3088,7 +3088,8 @@ def test_the_stock_uis_start_up_calls_answer_with_the_shapes_it_reads(homer):
     ids = {f["id"] for f in call["fields_mapping"]}
     assert {f["field_name"] for f in widgets["protosearch"]["config"]["fields"]} <= ids
     assert {"data_header.from_user", "data_header.callid", "protocol_header.srcIp", "raw"} <= ids
-    assert isinstance(get("users/profile")[1]["data"]["guid"], str)
+    profile = get("users/profile")[1]["data"]
+    assert isinstance(profile["guid"], str) and profile["displayname"] == "admin"        # the UI's menu reads both
     assert get("database/node/list")[1]["data"][0]["name"] == "localnode"
     assert get("version/api/info")[1]["data"]["name"] == "hepop"
     assert get("modules/status")[0] == 200 and get("dashboard/info")[1]["data"][0]["id"] == "home"
