@@ -3086,7 +3086,8 @@ def test_the_stock_uis_start_up_calls_answer_with_the_shapes_it_reads(homer):
     call = next(entry for entry in mapping["data"] if entry["hepid"] == 1 and entry["profile"] == "call")
     assert call["hep_alias"] == "SIP" and mapping["count"] == len(mapping["data"])
     ids = {f["id"] for f in call["fields_mapping"]}
-    assert {f["field_name"] for f in widgets["protosearch"]["config"]["fields"]} <= ids
+    searched = {f["field_name"] for f in widgets["protosearch"]["config"]["fields"]}
+    assert searched - {"targetResultsContainer"} <= ids and "targetResultsContainer" in searched   # results in place
     assert {"data_header.from_user", "data_header.callid", "protocol_header.srcIp", "raw"} <= ids
     profile = get("users/profile")[1]["data"]
     assert isinstance(profile["guid"], str) and profile["displayname"] == "admin"        # the UI's menu reads both
