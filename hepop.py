@@ -3834,10 +3834,11 @@ class Access:
         if right:
             return self.tokens.issue(username)
         with self._lock:
-            if len(self._failures) >= LOGIN_ADDRESSES_MAX:
-                self._failures.clear()
             now = time.monotonic()
-            self._failures[address] = [t for t in self._failures.get(address, []) if t > now - LOGIN_WINDOW_S] + [now]
+            recent = [t for t in self._failures.pop(address, []) if t > now - LOGIN_WINDOW_S]
+            while len(self._failures) >= LOGIN_ADDRESSES_MAX:         # the address that failed longest ago
+                del self._failures[next(iter(self._failures))]
+            self._failures[address] = recent + [now]
         return None
 
 
@@ -3853,6 +3854,9 @@ class HomerError(ValueError):
 
 HOMER_NODE = "localnode"
 DEFAULT_SEARCH_LIMIT = 200
+# HOMER's answers are made in the capture process, from the rows' JSON: json.loads holds the GIL, about
+# 50 ms for 10,000 rows here, which the kernel's receive buffer covers at 20,000 packets/s.
+MAX_SEARCH_LIMIT = 10_000
 CALL_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "UPDATE", "PRACK", "REFER", "INFO", "NOTIFY")
 CSEQ_METHOD_SQL = "upper(split_part(cseq, ' ', 2))"
 # HOMER 7 files SIP under a profile by its CSeq method, responses with their request.
@@ -3952,8 +3956,8 @@ def homer_search(profile: str, fields: list, orlogic: bool, window: TimeWindow, 
         except (KeyError, TypeError, AttributeError):
             raise HomerError(f"a search field of {profile} is not {{name, value}}") from None
         if field_name == "limit":
-            if not value.strip().isdigit() or not 0 < int(value) <= 100_000:
-                raise HomerError(f"limit {value!r} is not a number of rows from 1 to 100000")
+            if not value.strip().isdigit() or not 0 < int(value) <= MAX_SEARCH_LIMIT:
+                raise HomerError(f"limit {value!r} is not a number of rows from 1 to {MAX_SEARCH_LIMIT}")
             limit = int(value)
             continue
         if field_name not in known:
@@ -4094,6 +4098,7 @@ INTEGER_FIELDS = {"protocol_header.srcPort", "protocol_header.dstPort", "protoco
 HOME_SEARCH_FIELDS = ("data_header.from_user", "data_header.to_user", "data_header.ruri_user",
                       "data_header.callid", "data_header.method", "protocol_header.srcIp", "protocol_header.dstIp")
 MAX_DASHBOARDS = 100
+MAX_DASHBOARD_BYTES = 256 << 10     # the UI's own are a few KB
 # The columns the UI's result grid shows at first (the user picks others in its settings); all of them
 # at once made each too narrow to read its header.
 SHOWN_FIELDS = {"data_header.method", "data_header.from_user", "data_header.to_user", "data_header.ruri_user",
@@ -4171,6 +4176,8 @@ class Dashboards:
             saved = self.all()
             if name not in saved and len(saved) >= MAX_DASHBOARDS:
                 raise HomerError(f"{MAX_DASHBOARDS} dashboards are kept at most: delete one first")
+            if len(json.dumps(dashboard)) > MAX_DASHBOARD_BYTES:
+                raise HomerError(f"a dashboard is {MAX_DASHBOARD_BYTES >> 10} KiB at most")
             saved[name] = dashboard
             write_atomically(self.path, lambda out: out.write(json.dumps(saved).encode()))
 
@@ -4261,7 +4268,6 @@ MAX_BODY_BYTES = 1 << 20
 # A body over MAX_BODY_BYTES but under this is read and thrown away before the 413: a client that is
 # still sending when the server closes gets a broken pipe instead of the answer.  Larger: 413 at once.
 DISCARD_BODY_BYTES = 16 << 20
-MAX_STATIC_BYTES = 32 << 20         # the largest UI file served (a built homer-ui's largest is about 10 MB)
 QUERY_WAIT_S = 2.0                  # how long a query waits for one of MAX_QUERIES turns before its 503
 LINGER_S = 2.0                      # how long a connection closed on an unread body drops what still comes
 
@@ -4762,15 +4768,17 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         if not target.startswith(root + os.sep) or not os.path.isfile(target):
             target = os.path.join(root, "index.html")
         try:
-            with open(target, "rb") as source:
-                data = source.read(MAX_STATIC_BYTES + 1)
+            source = open(target, "rb")
         except OSError:
             raise HttpError(404, f"no such file: /{path}") from None
-        if len(data) > MAX_STATIC_BYTES:
-            raise HttpError(500, f"{os.path.basename(target)} is over {MAX_STATIC_BYTES >> 20} MiB")
-        kind = mimetypes.guess_type(target)[0] or "application/octet-stream"
-        self.send_body(200, data, kind + ("; charset=utf-8" if kind.startswith("text/") or kind.endswith(
-            "javascript") else ""))
+        with source:
+            kind = mimetypes.guess_type(target)[0] or "application/octet-stream"
+            self.send_response(200)
+            self.send_header("Content-Type", kind + ("; charset=utf-8" if kind.startswith("text/") or
+                                                     kind.endswith("javascript") else ""))
+            self.send_header("Content-Length", str(os.fstat(source.fileno()).st_size))
+            self.end_headers()
+            shutil.copyfileobj(source, self.wfile, 1 << 16)       # streamed: a thread holds 64 KiB of it
 
     def write_chunk(self, data: bytes) -> None:
         if data:

@@ -3190,3 +3190,28 @@ def test_a_kamailio_traced_sipp_call_through_homers_search_ladder_logs_and_pcap(
                             capture_output=True, text=True, timeout=60)
     assert result.stdout.split() == [call_id] * 12
     assert server.stop() == 0
+
+
+def test_the_login_limit_forgets_the_address_that_failed_longest_ago_not_every_address(monkeypatch, tmp_path):
+    """An attacker who fails from many addresses must not wipe the count of the one being limited."""
+    monkeypatch.setattr(hepop, "LOGIN_ADDRESSES_MAX", 3)
+    config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path), "JWT_SECRET": "k"})
+    access = hepop.Access(config, {"admin": hepop.hash_password("pw")}, hepop.Tokens(b"k", 60))
+    for _ in range(hepop.LOGIN_FAILURES_MAX):
+        assert access.login("203.0.113.9", "admin", "guess") is None
+    assert access.retry_after_s("203.0.113.9") > 0
+    for address in ("198.51.100.1", "198.51.100.2", "198.51.100.3"):
+        access.login(address, "admin", "guess")
+    assert access.retry_after_s("203.0.113.9") == 0                 # the oldest went, at the bound
+    assert access.login("198.51.100.3", "admin", "pw") is not None
+    access.login("198.51.100.4", "admin", "guess")
+    assert set(access._failures) == {"198.51.100.2", "198.51.100.3", "198.51.100.4"}
+
+
+def test_homer_bounds_what_a_request_can_make_it_hold(homer):
+    server, _ = homer
+    status, body = homer_search(server, {"1_call": [field("limit", str(hepop.MAX_SEARCH_LIMIT + 1))]})
+    assert status == 400 and str(hepop.MAX_SEARCH_LIMIT) in body["error"]
+    board = {"id": "big", "widgets": [{"name": "x" * hepop.MAX_DASHBOARD_BYTES}]}
+    status, _, data = http(server, "/api/v3/dashboard/store/big", json.dumps(board).encode(), method="PUT")
+    assert status == 400 and "KiB at most" in json.loads(data)["error"]
