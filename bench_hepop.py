@@ -433,7 +433,8 @@ def bench_queries(total_rows: int, runs: int = 5) -> None:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
         stored_rows = stored(Path(tmp))[0] - before
-        print(f"  loss at 20,000 packets/s UDP for 20 s while heavy queries ran back to back ({queries} queries): "
+        print(f"  loss at 20,000 packets/s UDP for 20 s while heavy queries and HOMER searches ran back to back "
+              f"({queries} of each): "
               f"sent {sent:,}, stored {stored_rows:,}, loss {100 * (sent - stored_rows) / sent:.3f} %, "
               f"kernel drops {drops}", flush=True)
 
@@ -477,15 +478,19 @@ def homer_figures(http_port: int, runs: int) -> None:
 
 
 def load_while_querying(port: int, http_port: int, rate: int, seconds: float) -> tuple[int, int, int]:
-    """Packets at `rate`/s over UDP while a client runs heavy queries back to back; returns packets
-    sent, queries answered and the kernel's drops on hepop's UDP socket (from /metrics)."""
+    """Packets at `rate`/s over UDP while a client runs heavy queries and HOMER searches over the day back
+    to back; returns packets sent, queries answered and the kernel's drops on hepop's UDP socket."""
     stop, done = threading.Event(), []
     heavy = "SELECT src_ip, count(*), max(length(payload)) FROM hep_1 WHERE time > now() - INTERVAL 1 DAY " \
             "AND payload LIKE '%BYE%' GROUP BY src_ip ORDER BY 2 DESC LIMIT 10"
+    now_ms = int(time.time() * 1000)
+    search = {"param": {"search": {"1_call": [{"name": "data_header.from_user", "value": "%1%"}]}},
+              "timestamp": {"from": now_ms - 86_400_000, "to": now_ms}}
 
     def query_loop():
         while not stop.is_set():
             http_get(http_port, heavy)
+            homer_post(http_port, "/api/v3/search/call/data", search)
             done.append(1)
 
     client = threading.Thread(target=query_loop)
