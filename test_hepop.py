@@ -3215,3 +3215,28 @@ def test_homer_bounds_what_a_request_can_make_it_hold(homer):
     board = {"id": "big", "widgets": [{"name": "x" * hepop.MAX_DASHBOARD_BYTES}]}
     status, _, data = http(server, "/api/v3/dashboard/store/big", json.dumps(board).encode(), method="PUT")
     assert status == 400 and "KiB at most" in json.loads(data)["error"]
+
+
+def test_homer_searches_every_writer_and_every_profile_of_other_types(homer):
+    """A second capture box's files in the same PARQUET_DIR are searched too; logs (100_default) and RTCP
+    (5_default) are searched by their own fields."""
+    server, _ = homer
+    other = hepop.Storage(str(server.data_dir), "other-box")
+    other.store(1).write(sip_table([HOMER_BASE_S - 1200.0], "box2"))    # an INVITE, Call-ID box2-0, away from
+    window = homer_window_ms(-1260, -1140)                                  # the other tests' calls
+    other.close()
+    found = homer_search(server, {"1_call": [field("data_header.callid", "box2-0")]}, window=window)[1]
+    assert [(r["callid"], r["method"]) for r in found["data"]] == [("box2-0", "INVITE")]
+    seconds = HOMER_BASE_S - 1200
+    server.udp([hep3(b"ERROR: no route for b-leg@y", proto_type=100, seconds=seconds, extra=chunk(17, b"b-leg@y")),
+                hep3(b'{"type": 200, "ssrc": 99}', proto_type=5, seconds=seconds, extra=chunk(17, b"b-leg@y"))])
+    deadline = time.monotonic() + 10
+    while True:
+        logs = homer_search(server, {"100_default": [field("sid", "b-leg@y"), field("raw", "no route")]}, window=window)[1]
+        rtcp = homer_search(server, {"5_default": [field("protocol_header.correlation_id", "b-leg@y")]},
+                             window=window)[1]
+        if logs["total"] and rtcp["total"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [(r["sid"], r["method"], r["raw"]) for r in logs["data"]] == [("b-leg@y", "LOG", "ERROR: no route for b-leg@y")]
+    assert [(r["sid"], r["method"], r["payloadType"]) for r in rtcp["data"]] == [("b-leg@y", "RTCP", 5)]
