@@ -3879,7 +3879,10 @@ HEADER_FIELDS = {
     "protocol_header.payloadType": "proto_type", "protocol_header.protocolFamily": "ip_family",
     "protocol_header.protocol": "protocol", "protocol_header.captureId": "capture_id", "id": MESSAGE_ID_SQL,
     "raw": "payload",
+    "protocol_header.capturePass": "CAST(NULL AS VARCHAR)",      # the auth key is never stored
 }
+# Fields of HOMER's mapping that say where to search, not what: one node here, the profile is the key.
+LOCATION_FIELDS = ("node", "profile")
 SIP_FIELDS_SQL = {
     "sid": "call_id", "data_header.callid": "call_id",
     "data_header.method": "coalesce(sip_method, CAST(sip_status AS VARCHAR))",
@@ -3955,6 +3958,8 @@ def homer_search(profile: str, fields: list, orlogic: bool, window: TimeWindow, 
             field_name, value, kind = str(field["name"]), str(field["value"]), str(field.get("type", "string"))
         except (KeyError, TypeError, AttributeError):
             raise HomerError(f"a search field of {profile} is not {{name, value}}") from None
+        if field_name in LOCATION_FIELDS:
+            continue
         if field_name == "limit":
             if not value.strip().isdigit() or not 0 < int(value) <= MAX_SEARCH_LIMIT:
                 raise HomerError(f"limit {value!r} is not a number of rows from 1 to {MAX_SEARCH_LIMIT}")
