@@ -3411,11 +3411,18 @@ class CaptureServer:
             self.counters.add("reading_paused_total")
             self.notices.warning("paused", "buffers full (MAX_PENDING_BYTES): reading paused until the writer "
                                  "catches up")
-        elif not self.reading and room >= 2 * self._pause_below():
+        elif not self.reading and room >= self._resume_above():
             self._set_reading(True)
 
     def _pause_below(self) -> int:
         return min(self.READ_ROOM_BYTES, self.config.max_pending_bytes // 2)
+
+    def _resume_above(self) -> int:
+        """Twice the pause's room, but never more than three quarters of the budget: incomplete TCP frames
+        may hold the other quarter however much the writer writes, and reading must come back.  (At
+        MAX_PENDING_BYTES=1M, waiting for all of it to be free held reading paused for good once an
+        agent's stream kept a few bytes of a frame.)"""
+        return min(2 * self._pause_below(), self.config.max_pending_bytes * 3 // 4)
 
     def _wait_for_room(self, deadline: float) -> None:
         """At shutdown: while the buffers are full, hand them to the writer and wait for it to make room,

@@ -3241,3 +3241,23 @@ def test_homer_searches_every_writer_and_every_profile_of_other_types(homer):
         time.sleep(0.2)
     assert [(r["sid"], r["method"], r["raw"]) for r in logs["data"]] == [("b-leg@y", "LOG", "ERROR: no route for b-leg@y")]
     assert [(r["sid"], r["method"], r["payloadType"]) for r in rtcp["data"]] == [("b-leg@y", "RTCP", 5)]
+
+
+def test_reading_comes_back_after_a_pause_while_an_agent_holds_part_of_a_frame(servers, tmp_path):
+    """Incomplete frames count in MAX_PENDING_BYTES; a few bytes of one held by a quiet agent must not keep
+    reading paused once the writer has written everything else."""
+    server = servers(MAX_PENDING_BYTES="1M")
+    quiet = socket.create_connection(("127.0.0.1", server.port))
+    half = hep3(sip("half-sent"))
+    quiet.sendall(half[:100])
+    time.sleep(0.3)
+    burst = [hep3(sip(f"burst{i}")) for i in range(20_000)]
+    sender = threading.Thread(target=server.tcp, args=(b"".join(burst),))
+    sender.start()
+    sender.join(30)
+    assert not sender.is_alive(), "the burst's sender is still held back: reading never came back"
+    wait_for_rows(server, 20_000, timeout=30)
+    quiet.sendall(half[100:])
+    wait_for_rows(server, 20_001)
+    quiet.close()
+    assert server.stop() == 0
