@@ -3537,8 +3537,12 @@ class CaptureServer:
     def _on_tcp(self, conn) -> bool:
         """Read what one agent sent and store its frames; False once the connection has nothing more."""
         agent = self.connections[conn]
+        room = self.ingest.room()
+        if room <= 0:                           # no room for what it sent: hold it back, unread
+            self._hold_back(conn)
+            return False
         try:
-            data = conn.recv(self.TCP_READ_BYTES)
+            data = conn.recv(min(self.TCP_READ_BYTES, room))     # what it holds stays within the budget
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
@@ -3550,11 +3554,15 @@ class CaptureServer:
         agent.last_read_s = time.monotonic()
         agent.stream.feed(data)
         if not self._take_fitting_frames(agent):
+            self._hold_back(conn)
+        self._count_garbage(agent.stream)
+        return self._hold_partial(conn, agent)
+
+    def _hold_back(self, conn) -> None:
+        if conn not in self.held_back:
             self.held_back.add(conn)
             if self.reading:
                 self.selector.unregister(conn)
-        self._count_garbage(agent.stream)
-        return self._hold_partial(conn, agent)
 
     def _take_fitting_frames(self, agent: Agent) -> bool:
         """Take an agent's complete frames while the buffers have room for them; False if some had none.
@@ -3593,7 +3601,8 @@ class CaptureServer:
         disconnected and its frame counted as dropped."""
         held = agent.stream.settle()
         total = self.ingest.partial_bytes - agent.partial_bytes + held
-        if held and total > self.config.max_pending_bytes // 4:
+        # An agent held back keeps whole frames, read within the room there was: only the others count.
+        if held and total > self.config.max_pending_bytes // 4 and conn not in self.held_back:
             self.counters.add("hep_dropped_total", reason="partial_frames_full")
             self.notices.warning("partial_frames_full", "incomplete TCP frames fill a quarter of "
                                  "MAX_PENDING_BYTES: disconnecting %s, which is in the middle of one", agent.peer)
@@ -3655,11 +3664,16 @@ class CaptureServer:
             read += count
         # An agent's bytes still in flight on the connection arrive as we read; read until none came for
         # TCP_DRAIN_QUIET_S, or for TCP_DRAIN_MAX_S at most (an agent may go on sending).
+        # An agent held back for room is not in the selector: its frames are taken as room comes, and it
+        # is read again, or its bytes still in the kernel would be lost unread.
         deadline = time.monotonic() + self.TCP_DRAIN_MAX_S
         while self.connections and time.monotonic() < deadline:
+            if self.held_back:
+                self._wait_for_room(wait_until)
+                self._take_held_back()
             events = self.selector.select(self.TCP_DRAIN_QUIET_S)
             connections = [key.fileobj for key, _ in events if key.fileobj in self.connections]
-            if not connections:
+            if not connections and not self.held_back:
                 break
             for conn in connections:
                 self._wait_for_room(wait_until)
