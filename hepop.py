@@ -3958,7 +3958,8 @@ def homer_window(request: dict) -> TimeWindow:
     return TimeWindow(low_ms * 1000, high_ms * 1000 + 999, False)
 
 
-def homer_search(profile: str, fields: list, orlogic: bool, window: TimeWindow, with_raw: bool) -> HomerSearch:
+def homer_search(profile: str, fields: list, orlogic: bool, window: TimeWindow, with_raw: bool,
+                 condition: str = "") -> HomerSearch:
     """The SQL of one profile's search (`1_call`, `100_default`, ...): its conditions, ANDed or, with
     `orlogic` or a value starting '||', ORed; the newest `limit` rows (the pseudo-field, 200 by default)."""
     type_text, _, name = profile.partition("_")
@@ -3992,7 +3993,7 @@ def homer_search(profile: str, fields: list, orlogic: bool, window: TimeWindow, 
         term = search_term(known[field_name], field_name, value.removeprefix("||"), kind, params)
         terms = f"({terms}) {joiner} ({term})" if terms else term
     where = " AND ".join(c for c in [f"time BETWEEN make_timestamp({window.low_us}) AND make_timestamp({window.high_us})",
-                                     conditions, f"({terms})" if terms else ""] if c)
+                                     conditions, f"({terms})" if terms else "", condition] if c)
     # Two phases: the conditions and the newest `limit` rows first, the columns made of the payload (tags,
     # domain, the id) only for those.
     columns = homer_columns(proto_type) + (', payload AS "raw"' if with_raw else "")
@@ -4670,10 +4671,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                 ids = [int(i) for i in (ids if isinstance(ids, list) else [ids])]
             except (TypeError, ValueError):
                 raise HomerError("a message id is a number") from None
-            search = homer_search(profile, [], False, window, with_raw=True)
-            sql = search.sql.replace(" ORDER BY time DESC", f" AND list_contains($ids::BIGINT[], {MESSAGE_ID_SQL}) "
-                                     "ORDER BY time DESC", 1)
-            found = self.homer_rows(sql, {**search.params, "ids": ids}, search.proto_type, window) if ids else []
+            search = homer_search(profile, [], False, window, with_raw=True,
+                                  condition=f"list_contains($ids::BIGINT[], {MESSAGE_ID_SQL})")
+            found = self.homer_rows(search.sql, {**search.params, "ids": ids}, search.proto_type, window) if ids else []
             rows += [{**homer_row(row, profile), "create_ts": row["create_date"], "micro_ts": row["create_date"]}
                      for row in found]
         self.send_json(201, {"total": len(rows), "data": rows, "keys": sorted({key for row in rows for key in row})})
