@@ -1405,31 +1405,41 @@ def test_readers_of_listed_files_never_see_a_row_twice_or_miss_one_while_compact
 
 
 def test_the_server_compacts_closed_hours_and_merges_late_packets(servers, tmp_path):
+    """Late packets of a compacted hour are merged into it; the other hour's file is left as it is.
+
+    The writer may flush one burst in more than one file, each merged in a pass of its own: the test
+    waits for rows, never counts passes (it did, and failed one CI run in many with 4 passes for 3)."""
     server = servers(COMPACT_INTERVAL_S="0.3", COMPACT_GRACE_S="1")
     two_hours_ago = int(time.time()) // 3600 * 3600 - 7200
     server.udp([hep3(sip(f"old-{i}"), seconds=two_hours_ago + i * 60) for i in range(90)])   # 1.5 hours
+    folder = tmp_path / "data/test/dbs/hep-0/hep_1-0"
 
-    def files_by_type():
-        path = tmp_path / "data/test/dbs/hep-0/hep_1-0/metadata.json"
+    def files_by_hour():
+        path = folder / "metadata.json"
         if not path.exists():
             return []
         metadata = json.loads(path.read_text())
-        return sorted((e["chunk_time"] // 10**9 - two_hours_ago, e["type"]) for e in metadata["files"])
+        return sorted((e["chunk_time"] // 10**9 - two_hours_ago, e["type"], e["row_count"], e["path"])
+                      for e in metadata["files"])
 
     def wait_for(expected):
         deadline = time.monotonic() + 20
-        while files_by_type() != expected:
-            assert time.monotonic() < deadline, files_by_type()
+        while [entry[:3] for entry in files_by_hour()] != expected:
+            assert time.monotonic() < deadline, files_by_hour()
             time.sleep(0.1)
 
-    wait_for([(0, "compacted"), (3600, "compacted")])
+    wait_for([(0, "compacted", 60), (3600, "compacted", 30)])
+    second_hour = tmp_path / "data" / files_by_hour()[1][3]
+    second_hour_before = second_hour.stat()
     server.udp([hep3(sip(f"late-{i}"), seconds=two_hours_ago + 30 + i) for i in range(5)])
-    time.sleep(1)
-    wait_for([(0, "compacted"), (3600, "compacted")])
+    wait_for([(0, "compacted", 65), (3600, "compacted", 30)])
+    second_hour_after = second_hour.stat()
+    assert (second_hour_after.st_ino, second_hour_after.st_mtime_ns) == \
+        (second_hour_before.st_ino, second_hour_before.st_mtime_ns)
     assert server.stop() == 0
     call_ids = [r["call_id"] for r in stored_rows(tmp_path / "data", columns="time, call_id")]
     assert sorted(call_ids) == sorted([f"old-{i}" for i in range(90)] + [f"late-{i}" for i in range(5)])
-    assert server.counters()['compactions_total{type="1"}'] == 3
+    assert server.counters()['compactions_total{type="1"}'] >= 3
 
 
 # ---------------------------------------------------------------------------------------------------------
