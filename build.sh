@@ -13,7 +13,7 @@ python3 -m venv .venv-build
 # the binary, and so off the time a one-file binary takes to unpack at each start.
 rm -rf build/spec && mkdir -p build/spec
 .venv-build/bin/pyi-makespec --onefile --name hepop --specpath build/spec --collect-submodules duckdb \
-  --exclude-module pandas --exclude-module tkinter --exclude-module pyarrow.flight \
+  --exclude-module pandas --exclude-module tkinter --exclude-module pyarrow.flight --add-data "$PWD/ui:ui" \
   "$PWD/hepop.py" >/dev/null
 .venv-build/bin/python - build/spec/hepop.spec <<'PY'
 import sys

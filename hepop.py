@@ -277,8 +277,8 @@ SETTINGS = (
     Setting("JWT_SECRET", str, lambda s: "",
             "key that signs login tokens (default: a random key kept in PARQUET_DIR/WRITER_ID/.jwt-secret)"),
     Setting("TOKEN_TTL", parse_duration, lambda s: "12h", "how long a login token is valid"),
-    Setting("UI_DIR", str, lambda s: "", "a folder of static files served at / (a built homer-ui), with "
-            "index.html for any other path that is no file and no API route"),
+    Setting("UI_DIR", str, lambda s: "", "a folder of static files served at / instead of hepop's own page "
+            "(a built homer-ui), with index.html for any other path that is no file and no API route"),
     Setting("HTTP_HOST", str, lambda s: s["host"] if s["api_token"] or s["api_users_file"] else "127.0.0.1",
             "address of the HTTP port: call data is personal data, so without API_TOKEN it is loopback "
             "only unless set here"),
@@ -2293,6 +2293,47 @@ RCINFO_SQL = ("json_object('protocolFamily', ip_family, 'protocol', protocol, 's
               "'hepNodeName', node_name, 'correlation_id', correlation_id, 'vlan', vlan)")
 
 
+# The one definition of a call, shared by hepop's page and users' SQL: the `calls` view, one row per Call-ID
+# of the SIP messages in the query's window.  `time` is its first message (so a query's time condition picks
+# calls by their start, and the window reads their files); `method` is its first request's.  `status` is
+# the first 2xx to an INVITE, otherwise the last final answer to the request that opened the dialog (BYE,
+# ACK, CANCEL, PRACK, UPDATE and INFO answers do not count), NULL when none came: no answer.
+# `pdd_ms` is post-dial delay, the first INVITE to the first 18x or final answer to it; `duration_s` is
+# the answer to the first BYE (or the last message).  The parties and addresses are the first request's.
+# ASR is then `avg((status BETWEEN 200 AND 299)::INT)` and ACD `avg(duration_s)`, over any GROUP BY.
+CALLS_VIEW = "calls"
+CALLS_SQL = f"""
+WITH messages AS (
+    SELECT time, call_id, sip_method, sip_status, from_user, to_user, ruri_user, user_agent, src_ip, src_port,
+           dst_ip, dst_port, upper(split_part(cseq, ' ', 2)) AS cseq_method
+    FROM hep_{SIP_TYPE} WHERE call_id IS NOT NULL),
+per_call AS (
+    SELECT call_id, min(time) AS time, max(time) AS last_time, count(*) AS messages,
+           arg_min(sip_method, time) FILTER (WHERE sip_method IS NOT NULL) AS method,
+           arg_min(from_user, time) FILTER (WHERE sip_method IS NOT NULL) AS from_user,
+           arg_min(to_user, time) FILTER (WHERE sip_method IS NOT NULL) AS to_user,
+           arg_min(ruri_user, time) FILTER (WHERE sip_method IS NOT NULL) AS ruri_user,
+           arg_min(user_agent, time) FILTER (WHERE sip_method IS NOT NULL) AS user_agent,
+           arg_min(src_ip, time) FILTER (WHERE sip_method IS NOT NULL) AS src_ip,
+           arg_min(src_port, time) FILTER (WHERE sip_method IS NOT NULL) AS src_port,
+           arg_min(dst_ip, time) FILTER (WHERE sip_method IS NOT NULL) AS dst_ip,
+           arg_min(dst_port, time) FILTER (WHERE sip_method IS NOT NULL) AS dst_port,
+           min(time) FILTER (WHERE sip_method = 'INVITE') AS invite_time,
+           min(time) FILTER (WHERE cseq_method = 'INVITE' AND sip_status >= 180) AS progress_time,
+           min(time) FILTER (WHERE cseq_method = 'INVITE' AND sip_status BETWEEN 200 AND 299) AS answer_time,
+           arg_min(sip_status, time) FILTER (WHERE cseq_method = 'INVITE' AND sip_status BETWEEN 200 AND 299)
+               AS answer_status,
+           arg_max(sip_status, time) FILTER (WHERE sip_status >= 200 AND cseq_method NOT IN
+               ('ACK', 'BYE', 'CANCEL', 'PRACK', 'UPDATE', 'INFO')) AS last_final_status,
+           min(time) FILTER (WHERE sip_method = 'BYE') AS bye_time
+    FROM messages GROUP BY call_id)
+SELECT call_id, time, last_time, answer_time, method, coalesce(answer_status, last_final_status) AS status,
+       date_diff('millisecond', invite_time, progress_time) AS pdd_ms,
+       date_diff('millisecond', answer_time, coalesce(bye_time, last_time)) / 1000.0 AS duration_s,
+       from_user, to_user, ruri_user, user_agent, src_ip, src_port, dst_ip, dst_port, messages
+FROM per_call"""
+
+
 class TimeWindow(NamedTuple):
     low_us: Optional[int]        # None: unbounded
     high_us: Optional[int]
@@ -2441,11 +2482,14 @@ class QueryEngine:
 
     @staticmethod
     def types_named(sql: str) -> list[int]:
-        """The types whose hep_<type> table the query names."""
-        return sorted({int(n) for n in re.findall(r"\bhep_(\d+)\b", sql, re.IGNORECASE) if int(n) <= 255})
+        """The types whose hep_<type> table the query names (`calls` is made of SIP's)."""
+        types = {int(n) for n in re.findall(r"\bhep_(\d+)\b", sql, re.IGNORECASE) if int(n) <= 255}
+        if re.search(rf"\b{CALLS_VIEW}\b", sql, re.IGNORECASE):
+            types.add(SIP_TYPE)
+        return sorted(types)
 
     def create_views(self, cursor, files_by_type: dict[int, list[str]], window: TimeWindow) -> None:
-        """A temp view per hep_<type> over the files it is given (FileCatalog.files)."""
+        """A temp view per hep_<type> over the files it is given (FileCatalog.files), and `calls` over SIP's."""
         for proto_type, files in files_by_type.items():
             if files:
                 source = "read_parquet([" + ", ".join(sql_string(path) for path in files) + "])"
@@ -2457,6 +2501,8 @@ class QueryEngine:
                 condition = f" WHERE time >= make_timestamp({window.low_us})"
             cursor.execute(f'CREATE TEMP VIEW hep_{proto_type} AS SELECT *, time AS "timestamp", '
                            f"{RCINFO_SQL} AS rcinfo FROM {source}{condition}")
+        if SIP_TYPE in files_by_type:
+            cursor.execute(f"CREATE TEMP VIEW {CALLS_VIEW} AS {CALLS_SQL}")
 
 
 FLIPPED = {"COMPARE_GREATERTHAN": "COMPARE_LESSTHAN", "COMPARE_LESSTHAN": "COMPARE_GREATERTHAN",
@@ -4382,7 +4428,6 @@ class Route(NamedTuple):
     pattern: re.Pattern
     handler: str
     open: bool = False          # answered without the API token
-    setting: str = ""           # a Config field that must be set for the route to exist
 
 
 ROUTES = (
@@ -4412,9 +4457,16 @@ ROUTES = (
     Route("GET", re.compile(r"/api/v3/modules/status"), "homer_modules"),
     Route("GET", re.compile(r"/api/v3/(?P<what>advanced|alias|hepsub/protocol|agent/subscribe|"
                             r"user/settings(?:/[\w-]{1,64})?)"), "homer_empty"),
-    Route("GET", re.compile(r"/(?!api/|query$|health$|metrics$)(?P<path>.*)"), "static_file", open=True,
-          setting="ui_dir"),
+    Route("GET", re.compile(r"/(?!api/|query$|health$|metrics$)(?P<path>.*)"), "static_file", open=True),
 )
+
+# hepop's own page (ui/ beside this file, and inside the binary): served at / unless UI_DIR names another.
+# It asks nothing of any other host, and its Content-Security-Policy says so to the browser.
+BUILTIN_UI_DIR = os.path.join(getattr(sys, "_MEIPASS", os.path.dirname(os.path.abspath(__file__))), "ui")
+BUILTIN_UI_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 
 
 class ApiHandler(http.server.BaseHTTPRequestHandler):
@@ -4465,8 +4517,6 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def find_route(self, path: str) -> tuple[Route, dict]:
         allowed = []
         for route in ROUTES:
-            if route.setting and not getattr(self.api.config, route.setting):
-                continue
             match = route.pattern.fullmatch(path)
             if match and route.method == self.command:
                 return route, match.groupdict()
@@ -4788,8 +4838,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(200, {"count": 0, "data": []})
 
     def static_file(self, url, path: str) -> None:
-        """UI_DIR's files at /, and its index.html for any other path (the UI's own routes)."""
-        root = os.path.realpath(self.api.config.ui_dir)
+        """UI_DIR's files at / (hepop's own page without it), and index.html for any other path (the
+        UI's own routes)."""
+        root = os.path.realpath(self.api.config.ui_dir or BUILTIN_UI_DIR)
         target = os.path.realpath(os.path.join(root, urllib.parse.unquote(path)))
         if not target.startswith(root + os.sep) or not os.path.isfile(target):
             target = os.path.join(root, "index.html")
@@ -4803,6 +4854,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Type", kind + ("; charset=utf-8" if kind.startswith("text/") or
                                                      kind.endswith("javascript") else ""))
             self.send_header("Content-Length", str(os.fstat(source.fileno()).st_size))
+            for name, value in ({} if self.api.config.ui_dir else BUILTIN_UI_HEADERS).items():
+                self.send_header(name, value)
             self.end_headers()
             shutil.copyfileobj(source, self.wfile, 1 << 16)       # streamed: a thread holds 64 KiB of it
 

@@ -10,6 +10,7 @@ fails the run instead of skipping.
 from __future__ import annotations
 
 import collections
+import importlib.util
 import contextlib
 import http.client as http_client
 import datetime
@@ -3162,10 +3163,14 @@ def test_ui_dir_serves_the_built_ui_with_its_types_and_index_for_its_routes(serv
         assert status == 200 and kind in head["content-type"] and text in body.decode(), path
     assert http(server, "/api/v3/nothing")[0] == 404 and http(server, "/health")[0] == 200
     assert server.stop() == 0
-    server = servers(HTTP_PORT=server.http_port)                   # without UI_DIR: no files, and JSON errors
-    status, _, body = http(server, "/")
-    assert status == 404 and json.loads(body)["error"]
-    assert http(server, "/nothing", b"{}")[0] == 404
+    server = servers(HTTP_PORT=server.http_port)            # without UI_DIR: hepop's own page, and its policy
+    for path in ("/", "/calls", "/hepop.js", "/hepop.css"):
+        status, head, body = http(server, path)
+        assert status == 200 and "default-src 'none'" in head["content-security-policy"], path
+    assert "<title>hepop</title>" in http(server, "/search/x")[2].decode()
+    assert "javascript" in http(server, "/hepop.js")[1]["content-type"]
+    status, _, body = http(server, "/nothing", b"{}")
+    assert status == 405 and json.loads(body)["error"]
     assert server.stop() == 0
 
 
@@ -3270,4 +3275,178 @@ def test_reading_comes_back_after_a_pause_while_an_agent_holds_part_of_a_frame(s
     quiet.sendall(half[100:])
     wait_for_rows(server, 20_001)
     quiet.close()
+    assert server.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hepop's own page, driven in a real headless Chromium (Debian's, through Playwright for Python)
+# ---------------------------------------------------------------------------------------------------------
+
+SCREENSHOTS = Path(os.environ.get("HEPOP_SCREENSHOTS", HERE / "screenshots"))
+REASONS = {100: "Trying", 180: "Ringing", 200: "OK", 404: "Not Found", 486: "Busy Here"}
+
+
+def call_flow(call_id: str, from_user: str, to_user: str, status: int, start_s: float, a=("10.0.0.1", 5060),
+              b=("10.0.0.2", 5060), correlation: str = "") -> list[dict]:
+    """One call's SIP messages as HEP: INVITE, 100, then 180, 200, ACK, BYE, 200 when answered, or the
+    final `status` and its ACK; each with the label the ladder must draw."""
+    steps = [(0.0, f"INVITE sip:{to_user}@example.com SIP/2.0", "1 INVITE", a, b),
+             (0.01, "SIP/2.0 100 Trying", "1 INVITE", b, a)]
+    if status == 200:
+        steps += [(0.4, "SIP/2.0 180 Ringing", "1 INVITE", b, a), (2.0, "SIP/2.0 200 OK", "1 INVITE", b, a),
+                  (2.01, f"ACK sip:{to_user}@example.com SIP/2.0", "1 ACK", a, b),
+                  (12.0, f"BYE sip:{to_user}@example.com SIP/2.0", "2 BYE", a, b),
+                  (12.02, "SIP/2.0 200 OK", "2 BYE", b, a)]
+    else:
+        steps += [(1.0, f"SIP/2.0 {status} {REASONS[status]}", "1 INVITE", b, a),
+                  (1.01, f"ACK sip:{to_user}@example.com SIP/2.0", "1 ACK", a, b)]
+    flow = []
+    for offset_s, first, cseq, (src, sport), (dst, dport) in steps:
+        seconds, useconds = divmod(round((start_s + offset_s) * 1e6), 1_000_000)
+        payload = sip_message(call_id, first, cseq, from_user, to_user, "User-Agent: test-phone\r\n")
+        flow.append({"label": first.split(" ")[0] if not first.startswith("SIP/") else first.split(" ", 1)[1],
+                     "payload": payload, "time_us": seconds * 1_000_000 + useconds, "packet": hep3(payload, src=src, sport=sport, dst=dst, dport=dport,
+                     seconds=seconds, useconds=useconds, extra=chunk(17, correlation.encode()) if correlation else b"")})
+    return flow
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    need("Debian's chromium and Playwright for Python",
+         bool(shutil.which("chromium")) and importlib.util.find_spec("playwright") is not None)
+    from playwright.sync_api import sync_playwright
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+class Browsing:
+    """One browser tab on a server's page, that records console errors and every request off the machine
+    (refused, so none leaves it)."""
+
+    def __init__(self, browser, server):
+        self.base = f"http://127.0.0.1:{server.http_port}/"
+        self.context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+        self.off_machine: list[str] = []
+        self.errors: list[str] = []
+        self.context.route("**/*", self._route)
+        self.page = self.context.new_page()
+        self.page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+
+    def _route(self, route):
+        url = route.request.url
+        if urllib.parse.urlsplit(url).hostname in ("127.0.0.1", "::1") or url.startswith(("data:", "blob:")):
+            route.continue_()
+        else:
+            self.off_machine.append(url)
+            route.abort()
+
+    def open(self, fragment: str, ready: str):
+        """Go to #/<fragment> and wait until that view has drawn."""
+        if self.page.url.startswith(self.base):
+            self.page.evaluate("delete document.getElementById('view').dataset.ready")
+            self.page.evaluate("hash => { location.hash = hash }", "#/" + fragment)
+        else:
+            self.page.goto(self.base + "#/" + fragment)
+        self.wait(ready)
+
+    def wait(self, ready: str):
+        self.page.wait_for_selector(f"#view[data-ready={ready}]", timeout=20_000)
+
+    def screenshot(self, name: str):
+        self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+    def arrows(self) -> list[str]:
+        return self.page.locator(".ladder .arrow text.label").all_text_contents()
+
+    def hosts(self) -> list[str]:
+        return self.page.locator(".ladder text.host").all_text_contents()
+
+    def close(self):
+        self.context.close()
+
+
+def test_the_page_finds_calls_draws_their_ladders_and_downloads_a_pcap(servers, chromium, tmp_path):
+    """Real SIP from SIPp through Kamailio (over IPv4 and IPv6) and crafted calls (a refused one, a B2BUA's
+    two legs): the search finds exactly them, each ladder has its arrows and host columns, a click shows
+    the message, and the pcap opens in tshark."""
+    server = servers()
+    kamailio_calls(tmp_path, server.port, calls=2)
+    kamailio_calls(tmp_path, server.port, ipv6=True)
+    now_s = time.time() - 60
+    busy = call_flow("busy@page", "5550001", "6660001", 486, now_s - 30)
+    answered = call_flow("answered@page", "5550002", "6660002", 200, now_s - 20)
+    leg_a = call_flow("leg-a@page", "5550003", "6660003", 200, now_s - 10, a=("10.1.0.1", 5060), b=("10.1.0.2", 5060))
+    leg_b = call_flow("leg-b@page", "5550003", "6660003", 200, now_s - 9.995, a=("10.1.0.2", 5060),
+                      b=("10.1.0.3", 5060), correlation="leg-a@page")
+    server.udp([m["packet"] for m in busy + answered + leg_a + leg_b])
+    wait_for_rows(server, 36 + len(busy + answered + leg_a + leg_b))
+    sipp = rows_json(server, "SELECT call_id, list(CASE WHEN sip_method IS NULL THEN split_part(payload, "
+                             "chr(13), 1)[9:] ELSE sip_method END ORDER BY time) AS labels, list(payload ORDER "
+                             "BY time) AS payloads FROM hep_1 WHERE from_user = 'sipp' AND time > now() - "
+                             "INTERVAL 1 HOUR GROUP BY call_id ORDER BY min(time)")
+    assert len(sipp) == 3 and all(len(call["labels"]) == 12 for call in sipp)
+    tab = Browsing(chromium, server)
+    try:
+        tab.open("calls?range=1h", "calls")
+        assert tab.page.locator("tr.call").count() == 3 + 4
+        tab.screenshot("calls")
+        tab.open("calls?range=1h&q=sipp", "calls")                   # SIPp's From user
+        assert sorted(tab.page.locator("tr.call").evaluate_all("rows => rows.map(r => r.dataset.callId)")) == \
+            sorted(call["call_id"] for call in sipp)
+        tab.open("calls?range=1h&q=5550001", "calls")                # a number: exactly the call it made
+        rows = tab.page.locator("tr.call")
+        assert rows.count() == 1 and rows.first.get_attribute("data-call-id") == "busy@page"
+        assert rows.first.locator(".status").text_content() == "486"
+        assert "fail" in rows.first.locator(".status").get_attribute("class")
+        tab.screenshot("search-by-number")
+        tab.open("calls?range=1h&failed=1", "calls")                 # failed calls only
+        assert tab.page.locator("tr.call").evaluate_all("rows => rows.map(r => r.dataset.callId)") == ["busy@page"]
+        tab.open("calls?range=1h&q=6660002", "calls")
+        assert tab.page.locator("tr.call .status").all_text_contents() == ["200"]
+        tab.page.locator("tr.call").first.click()                   # open it from the list
+        tab.wait("call")
+        assert tab.arrows() == [m["label"] for m in answered] and len(tab.hosts()) == 2
+
+        for call, host_count, name in ((sipp[0], 3, "ladder-kamailio"), (sipp[2], 3, "ladder-ipv6")):
+            start_ms = rows_json(server, f"SELECT epoch_ms(min(time)) AS ms FROM hep_1 WHERE call_id = "
+                                         f"{hepop.sql_string(call['call_id'])}")[0]["ms"]
+            tab.open(f"call?id={urllib.parse.quote(call['call_id'])}&from={start_ms}&to={start_ms + 5000}", "call")
+            assert tab.arrows() == [label.strip() for label in call["labels"]]
+            hosts = tab.hosts()
+            assert len(hosts) == host_count
+            if name == "ladder-ipv6":
+                assert all(host.startswith("[::1]:") for host in hosts)
+            tab.page.locator(".ladder .arrow").nth(3).click()           # the message behind an arrow
+            assert tab.page.locator(".message pre.sip").text_content() == call["payloads"][3].replace("\r\n", "\n")
+            tab.screenshot(name)
+
+        start_ms = int((now_s - 10) * 1000)
+        tab.open(f"call?id=leg-a@page&from={start_ms}&to={start_ms + 13000}", "call")      # both legs, one ladder
+        both = sorted(leg_a + leg_b, key=lambda m: m["time_us"])
+        assert tab.arrows() == [m["label"] for m in both]
+        assert tab.hosts() == ["10.1.0.1:5060", "10.1.0.2:5060", "10.1.0.3:5060"]
+        tab.screenshot("ladder-two-legs")
+
+        call = sipp[0]
+        start_ms = rows_json(server, f"SELECT epoch_ms(min(time)) AS ms FROM hep_1 WHERE call_id = "
+                                     f"{hepop.sql_string(call['call_id'])}")[0]["ms"]
+        tab.open(f"call?id={urllib.parse.quote(call['call_id'])}&from={start_ms}&to={start_ms + 5000}", "call")
+        with tab.page.expect_download() as download:
+            tab.page.get_by_role("button", name="Download pcap").click()
+        pcap = tmp_path / "page.pcap"
+        download.value.save_as(str(pcap))
+        ports = sorted({r["dst_port"] for r in rows_json(server, f"SELECT DISTINCT dst_port FROM hep_1 WHERE "
+                        f"call_id = {hepop.sql_string(call['call_id'])} AND time > now() - INTERVAL 1 HOUR")})
+        as_sip = [arg for port in ports for arg in ("-d", f"udp.port=={port},sip")]
+        need("tshark", shutil.which("tshark") is not None)
+        result = subprocess.run(["tshark", "-r", str(pcap), *as_sip, "-T", "fields", "-e", "sip.Call-ID"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.stdout.split() == [call["call_id"]] * 12, result.stderr
+        assert tab.errors == [] and tab.off_machine == []
+    finally:
+        tab.close()
     assert server.stop() == 0
