@@ -4476,6 +4476,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 10                    # seconds a client may be silent: idle, or in the middle of a body
     unread_body = False             # a body was left unread: close after the answer, lingering (finish)
+    body_read = False               # read_body was called for this request
 
     @property
     def api(self) -> Api:
@@ -4488,7 +4489,16 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             self.raw_requestline = b" ".join([words[0], b"%20".join(words[1:-1]), words[-1]]) + b"\r\n"
         return super().parse_request()
 
+    def send_response(self, code: int, message: Optional[str] = None) -> None:
+        """An answer given without reading the request's body (a 401, a route that takes none) closes the
+        connection after it: the body's bytes would otherwise be read as the next request."""
+        if not self.body_read and (self.headers.get("Transfer-Encoding") or
+                                   self.headers.get("Content-Length", "0").strip() not in ("", "0")):
+            self.unread_body = self.close_connection = True
+        super().send_response(code, message)
+
     def route(self) -> None:
+        self.body_read = False
         url = urllib.parse.urlsplit(self.path)
         try:
             route, groups = self.find_route(url.path)
@@ -4531,6 +4541,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         """The request body, read strictly: a Content-Length that is not a number, or a chunked body, is
         refused without reading on; one over MAX_BODY_BYTES is thrown away (up to DISCARD_BODY_BYTES)
         and refused; one that stops short of its length times out after `timeout`."""
+        self.body_read = True
         if self.headers.get("Transfer-Encoding"):
             self.unread_body = self.close_connection = True
             raise HttpError(411, "send the body with a Content-Length, not Transfer-Encoding")

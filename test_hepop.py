@@ -32,6 +32,7 @@ import time
 import urllib.parse
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 import pyarrow as pa
@@ -1757,6 +1758,10 @@ def test_the_binary_runs_with_no_python_captures_a_real_sender_and_answers_queri
                              "q=SELECT call_id FROM hep_1 ORDER BY call_id"], capture_output=True, timeout=30, check=True)
     answered = json.loads(answer.stdout)
     assert sorted(r["call_id"] for r in answered) == sorted(f"hepjs-udp-{i}" for i in range(40))
+    for path, text in (("/", "<title>hepop</title>"), ("/hepop.js", "function drawLadder")):     # the page inside
+        page = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{http_port}{path}"], capture_output=True,
+                              timeout=30, check=True, text=True)
+        assert text in page.stdout, path
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
     rows = stored_rows(workdir / "data", columns="time, call_id")        # PARQUET_DIR defaults to ./data
@@ -3208,6 +3213,24 @@ def test_a_kamailio_traced_sipp_call_through_homers_search_ladder_logs_and_pcap(
     assert server.stop() == 0
 
 
+def test_an_answer_before_the_body_is_read_closes_the_connection_so_the_body_is_no_request(servers, tmp_path):
+    """A 401 answered before a POST's body is read: on a kept-alive connection the body's bytes were read as
+    the next request, and the browser's login that followed got 501 "Unsupported method" (found by the page)."""
+    server = servers(API_TOKEN="t0ken")
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+        body = b'{"query": "SELECT 1"}'
+        sock.sendall(b"POST /query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = b""
+        while chunk_read := sock.recv(65536):
+            answers += chunk_read
+    statuses = re.findall(rb"^HTTP/1\.1 (\d{3})", answers, re.MULTILINE)
+    assert statuses[0] == b"401" and b"Connection: close" in answers.split(b"\r\n\r\n")[0]
+    assert statuses == [b"401"]                     # closed after it: the body was never taken for a request
+    assert server.stop() == 0
+
+
 def test_the_login_limit_forgets_the_address_that_failed_longest_ago_not_every_address(monkeypatch, tmp_path):
     """An attacker who fails from many addresses must not wipe the count of the one being limited."""
     monkeypatch.setattr(hepop, "LOGIN_ADDRESSES_MAX", 3)
@@ -3356,6 +3379,13 @@ class Browsing:
     def wait(self, ready: str):
         self.page.wait_for_selector(f"#view[data-ready={ready}]", timeout=20_000)
 
+    def until(self, check: Callable[[], bool], timeout_s: float = 20):
+        """Wait for a check in Python (the page's policy refuses the JavaScript that Playwright would eval)."""
+        deadline = time.monotonic() + timeout_s
+        while not check():
+            assert time.monotonic() < deadline, "the page did not get there"
+            self.page.wait_for_timeout(100)
+
     def screenshot(self, name: str):
         self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
@@ -3447,6 +3477,105 @@ def test_the_page_finds_calls_draws_their_ladders_and_downloads_a_pcap(servers, 
                                 capture_output=True, text=True, timeout=60)
         assert result.stdout.split() == [call["call_id"]] * 12, result.stderr
         assert tab.errors == [] and tab.off_machine == []
+    finally:
+        tab.close()
+    assert server.stop() == 0
+
+
+def rtcp_report(jitter: int, fraction_lost: int) -> bytes:
+    """An RTCP receiver report as captagent and heplify send it (HEP type 5, JSON)."""
+    return json.dumps({"type": 201, "ssrc": 77, "report_count": 1, "report_blocks": [
+        {"source_ssrc": 78, "fraction_lost": fraction_lost, "packets_lost": fraction_lost, "highest_seq_no": 500,
+         "ia_jitter": jitter, "lsr": 0, "dlsr": 0}]}).encode()
+
+
+def test_the_page_shows_a_calls_logs_rtcp_retransmissions_the_overview_and_sql(servers, chromium):
+    server = servers()
+    start_s = time.time() - 120
+    flow = call_flow("rtcp@page", "5551234", "6661234", 200, start_s)
+    flow.insert(1, {**flow[0], "label": "INVITE (retransmission)", "packet": hep3(
+        flow[0]["payload"], sport=5060, dport=5060, src="10.0.0.1", dst="10.0.0.2", seconds=int(start_s + 0.005),
+        useconds=round((start_s + 0.005) % 1 * 1e6))})
+    side = [hep3(b"INFO routed rtcp@page to 6661234", proto_type=100, seconds=int(start_s) + 1,
+                 extra=chunk(17, b"rtcp@page"))]
+    side += [hep3(rtcp_report(jitter=80 * (i + 1), fraction_lost=8 * i), proto_type=5, seconds=int(start_s) + 3 + i,
+                  src="10.0.0.2", sport=4001, dst="10.0.0.1", dport=4000, extra=chunk(17, b"rtcp@page"))
+             for i in range(4)]
+    server.udp([m["packet"] for m in flow] + side)
+    wait_for_rows(server, len(flow))
+    tab = Browsing(chromium, server)
+    try:
+        start_ms = int(start_s * 1000)
+        tab.open(f"call?id=rtcp@page&from={start_ms}&to={start_ms + 13000}", "call")
+        labels = tab.arrows()
+        assert labels[:2] == ["INVITE", "INVITE (retransmission)"] and len(labels) == len(flow)
+        assert tab.page.locator(".arrow.retransmission").count() == 1
+        tab.page.get_by_role("tab", name="Logs").click()
+        tab.page.wait_for_selector("td.log")
+        assert tab.page.locator("td.log").all_text_contents() == ["INFO routed rtcp@page to 6661234"]
+        tab.screenshot("call-logs")
+        tab.page.get_by_role("tab", name="RTCP").click()
+        tab.page.wait_for_selector(".chart svg")
+        charts = tab.page.locator(".chart")
+        assert charts.locator("h3").all_text_contents() == ["Jitter", "Packet loss", "MOS (estimated)"]
+        assert charts.first.locator("circle").count() == 4          # one point per report
+        tab.screenshot("call-rtcp")
+
+        tab.open("overview?range=1h", "overview")
+        rate = tab.page.locator('[data-card="received per second"] .value')
+        tab.until(lambda: rate.count() == 1 and rate.text_content().isdigit())       # refreshed: a rate
+        received = int(tab.page.locator('[data-card="received"] .value').text_content())
+        assert received == len(flow) + len(side)
+        assert tab.page.locator(".chart").nth(0).locator("rect").count() > 0
+        assert set(tab.page.locator(".chart").nth(1).locator(".legend span").all_text_contents()) == {"1xx", "2xx"}
+        tab.screenshot("overview")
+
+        sql = "SELECT call_id, status, messages FROM calls WHERE time > now() - INTERVAL 1 HOUR"
+        tab.open("sql?q=" + urllib.parse.quote(sql), "sql")
+        assert tab.page.locator(".result td").all_text_contents() == ["rtcp@page", "200", str(len(flow))]
+        assert "now" not in tab.page.locator("p.muted[data-window]").get_attribute("data-window")
+        assert tab.page.locator("p.muted[data-window]").get_attribute("data-window").endswith("Z/")
+        tab.screenshot("sql")
+        assert tab.errors == [] and tab.off_machine == []
+        tab.open("sql?q=" + urllib.parse.quote("SELECT nothing FROM nowhere"), "sql")
+        assert "nowhere" in tab.page.locator("#view .error").text_content()
+        assert len(tab.errors) == 1 and "400" in tab.errors[0]        # the browser's line for the answer
+    finally:
+        tab.close()
+    assert server.stop() == 0
+
+
+def test_the_page_asks_for_a_login_and_refuses_a_wrong_password(servers, chromium, tmp_path):
+    users = tmp_path / "users"
+    users.write_text(f"admin:{hash_of('right-password')}\n")
+    server = servers(API_USERS_FILE=str(users))
+    server.udp([m["packet"] for m in call_flow("login@page", "5557777", "6667777", 200, time.time() - 60)])
+    tab = Browsing(chromium, server)
+    try:
+        tab.page.goto(tab.base + "#/calls?range=1h")
+        form = tab.page.locator("#login-form")
+        form.wait_for(state="visible")
+        assert tab.page.locator("tr.call").count() == 0                 # nothing shown before the login
+        form.locator("input[name=username]").fill("admin")
+        form.locator("input[name=password]").fill("wrong-password")
+        form.get_by_role("button", name="Log in").click()
+        tab.until(lambda: tab.page.locator("#login-error").text_content() != "")
+        assert "password" in tab.page.locator("#login-error").text_content().lower()
+        assert form.is_visible()
+        tab.screenshot("login-refused")
+        form.locator("input[name=password]").fill("right-password")
+        form.get_by_role("button", name="Log in").click()
+        deadline = time.monotonic() + 20
+        while tab.page.locator("tr.call").count() == 0:         # the list, once its rows are written
+            assert time.monotonic() < deadline
+            tab.page.wait_for_timeout(200)
+            if tab.page.get_attribute("#view", "data-ready") == "calls":
+                tab.open("calls?range=1h&n=again", "calls")
+        assert tab.page.locator("tr.call").get_attribute("data-call-id") == "login@page"
+        assert not form.is_visible()
+        tab.screenshot("calls-after-login")
+        # the 401s before the login are the browser's own console lines for refused requests, nothing else
+        assert all("401" in error for error in tab.errors) and tab.off_machine == []
     finally:
         tab.close()
     assert server.stop() == 0

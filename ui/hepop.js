@@ -67,7 +67,7 @@ async function request(path, { method = "GET", body, raw = false } = {}) {
   }
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
-    try { const answer = await response.json(); message = answer.error || answer.message || message; } catch (e) { /* not JSON */ }
+    try { const answer = await response.json(); message = answer.message || answer.error || message; } catch (e) { /* not JSON */ }
     throw new ApiError(response.status, message);
   }
   return raw ? response : response.json();
