@@ -20,6 +20,7 @@ compaction, queries over a day, and capture while clients loop large JSON result
 from __future__ import annotations
 
 import argparse
+import glob
 import http.client
 import json
 import os
@@ -362,9 +363,9 @@ def bench_loss_while_compacting(target_mib: int, rate: int, pool: list[bytes]) -
                 "compacted": "compacted " in log_path.read_text()}
 
 
-def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000) -> int:
-    """`total_rows` SIP rows spread over the 24 hours before now, written by hepop's own writer and
-    compacted by its own compactor, as a day of capture leaves them; returns the files listed.
+def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000, span_s: int = 86_400) -> int:
+    """`total_rows` SIP rows spread over the `span_s` (24 hours) before now, written by hepop's own writer
+    and compacted by its own compactor, as a day of capture leaves them; returns the files listed.
     100,000 distinct messages are reused; each reuse gets its own Call-IDs, so a call is found once."""
     sys.path.insert(0, str(HERE))
     import hepop
@@ -379,8 +380,8 @@ def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000) -> int:
         tables.append(hepop.complete_table(1, hepop.packet_table([0] * len(batch), batch)))
     table = pa.concat_tables(tables)
     end_us = time.time_ns() // 1000
-    start_us = end_us - 86_400 * 1_000_000
-    step = 86_400 * 1_000_000 / total_rows
+    start_us = end_us - span_s * 1_000_000
+    step = span_s * 1_000_000 / total_rows
     for first in range(0, total_rows, rows_per_file):
         count = min(rows_per_file, total_rows - first)
         times = pa.array([int(start_us + (first + i) * step) for i in range(count)]).cast(hepop.TIME_TYPE)
@@ -437,6 +438,48 @@ def bench_queries(total_rows: int, runs: int = 5) -> None:
               f"({queries} of each): "
               f"sent {sent:,}, stored {stored_rows:,}, loss {100 * (sent - stored_rows) / sent:.3f} %, "
               f"kernel drops {drops}", flush=True)
+
+
+def bench_call_list(rate: int, runs: int = 5) -> None:
+    """The page's call list (its first page: the newest 51 calls of the `calls` view over the last hour)
+    over an hour of SIP at `rate` messages/s written and compacted by hepop's code; beside the same SQL
+    run by DuckDB alone over the same files."""
+    import duckdb
+    sys.path.insert(0, str(HERE))
+    import hepop
+    total_rows = rate * 3600
+    with tempfile.TemporaryDirectory(prefix="hepop-bench-calls-") as tmp:
+        started = time.monotonic()
+        files = write_day(Path(tmp), total_rows, span_s=3600)
+        print(f"the page's call list over an hour at {rate:,} messages/s ({total_rows:,} SIP rows, {files} files, "
+              f"written in {time.monotonic() - started:.0f} s); median of {runs} runs:", flush=True)
+        page_sql = ("SELECT * FROM calls WHERE time BETWEEN now() - INTERVAL 1 HOUR AND now() "
+                    "ORDER BY time DESC LIMIT 51 OFFSET 0")
+        port, http_port = free_port(), free_port()
+        env = {**os.environ, "PORT": str(port), "HTTP_PORT": str(http_port), "PARQUET_DIR": tmp, "WRITER_ID": "bench",
+               "RETENTION": "30d", "MAX_DISK_PERCENT": "0", "COMPACT_INTERVAL_S": "3600", "LOG_LEVEL": "WARNING"}
+        server = subprocess.Popen([sys.executable, str(HERE / "hepop.py")], env=env)
+        wait_listening(http_port)
+        timings, rows = [], 0
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            rows = len(json.loads(http_get(http_port, page_sql)[1]))
+            timings.append(1000 * (time.perf_counter() - t0))
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+        paths = sorted(glob.glob(f"{tmp}/bench/dbs/hep-0/hep_1-0/*/*/*.parquet"))
+        db = duckdb.connect()
+        db.execute("CREATE VIEW hep_1 AS SELECT * FROM read_parquet([" + ", ".join(f"'{p}'" for p in paths) + "])")
+        db.execute(f"CREATE VIEW calls AS {hepop.CALLS_SQL}")
+        alone = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            db.execute(page_sql).fetchall()
+            alone.append(1000 * (time.perf_counter() - t0))
+        timings.sort()
+        alone.sort()
+        print(f"  call list, first page, last hour   {timings[len(timings) // 2]:>7.0f} ms (target 1000 ms), {rows} rows; "
+              f"DuckDB alone over the same files {alone[len(alone) // 2]:.0f} ms", flush=True)
 
 
 def homer_post(port: int, path: str, body: dict) -> bytes:
@@ -590,10 +633,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="capture only, short runs at two rates (under a minute)")
     parser.add_argument("--seconds", type=float, help="seconds per rate")
     parser.add_argument("--rates", help="comma-separated packets/s")
-    parts = ("capture", "sustained", "overload", "compaction", "query", "starvation")
+    parts = ("capture", "sustained", "overload", "compaction", "query", "starvation", "calls")
     for part in parts:
         parser.add_argument(f"--{part}", action="store_true", help=f"only the {part} figures (can be combined)")
     parser.add_argument("--sustained-rate", type=int, default=100_000, help="packets/s of the sustained run")
+    parser.add_argument("--calls-rate", type=int, default=20_000, help="SIP messages/s of the hour the call list reads")
     args = parser.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     rates = [int(r) for r in args.rates.split(",")] if args.rates else \
@@ -612,6 +656,8 @@ def main() -> None:
         sustained_figures(args.sustained_rate, 60.0, pool)
     if "overload" in chosen:
         overload_figures(pool)
+    if "calls" in chosen:
+        bench_call_list(args.calls_rate // 10 if args.quick else args.calls_rate)
     if "starvation" in chosen:
         bench_starvation(pool, 20_000, 10.0 if args.quick else 30.0, [1, 4, 8, 20])
 

@@ -3169,11 +3169,14 @@ def test_ui_dir_serves_the_built_ui_with_its_types_and_index_for_its_routes(serv
     assert http(server, "/api/v3/nothing")[0] == 404 and http(server, "/health")[0] == 200
     assert server.stop() == 0
     server = servers(HTTP_PORT=server.http_port)            # without UI_DIR: hepop's own page, and its policy
-    for path in ("/", "/calls", "/hepop.js", "/hepop.css"):
+    for path in ("/", "/index.html", "/hepop.js", "/hepop.css"):
         status, head, body = http(server, path)
         assert status == 200 and "default-src 'none'" in head["content-security-policy"], path
-    assert "<title>hepop</title>" in http(server, "/search/x")[2].decode()
+    assert "<title>hepop</title>" in http(server, "/")[2].decode()
     assert "javascript" in http(server, "/hepop.js")[1]["content-type"]
+    for path in ("/search/x", "/../secret.txt", "/%2e%2e/secret.txt"):            # its views are in the fragment
+        status, _, body = http(server, path)
+        assert status == 404 and json.loads(body)["error"], path
     status, _, body = http(server, "/nothing", b"{}")
     assert status == 405 and json.loads(body)["error"]
     assert server.stop() == 0
