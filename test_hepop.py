@@ -1195,6 +1195,24 @@ def test_compaction_merges_a_closed_hour_into_one_sorted_file_with_exactly_the_s
     compactor.close()
 
 
+def test_a_compacted_hour_is_written_in_row_groups_of_one_size_not_each_with_a_sliver(tmp_path):
+    """Each row group was written as a full one and the few rows over it as another (about 19,900 and 80
+    rows at a busy site): twice the row groups, and a footer twice as large, for every query to read."""
+    files = []
+    for n in range(4):
+        path = tmp_path / f"in-{n}.parquet"
+        pq.write_table(sip_table([HOUR + n * 600 + i * 0.05 for i in range(6000)], f"f{n}"), path)
+        files.append(str(path))
+    out = tmp_path / "c.parquet"
+    with open(out, "wb") as sink:
+        hepop.HourMerger(16, str(tmp_path / "spill")).merge(sink, hepop.table_schema(1), files)    # 1 MiB groups
+    meta = pq.ParquetFile(out).metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    assert sum(sizes) == 24_000 and len(sizes) > 4
+    assert max(sizes[:-1]) - min(sizes[:-1]) <= max(sizes[:-1]) // 10, sizes     # the last holds what is left
+    assert pq.read_table(out).column("time").to_pylist() == sorted(pq.read_table(out).column("time").to_pylist())
+
+
 def test_an_hour_with_a_file_without_statistics_is_compacted(tmp_path):
     """A raw file written without min/max statistics (by another tool) is read for its time range: the
     hour is compacted with every row once, instead of the compaction process failing on every pass."""
