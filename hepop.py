@@ -2410,19 +2410,26 @@ class QueryEngine:
 
     # -- the time window -------------------------------------------------------------------------------
 
-    def time_window(self, cursor, sql: str, now_us: int) -> TimeWindow:
-        """The time range the query asks for, from its WHERE clauses; the last 10 minutes without one.
+    @staticmethod
+    def statement_tree(cursor, sql: str) -> dict:
+        """The statement as DuckDB parses it (json_serialize_sql), with EXPLAIN's query for EXPLAIN;
+        QueryError for one that calls a function that is refused here."""
+        sql = EXPLAIN_PREFIX.sub("", sql)           # EXPLAIN reads what its query would
+        tree = json.loads(cursor.execute("SELECT json_serialize_sql($sql)", {"sql": sql}).fetchall()[0][0])
+        if tree.get("error"):
+            raise QueryError(tree.get("error_message", "cannot parse the query"))
+        refuse_functions(tree)
+        return tree
+
+    def time_window(self, cursor, tree: dict, now_us: int) -> TimeWindow:
+        """The time range the query (its statement_tree) asks for, from its WHERE clauses; the last 10
+        minutes without one.
 
         A comparison of `time` or `timestamp` with a constant expression bounds the range; AND narrows,
         OR widens (an OR branch without a bound opens the range), and a comparison with anything but a
         constant leaves it open: the query then reads all the data, as it asked.  The range is a superset of
         what the query selects: DuckDB still applies the query's own conditions.
         """
-        sql = EXPLAIN_PREFIX.sub("", sql)           # EXPLAIN reads what its query would
-        tree = json.loads(cursor.execute("SELECT json_serialize_sql($sql)", {"sql": sql}).fetchall()[0][0])
-        if tree.get("error"):
-            raise QueryError(tree.get("error_message", "cannot parse the query"))
-        refuse_functions(tree)
         wheres = find_where_clauses(tree)
         ranges = [self._range(where, cursor) for where in wheres]
         ranges = [r for r in ranges if r is not None]
@@ -2497,9 +2504,13 @@ class QueryEngine:
             types.add(SIP_TYPE)
         return sorted(types)
 
-    def create_views(self, cursor, files_by_type: dict[int, list[str]], window: TimeWindow) -> None:
-        """A temp view per hep_<type> over the files it is given (FileCatalog.files), and `calls` over SIP's."""
+    def create_views(self, cursor, files_by_type: dict[int, list[str]], window: TimeWindow,
+                     newest_first: bool = False) -> None:
+        """A temp view per hep_<type> over the files it is given (FileCatalog.files: oldest first, or the
+        other way round for a query that reads_newest_first), and `calls` over SIP's."""
         for proto_type, files in files_by_type.items():
+            if newest_first:
+                files = files[::-1]
             if files:
                 source = "read_parquet([" + ", ".join(sql_string(path) for path in files) + "])"
             else:
@@ -2566,6 +2577,33 @@ def is_constant(node) -> bool:
     if isinstance(node, list):
         return all(is_constant(item) for item in node)
     return True
+
+
+def reads_newest_first(tree: dict) -> bool:
+    """Whether the first ORDER BY of a statement tree that comes with a LIMIT (a top-N) begins with time
+    descending.  DuckDB's top-N over files listed the other way round keeps every row that comes better
+    than the ones before: its memory grows with the files (the newest 100 INVITEs of a busy hour, 3,600
+    files, ran out of memory at QUERY_MEMORY_MB=512), where the right order lets it prune the rest."""
+    found = []
+
+    def visit(node) -> None:
+        if found:
+            return
+        if isinstance(node, dict):
+            modifiers = node.get("modifiers")
+            if isinstance(modifiers, list) and any(m.get("type") == "LIMIT_MODIFIER" for m in modifiers):
+                orders = [m for m in modifiers if m.get("type") == "ORDER_MODIFIER"]
+                if orders and orders[0]["orders"] and is_time_column(orders[0]["orders"][0].get("expression")):
+                    found.append(orders[0]["orders"][0].get("type") == "DESCENDING")
+                    return
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for item in node:
+                visit(item)
+
+    visit(tree)
+    return bool(found and found[0])
 
 
 def find_where_clauses(node) -> list[dict]:
@@ -2854,6 +2892,15 @@ class QueryFailed(NamedTuple):
     message: str
 
 
+def start_thread(thread: threading.Thread) -> None:
+    """Start a thread of the query process.  Under its address-space cap (cap_address_space) a thread
+    whose stack does not fit is a MemoryError, answered as one, not Python's RuntimeError, a 500."""
+    try:
+        thread.start()
+    except RuntimeError as exc:
+        raise MemoryError(f"no room left for a thread: {exc}") from None
+
+
 class QueryRun:
     """One query in the query process, on its own cursor and connection.  A timer stops it at
     QUERY_TIMEOUT_S (DuckDB's interrupt, answered 504); a watcher stops it when the capture process
@@ -2873,8 +2920,8 @@ class QueryRun:
 
     def run(self) -> None:
         timer = threading.Timer(self.config.query_timeout_s, self._time_out)
-        timer.start()
         try:
+            start_thread(timer)
             self._run()
         except QueryError as exc:
             self._answer(QueryFailed(exc.status, str(exc)))
@@ -2907,11 +2954,12 @@ class QueryRun:
         engine, cap = self.engine, self.config.query_max_rows
         job = self.conn.recv()
         engine.check_statement(job.sql)
-        plan = job.plan or QueryPlan(engine.types_named(job.sql), engine.time_window(self.cursor, job.sql, job.now_us))
+        tree = engine.statement_tree(self.cursor, job.sql)
+        plan = job.plan or QueryPlan(engine.types_named(job.sql), engine.time_window(self.cursor, tree, job.now_us))
         self.conn.send(plan)
-        engine.create_views(self.cursor, self.conn.recv(), plan.window)
+        engine.create_views(self.cursor, self.conn.recv(), plan.window, reads_newest_first(tree))
         self.watching = True
-        threading.Thread(target=self._watch, name="hepop-query-watch", daemon=True).start()
+        start_thread(threading.Thread(target=self._watch, name="hepop-query-watch", daemon=True))
         reader = self.cursor.sql(job.sql, params=job.params).to_arrow_reader(2048)
         batches = CappedBatches(reader, cap)
         encoded: list[bytes] = []
@@ -3015,8 +3063,13 @@ def serve_queries(config: Config, control: socket.socket, parent_pid: int) -> No
         if not message:
             return                                      # the capture process is stopping
         for fd in fds:
-            run = QueryRun(config, engine, multiprocessing.connection.Connection(fd))
-            threading.Thread(target=run.run, name="hepop-query", daemon=True).start()
+            conn = multiprocessing.connection.Connection(fd)
+            try:
+                start_thread(threading.Thread(target=QueryRun(config, engine, conn).run, name="hepop-query",
+                                              daemon=True))
+            except MemoryError:
+                conn.close()                # the HTTP thread answers 500, naming memory
+
 
 
 class QueryProcess:
@@ -3165,13 +3218,13 @@ class FileCatalog:
         return files_by_type, held
 
     def files(self, proto_type: int, window: TimeWindow) -> list[str]:
-        """The files of a type that metadata.json lists, for every writer, overlapping the window."""
-        paths = []
+        """The files of a type that metadata.json lists, for every writer, overlapping the window, oldest
+        first (by their first row)."""
+        entries = []
         for metadata_path in self.layout.metadata_files(proto_type):
-            for entry in self._listed(metadata_path):
-                if window.overlaps(entry):
-                    paths.append(self.layout.absolute(entry["path"]))
-        return paths
+            entries += [entry for entry in self._listed(metadata_path) if window.overlaps(entry)]
+        entries.sort(key=lambda entry: (entry["min_time"], entry["max_time"]))
+        return [self.layout.absolute(entry["path"]) for entry in entries]
 
     def _listed(self, metadata_path: str) -> list[dict]:
         """A metadata.json's file list, parsed again only when the file changed."""

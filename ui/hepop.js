@@ -128,15 +128,16 @@ function go(view, params) {
   location.hash = `#/${view}${search.toString() ? "?" + search : ""}`;
 }
 
-// The range of a view's `range` (15m, 1h, 6h, 24h) or of its from/to (local times), in ms.
+// The range of a view's `range` (15m, 1h, 6h, 24h) or of its from/to (local times), in ms.  The last 15
+// minutes unless asked: the call list aggregates every call of its range.
 function rangeOf(params) {
-  const name = params.get("range") || "1h";
+  const name = params.get("range") || "15m";
   if (name === "custom") {
     const from = Date.parse(params.get("from")), to = Date.parse(params.get("to"));
     if (!isNaN(from) && !isNaN(to) && from < to) return { name, from, to };
   }
   const to = Date.now();
-  return { name: RANGES[name] ? name : "1h", from: to - (RANGES[name] || RANGES["1h"]), to };
+  return { name: RANGES[name] ? name : "15m", from: to - (RANGES[name] || RANGES["15m"]), to };
 }
 
 function rangeControls(params, range) {
