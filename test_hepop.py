@@ -1703,6 +1703,19 @@ def test_the_newest_rows_of_many_files_come_within_the_memory_either_way_round(s
     assert server.stop() == 0
 
 
+def test_a_thread_that_the_address_space_cap_refuses_is_a_memory_error():
+    """Under the query process's RLIMIT_AS a thread whose stack does not fit raised RuntimeError, which
+    was answered 500 "internal error" (seen at QUERY_MEMORY_MB=64), not as the memory it is."""
+    script = ("import resource, threading, hepop\n"
+              "size = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (size + (64 << 20), resource.RLIM_INFINITY))\n"
+              "threading.stack_size(128 << 20)\n"
+              "try:\n    hepop.start_thread(threading.Thread(target=print))\n"
+              "except MemoryError as exc:\n    print('MemoryError', exc)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert result.stdout.startswith("MemoryError no room left for a thread"), result.stdout + result.stderr
+
+
 def test_bad_queries_get_duckdbs_message(seeded):
     server, _ = seeded
     for sql, words in [("SELEC 1", "syntax"), ("SELECT nope FROM hep_1", "nope"), ("SELECT * FROM hep_x", "hep_x"),
