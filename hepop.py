@@ -21,9 +21,9 @@ Data flow::
                             |   metadata.json; retention; the disk guard; empty folders
                             v
     HTTP threads: /query, /health, /metrics, HOMER's /api/v3 and the page at / by a route table.  A
-                  query goes to the query process (DuckDB over the files that every writer's metadata.json lists, pruned to the query's
-                  time window, made JSON, CSV or Arrow there); the HTTP thread holds the files it reads
-                  and relays its bytes
+                  query goes to the query process (DuckDB over the files that every writer's
+                  metadata.json lists, pruned to the query's time window, made JSON, CSV or Arrow
+                  there); the HTTP thread holds the files it reads and relays its bytes
 
     PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/metadata.json                the truth about the files
     PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-MM/NNNNNNNNNN.parquet   (TreeLayout)
@@ -2579,31 +2579,28 @@ def is_constant(node) -> bool:
     return True
 
 
-def reads_newest_first(tree: dict) -> bool:
+def reads_newest_first(node) -> Optional[bool]:
     """Whether the first ORDER BY of a statement tree that comes with a LIMIT (a top-N) begins with time
-    descending.  DuckDB's top-N over files listed the other way round keeps every row that comes better
-    than the ones before: its memory grows with the files (the newest 100 INVITEs of a busy hour, 3,600
-    files, ran out of memory at QUERY_MEMORY_MB=512), where the right order lets it prune the rest."""
-    found = []
-
-    def visit(node) -> None:
-        if found:
-            return
-        if isinstance(node, dict):
-            modifiers = node.get("modifiers")
-            if isinstance(modifiers, list) and any(m.get("type") == "LIMIT_MODIFIER" for m in modifiers):
-                orders = [m for m in modifiers if m.get("type") == "ORDER_MODIFIER"]
-                if orders and orders[0]["orders"] and is_time_column(orders[0]["orders"][0].get("expression")):
-                    found.append(orders[0]["orders"][0].get("type") == "DESCENDING")
-                    return
-            for value in node.values():
-                visit(value)
-        elif isinstance(node, list):
-            for item in node:
-                visit(item)
-
-    visit(tree)
-    return bool(found and found[0])
+    descending (None: no such ORDER BY).  DuckDB's top-N over files listed the other way round keeps every
+    row that comes better than the ones before: its memory grows with the files (the newest 100 INVITEs of
+    a busy hour, 3,600 files, ran out of memory at QUERY_MEMORY_MB=512), where the right order lets it
+    prune the rest."""
+    if isinstance(node, dict):
+        modifiers = node.get("modifiers")
+        if isinstance(modifiers, list) and any(m.get("type") == "LIMIT_MODIFIER" for m in modifiers):
+            orders = [o for m in modifiers if m.get("type") == "ORDER_MODIFIER" for o in m["orders"]]
+            if orders and is_time_column(orders[0].get("expression")):
+                return orders[0].get("type") == "DESCENDING"
+        children = list(node.values())
+    elif isinstance(node, list):
+        children = node
+    else:
+        return None
+    for child in children:
+        found = reads_newest_first(child)
+        if found is not None:
+            return found
+    return None
 
 
 def find_where_clauses(node) -> list[dict]:
@@ -2957,7 +2954,7 @@ class QueryRun:
         tree = engine.statement_tree(self.cursor, job.sql)
         plan = job.plan or QueryPlan(engine.types_named(job.sql), engine.time_window(self.cursor, tree, job.now_us))
         self.conn.send(plan)
-        engine.create_views(self.cursor, self.conn.recv(), plan.window, reads_newest_first(tree))
+        engine.create_views(self.cursor, self.conn.recv(), plan.window, bool(reads_newest_first(tree)))
         self.watching = True
         start_thread(threading.Thread(target=self._watch, name="hepop-query-watch", daemon=True))
         reader = self.cursor.sql(job.sql, params=job.params).to_arrow_reader(2048)
@@ -3069,7 +3066,6 @@ def serve_queries(config: Config, control: socket.socket, parent_pid: int) -> No
                                               daemon=True))
             except MemoryError:
                 conn.close()                # the HTTP thread answers 500, naming memory
-
 
 
 class QueryProcess:
@@ -4557,8 +4553,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def send_response(self, code: int, message: Optional[str] = None) -> None:
         """An answer given without reading the request's body (a 401, a route that takes none) closes the
         connection after it: the body's bytes would otherwise be read as the next request."""
-        if not self.body_read and (self.headers.get("Transfer-Encoding") or
-                                   self.headers.get("Content-Length", "0").strip() not in ("", "0")):
+        headers = getattr(self, "headers", None)          # none yet for a request line refused as bad
+        if headers is not None and not self.body_read and (
+                headers.get("Transfer-Encoding") or headers.get("Content-Length", "0").strip() not in ("", "0")):
             self.unread_body = self.close_connection = True
         super().send_response(code, message)
 
