@@ -2066,13 +2066,14 @@ class HourMerger:
                 for low, high in zip(edges, edges[1:])]
 
     def _write_row_group(self, writer: pq.ParquetWriter, schema: pa.Schema, batches: list) -> pa.Table:
-        """Write one row group of `row_group_bytes` from `batches`; return the rows left over, which begin
-        the next.  Writing all of them cut each group in two, a full one and a sliver (about 19,900 and 80
-        rows): twice the row groups, and a footer twice the size, that every query reads."""
+        """Write the whole row groups of `row_group_bytes` that `batches` hold; return the rows left over,
+        which begin the next.  Writing all of them cut each group in two, a full one and a sliver (about
+        19,900 and 80 rows): twice the row groups, and a footer twice the size, that every query reads."""
         table = pa.Table.from_batches(batches, schema)
         rows = min(len(table), row_group_rows(table, self.row_group_bytes))
-        writer.write_table(table.slice(0, rows), row_group_size=rows)
-        return table.slice(rows)
+        whole = len(table) // rows * rows
+        writer.write_table(table.slice(0, whole), row_group_size=rows)
+        return table.slice(whole)
 
 
 def merge_hour(path: str, schema: pa.Schema, files: list[str], memory_mb: int, temp_dir: str,
