@@ -3554,9 +3554,10 @@ def test_the_page_shows_a_calls_logs_rtcp_retransmissions_the_overview_and_sql(s
     server = servers()
     start_s = time.time() - 120
     flow = call_flow("rtcp@page", "5551234", "6661234", 200, start_s)
+    seconds, useconds = divmod(round((start_s + 0.005) * 1e6), 1_000_000)
     flow.insert(1, {**flow[0], "label": "INVITE (retransmission)", "packet": hep3(
-        flow[0]["payload"], sport=5060, dport=5060, src="10.0.0.1", dst="10.0.0.2", seconds=int(start_s + 0.005),
-        useconds=round((start_s + 0.005) % 1 * 1e6))})
+        flow[0]["payload"], sport=5060, dport=5060, src="10.0.0.1", dst="10.0.0.2", seconds=seconds,
+        useconds=useconds)})
     side = [hep3(b"INFO routed rtcp@page to 6661234", proto_type=100, seconds=int(start_s) + 1,
                  extra=chunk(17, b"rtcp@page"))]
     side += [hep3(rtcp_report(jitter=80 * (i + 1), fraction_lost=8 * i), proto_type=5, seconds=int(start_s) + 3 + i,
@@ -3614,7 +3615,7 @@ def test_the_page_shows_a_calls_logs_rtcp_retransmissions_the_overview_and_sql(s
 def test_the_page_asks_for_a_login_and_refuses_a_wrong_password(servers, chromium, tmp_path):
     users = tmp_path / "users"
     users.write_text(f"admin:{hash_of('right-password')}\n")
-    server = servers(API_USERS_FILE=str(users))
+    server = servers(API_USERS_FILE=str(users), API_TOKEN="page-token")
     flow = call_flow("login@page", "5557777", "6667777", 200, time.time() - 60)
     server.udp([m["packet"] for m in flow])
     token = login(server, "admin", "right-password")[2]["token"]
@@ -3636,6 +3637,12 @@ def test_the_page_asks_for_a_login_and_refuses_a_wrong_password(servers, chromiu
         assert "password" in tab.page.locator("#login-error").text_content().lower()
         assert form.is_visible()
         tab.screenshot("login-refused")
+        form.locator("summary").click()                                # or an API token: a wrong one
+        form.locator("input[name=token]").fill("wrong-token")
+        form.get_by_role("button", name="Log in").click()
+        tab.until(lambda: "token is not accepted" in tab.page.locator("#login-error").text_content())
+        assert form.is_visible() and tab.page.locator("tr.call").count() == 0
+        form.locator("input[name=token]").fill("")
         form.locator("input[name=password]").fill("right-password")
         form.get_by_role("button", name="Log in").click()
         tab.wait("calls")                                       # the list the login was asked for
@@ -3643,6 +3650,19 @@ def test_the_page_asks_for_a_login_and_refuses_a_wrong_password(servers, chromiu
         assert not form.is_visible()
         tab.screenshot("calls-after-login")
         # the 401s before the login are the browser's own console lines for refused requests, nothing else
+        assert all("401" in error for error in tab.errors) and tab.off_machine == []
+    finally:
+        tab.close()
+    tab = Browsing(chromium, server)                                   # the right API token, in a new tab
+    try:
+        tab.page.goto(tab.base + "#/calls?range=1h")
+        form = tab.page.locator("#login-form")
+        form.wait_for(state="visible")
+        form.locator("summary").click()
+        form.locator("input[name=token]").fill("page-token")
+        form.get_by_role("button", name="Log in").click()
+        tab.wait("calls")
+        assert tab.page.locator("tr.call").get_attribute("data-call-id") == "login@page"
         assert all("401" in error for error in tab.errors) and tab.off_machine == []
     finally:
         tab.close()

@@ -94,11 +94,10 @@ async function logIn(event) {
   error.textContent = "";
   const token = form.token.value.trim();
   try {
-    if (token) {
-      auth.token = token;
-      await request("/health");
+    if (token) {            // a route behind the token says whether it is the right one
       const check = await fetch("/metrics", { headers: { Authorization: `Bearer ${token}` } });
-      if (check.status === 401) { auth.token = null; throw new ApiError(401, "the API token is not accepted"); }
+      if (check.status === 401) throw new ApiError(401, "the API token is not accepted");
+      auth.token = token;
     } else {
       const answer = await request("/api/v3/auth", { method: "POST",
                                                       body: { username: form.username.value, password: form.password.value } });
@@ -272,10 +271,12 @@ async function showCall(view, params) {
 
 async function download(path, body, name) {
   const response = await request(path, { method: "POST", body, raw: true });
-  const link = el("a", { href: URL.createObjectURL(await response.blob()), download: name });
+  const url = URL.createObjectURL(await response.blob());
+  const link = el("a", { href: url, download: name });
   document.body.append(link);
   link.click();
   link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60e3);     // the browser has the file by then; free its copy
 }
 
 function firstLine(raw) { return String(raw || "").split(/\r?\n/, 1)[0]; }
