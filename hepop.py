@@ -2501,14 +2501,19 @@ class QueryEngine:
     def types_named(sql: str) -> list[int]:
         """The types whose hep_<type> table the query names (`calls` is made of SIP's)."""
         types = {int(n) for n in re.findall(r"\bhep_(\d+)\b", sql, re.IGNORECASE) if int(n) <= 255}
-        if re.search(rf"\b{CALLS_VIEW}\b", sql, re.IGNORECASE):
+        if QueryEngine.names_calls(sql):
             types.add(SIP_TYPE)
         return sorted(types)
 
+    @staticmethod
+    def names_calls(sql: str) -> bool:
+        return bool(re.search(rf"\b{CALLS_VIEW}\b", sql, re.IGNORECASE))
+
     def create_views(self, cursor, files_by_type: dict[int, list[str]], window: TimeWindow,
-                     newest_first: bool = False) -> None:
+                     newest_first: bool = False, calls: bool = False) -> None:
         """A temp view per hep_<type> over the files it is given (FileCatalog.files: oldest first, or the
-        other way round for a query that reads_newest_first), and `calls` over SIP's."""
+        other way round for a query that reads_newest_first), and `calls` over SIP's if asked: binding
+        it took a third of a HOMER search that found nothing (about 15 ms)."""
         for proto_type, files in files_by_type.items():
             if newest_first:
                 files = files[::-1]
@@ -2522,7 +2527,7 @@ class QueryEngine:
                 condition = f" WHERE time >= make_timestamp({window.low_us})"
             cursor.execute(f'CREATE TEMP VIEW hep_{proto_type} AS SELECT *, time AS "timestamp", '
                            f"{RCINFO_SQL} AS rcinfo FROM {source}{condition}")
-        if SIP_TYPE in files_by_type:
+        if calls and SIP_TYPE in files_by_type:
             cursor.execute(f"CREATE TEMP VIEW {CALLS_VIEW} AS {CALLS_SQL}")
 
 
@@ -2955,7 +2960,8 @@ class QueryRun:
         tree = engine.statement_tree(self.cursor, job.sql)
         plan = job.plan or QueryPlan(engine.types_named(job.sql), engine.time_window(self.cursor, tree, job.now_us))
         self.conn.send(plan)
-        engine.create_views(self.cursor, self.conn.recv(), plan.window, bool(reads_newest_first(tree)))
+        engine.create_views(self.cursor, self.conn.recv(), plan.window, bool(reads_newest_first(tree)),
+                            engine.names_calls(job.sql))
         self.watching = True
         start_thread(threading.Thread(target=self._watch, name="hepop-query-watch", daemon=True))
         reader = self.cursor.sql(job.sql, params=job.params).to_arrow_reader(2048)
@@ -3985,11 +3991,20 @@ DEFAULT_SEARCH_LIMIT = 200
 MAX_SEARCH_LIMIT = 10_000
 CALL_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "UPDATE", "PRACK", "REFER", "INFO", "NOTIFY")
 CSEQ_METHOD_SQL = "upper(split_part(cseq, ' ', 2))"
+
+
+def cseq_method_in(methods: tuple) -> str:
+    """The CSeq method is one of `methods`, as a word found in one string rather than IN (...): DuckDB
+    makes an IN of five values or more a join, and a newest-first top-N above a join no longer skips
+    the older row groups.  A From user's newest 200 over a day of 10 M rows: 399 ms with IN, 143 ms so."""
+    return f"contains(' {' '.join(methods)} ', ' ' || {CSEQ_METHOD_SQL} || ' ')"
+
+
 # HOMER 7 files SIP under a profile by its CSeq method, responses with their request.
 SIP_PROFILES = {
-    "call": f"{CSEQ_METHOD_SQL} IN ({', '.join(map(sql_string, CALL_METHODS))})",
+    "call": cseq_method_in(CALL_METHODS),
     "registration": f"{CSEQ_METHOD_SQL} = 'REGISTER'",
-    "default": f"{CSEQ_METHOD_SQL} NOT IN ({', '.join(map(sql_string, CALL_METHODS + ('REGISTER',)))})",
+    "default": f"NOT {cseq_method_in(CALL_METHODS + ('REGISTER',))}",
 }
 # A message's id: 53 bits (a JavaScript number) of the md5 of what makes it itself, so that it is the same
 # before and after compaction, after a restart and from any writer, with no column to store.  Ids are
