@@ -1998,7 +1998,10 @@ HOUR_US = 3600 * 1_000_000
 # A new interpreter for each compaction: fork() is unsafe in a process that runs threads (DuckDB's,
 # Arrow's, ours), and spawn works the same from python3 hepop.py and from the PyInstaller binary.
 PROCESSES = multiprocessing.get_context("spawn")
-BLOOM_FILTER_COLUMNS = ("call_id", "correlation_id")    # a call is looked up by these over whole days
+# A call is looked up by these over whole days, and a number by its users: a HOMER search for a From user
+# with a few messages over a day of 10 M rows took 702 ms without the users' filters and 251 ms with them,
+# for 0.9 % more bytes (DuckDB skips a row group whose filter excludes the value; min/max cannot).
+BLOOM_FILTER_COLUMNS = ("call_id", "correlation_id", "from_user", "to_user", "ruri_user")
 # The writer keeps every row group's filters until the file is closed: about 4 KiB each as written (a
 # row group holds a few thousand calls) keeps that small even for a 1 GB hour.
 BLOOM_FILTER = {"ndv": 8192, "fpp": 0.02}

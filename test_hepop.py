@@ -1213,6 +1213,27 @@ def test_a_compacted_hour_is_written_in_row_groups_of_one_size_not_each_with_a_s
     assert pq.read_table(out).column("time").to_pylist() == sorted(pq.read_table(out).column("time").to_pylist())
 
 
+def test_a_compacted_hour_has_bloom_filters_for_the_call_and_its_users(tmp_path):
+    """DuckDB skips a row group whose bloom filter excludes a searched Call-ID or user; min/max statistics
+    cannot exclude a value that lies between others."""
+    files = []
+    for n in range(2):
+        path = tmp_path / f"in-{n}.parquet"
+        pq.write_table(sip_table([HOUR + n * 600 + i * 0.05 for i in range(3000)], f"b{n}"), path)
+        files.append(str(path))
+    out = tmp_path / "c.parquet"
+    with open(out, "wb") as sink:
+        hepop.HourMerger(16, str(tmp_path / "spill")).merge(sink, hepop.table_schema(1), files)
+    groups = pq.ParquetFile(out).metadata.num_row_groups
+    probe = lambda column, value: [excluded for _, _, excluded in duckdb.execute(
+        "SELECT * FROM parquet_bloom_probe($file, $column, $value)", {"file": str(out), "column": column,
+                                                                       "value": value}).fetchall()]
+    for column, present, absent in [("call_id", "b0-7", "b0-7x"), ("from_user", "alice", "alicf"),
+                                    ("to_user", "bob", "boa"), ("ruri_user", "bob", "boa")]:
+        assert groups > 1 and len(probe(column, absent)) == groups, column
+        assert all(probe(column, absent)) and not all(probe(column, present)), column
+
+
 def test_an_hour_with_a_file_without_statistics_is_compacted(tmp_path):
     """A raw file written without min/max statistics (by another tool) is read for its time range: the
     hour is compacted with every row once, instead of the compaction process failing on every pass."""
