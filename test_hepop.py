@@ -3077,6 +3077,22 @@ def homer_post(server, path: str, callids: list[str], window=None) -> tuple[int,
     return http(server, path, json.dumps(body).encode(), {"Content-Type": "application/json"})
 
 
+def test_homer_search_filters_the_profile_as_a_join_only_where_the_call_ids_keep_few_rows():
+    """A profile's nine CSeq methods as IN (a join, cheapest over a handful of rows) only when the search
+    keeps the rows of given Call-IDs; otherwise as one contains(), which lets the newest-first top-N skip
+    older row groups."""
+    window = hepop.TimeWindow(0, 10**15, False)
+    by_id, by_user = field("data_header.callid", "a@x"), field("data_header.from_user", "1001")
+    sql = lambda fields, orlogic=False: hepop.homer_search("1_call", fields, orlogic, window, False).sql
+    for fields, orlogic in [([by_id], False), ([by_user, by_id], False), ([by_id], True),
+                            ([field("data_header.callid", "a@x;b@x")], False), ([by_id, field("limit", "5")], False)]:
+        assert " IN ('INVITE', " in sql(fields, orlogic) and "contains(' INVITE" not in sql(fields, orlogic), fields
+    for fields, orlogic in [([by_user], False), ([by_id, by_user], True), ([by_user, field("sid", "||a@x")], False),
+                            ([field("data_header.callid", "!=a@x")], False), ([field("sid", "a%")], False), ([], False)]:
+        assert "contains(' INVITE ACK " in sql(fields, orlogic) and " IN ('INVITE'" not in sql(fields, orlogic), fields
+    assert "NOT contains(' INVITE" in hepop.homer_search("1_default", [by_user], False, window, False).sql
+
+
 def test_homer_transaction_is_the_whole_call_with_both_legs(homer):
     server, sent = homer
     status, _, data = homer_post(server, "/api/v3/call/transaction", ["a-leg@x"])
