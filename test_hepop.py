@@ -1195,17 +1195,23 @@ def test_compaction_merges_a_closed_hour_into_one_sorted_file_with_exactly_the_s
     compactor.close()
 
 
+def merged_hour(tmp_path: Path, files: int, rows_per_file: int, tag: str) -> Path:
+    """`files` raw files of an hour, 10 minutes apart, merged by HourMerger in 1 MiB row groups."""
+    paths = []
+    for n in range(files):
+        path = tmp_path / f"in-{n}.parquet"
+        pq.write_table(sip_table([HOUR + n * 600 + i * 0.05 for i in range(rows_per_file)], f"{tag}{n}"), path)
+        paths.append(str(path))
+    out = tmp_path / "c.parquet"
+    with open(out, "wb") as sink:
+        hepop.HourMerger(16, str(tmp_path / "spill")).merge(sink, hepop.table_schema(1), paths)
+    return out
+
+
 def test_a_compacted_hour_is_written_in_row_groups_of_one_size_not_each_with_a_sliver(tmp_path):
     """Each row group was written as a full one and the few rows over it as another (about 19,900 and 80
     rows at a busy site): twice the row groups, and a footer twice as large, for every query to read."""
-    files = []
-    for n in range(4):
-        path = tmp_path / f"in-{n}.parquet"
-        pq.write_table(sip_table([HOUR + n * 600 + i * 0.05 for i in range(6000)], f"f{n}"), path)
-        files.append(str(path))
-    out = tmp_path / "c.parquet"
-    with open(out, "wb") as sink:
-        hepop.HourMerger(16, str(tmp_path / "spill")).merge(sink, hepop.table_schema(1), files)    # 1 MiB groups
+    out = merged_hour(tmp_path, files=4, rows_per_file=6000, tag="f")
     meta = pq.ParquetFile(out).metadata
     sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     assert sum(sizes) == 24_000 and len(sizes) > 4
@@ -1216,14 +1222,7 @@ def test_a_compacted_hour_is_written_in_row_groups_of_one_size_not_each_with_a_s
 def test_a_compacted_hour_has_bloom_filters_for_the_call_and_its_users(tmp_path):
     """DuckDB skips a row group whose bloom filter excludes a searched Call-ID or user; min/max statistics
     cannot exclude a value that lies between others."""
-    files = []
-    for n in range(2):
-        path = tmp_path / f"in-{n}.parquet"
-        pq.write_table(sip_table([HOUR + n * 600 + i * 0.05 for i in range(3000)], f"b{n}"), path)
-        files.append(str(path))
-    out = tmp_path / "c.parquet"
-    with open(out, "wb") as sink:
-        hepop.HourMerger(16, str(tmp_path / "spill")).merge(sink, hepop.table_schema(1), files)
+    out = merged_hour(tmp_path, files=2, rows_per_file=3000, tag="b")
     groups = pq.ParquetFile(out).metadata.num_row_groups
     probe = lambda column, value: [excluded for _, _, excluded in duckdb.execute(
         "SELECT * FROM parquet_bloom_probe($file, $column, $value)", {"file": str(out), "column": column,
