@@ -2510,6 +2510,7 @@ class QueryEngine:
 
     @staticmethod
     def names_calls(sql: str) -> bool:
+        """Whether the query names the `calls` view."""
         return bool(re.search(rf"\b{CALLS_VIEW}\b", sql, re.IGNORECASE))
 
     def create_views(self, cursor, files_by_type: dict[int, list[str]], window: TimeWindow,
@@ -4122,8 +4123,14 @@ def homer_search(profile: str, fields: list, orlogic: bool, window: TimeWindow, 
             raise HomerError(f"unknown search field {field_name!r} for {profile}")
         joiner = "OR" if orlogic or value.startswith("||") else "AND"
         value = value.removeprefix("||")
-        call_ids = known[field_name] == "call_id" and not any(mark in value for mark in ("!=", "%", "isNull", "isEmpty"))
-        by_call_id = call_ids if not terms else (by_call_id or call_ids) if joiner == "AND" else (by_call_id and call_ids)
+        call_ids = known[field_name] == "call_id" and not any(mark in value for mark in ("!=", "%", "isNull",
+                                                                                          "isEmpty"))
+        if not terms:
+            by_call_id = call_ids
+        elif joiner == "AND":
+            by_call_id = by_call_id or call_ids
+        else:
+            by_call_id = by_call_id and call_ids
         term = search_term(known[field_name], field_name, value, kind, params)
         terms = f"({terms}) {joiner} ({term})" if terms else term
     profile_condition = SIP_PROFILES[name].condition(by_call_id) if proto_type == SIP_TYPE else ""
