@@ -3259,14 +3259,36 @@ class FileCatalog:
 # Capture: from raw HEP bytes to batches (Ingest), and the selectors loop over the sockets.
 # ---------------------------------------------------------------------------------------------------------
 
-# The header of a compressed payload chunk (vendor 0, type 16) as it stands in a message.  Its bytes may
-# also occur elsewhere in a binary payload: such a message is charged more than it needs, never less.
+# The header of a compressed payload chunk (vendor 0, type 16) as it stands in a message.
 COMPRESSED_CHUNK = _CHUNK_HEADER.pack(0, 16, 0)[:4]
+
+
+def has_compressed_payload(message: bytes) -> bool:
+    """Whether decode() would inflate a chunk of this message: it has a chunk 16 before any chunk that
+    stops decoding.  Its header's four bytes are looked for first, at C speed; only a message that has
+    them is walked chunk by chunk, since they also stand inside values: capture ID 16, or microseconds
+    16 in the capture time (one message in a million).  Charged 1 MiB more on those bytes alone, such
+    messages were dropped as buffer_full, and a TCP agent sending one was held back for good at a
+    MAX_PENDING_BYTES of 1M.  A message of the common layout has no chunk 16: one check, no walk."""
+    if COMPRESSED_CHUNK not in message or message[:4] != HEP3_MAGIC or has_common_layout(message):
+        return False
+    size = len(message)
+    if _U16.unpack_from(message, 4)[0] != size:
+        return False
+    pos = 6
+    while size - pos >= 6:
+        vendor, kind, length = _CHUNK_HEADER.unpack_from(message, pos)
+        if length < 6 or pos + length > size:
+            return False
+        if vendor == 0 and kind == 16:
+            return True
+        pos += length
+    return False
 
 
 def charged_bytes(data: bytes) -> int:
     """What a message as received is counted as in the buffers: see Ingest.messages."""
-    return len(data) + 64 + (MAX_INFLATED_BYTES if COMPRESSED_CHUNK in data else 0)
+    return len(data) + 64 + (MAX_INFLATED_BYTES if has_compressed_payload(data) else 0)
 
 
 class Ingest:
@@ -3295,9 +3317,10 @@ class Ingest:
         when it may hold a compressed payload (chunk 16), which the writer inflates.  Charged at wire
         size, 3,000 datagrams of 1,145 bytes that each inflate to 1 MiB took a 2 GiB box down."""
         size = sum(map(len, messages)) + 64 * len(messages)
-        compressed = any(map(bytes.__contains__, messages, itertools.repeat(COMPRESSED_CHUNK)))
-        if compressed:
-            size += MAX_INFLATED_BYTES * sum(1 for data in messages if COMPRESSED_CHUNK in data)
+        compressed = 0
+        if any(map(bytes.__contains__, messages, itertools.repeat(COMPRESSED_CHUNK))):   # rare: then walk
+            compressed = sum(map(has_compressed_payload, messages))
+            size += MAX_INFLATED_BYTES * compressed
         room = self.room()
         if size > room:
             fitting, fitting_senders = [], []
@@ -3682,17 +3705,22 @@ class CaptureServer:
     def _take_fitting_frames(self, agent: Agent) -> bool:
         """Take an agent's complete frames while the buffers have room for them; False if some had none.
         Those stay in its stream, charged as held bytes, and the agent is not read until they fit
-        (_take_held_back): TCP holds a sender back rather than drop what it sent."""
+        (_take_held_back): TCP holds a sender back rather than drop what it sent.  A frame charged more
+        than the room reading waits for (a compressed one at a small MAX_PENDING_BYTES) would wait for
+        good: it is taken, and stored or dropped as what it decodes to takes room or not."""
         stream, room, fitted = agent.stream, self.ingest.room(), True
+        never_waits_bytes = self._pause_below()
 
         def fitting():
             nonlocal room, fitted
             while (frame := stream.next_frame()) is not None:
-                room -= charged_bytes(frame)
-                if room < 0:
-                    stream.unread()
-                    fitted = False
-                    return
+                charge = charged_bytes(frame)
+                if charge <= never_waits_bytes:
+                    room -= charge
+                    if room < 0:
+                        stream.unread()
+                        fitted = False
+                        return
                 yield frame
         self._take_frames(stream, agent.peer, fitting())
         return fitted
@@ -3764,6 +3792,7 @@ class CaptureServer:
         dropped."""
         if not self.reading:
             self._set_reading(True)
+        self.selector.unregister(self._wakeup_r)    # a signal's byte left unread would make select() spin
         self.selector.unregister(self.udp)
         with contextlib.suppress(KeyError):        # not registered while accepting is paused
             self.selector.unregister(self.tcp)

@@ -914,6 +914,45 @@ def test_full_buffers_pause_reading_instead_of_dropping(servers, tmp_path, trans
     assert counters["reading_paused_total"] >= 1
 
 
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_messages_with_the_bytes_of_a_compressed_chunk_header_are_charged_what_they_take(servers, tmp_path,
+                                                                                        transport):
+    """A message is charged MAX_INFLATED_BYTES more only when it holds a compressed payload (chunk 16),
+    not whenever the four bytes 00 00 00 10 occur in it: capture ID 16 holds them, and so does a capture
+    time whose microseconds are 16 (one message in a million, one a minute at 20,000/s).  Charged 1 MiB
+    each, those overflowed MAX_PENDING_BYTES: UDP dropped them as buffer_full, and a TCP agent was held
+    back for room that never came, its stream lost at shutdown (the TCP burst test failed one run in 30)."""
+    server = servers(MAX_PENDING_BYTES="1M")
+    packets = [hep3(sip(f"id16-{i}"), capture_id=16) for i in range(300)]
+    packets += [hep3(sip(f"usec16-{i}"), useconds=16, seconds=int(time.time())) for i in range(300)]
+    assert all(hepop.COMPRESSED_CHUNK in data for data in packets)
+    if transport == "udp":
+        server.udp(packets, pace_every=50)
+    else:
+        server.tcp(b"".join(packets))
+    assert server.stop() == 0
+    counters = server.counters()
+    assert len(stored_rows(tmp_path / "data", columns="time")) == len(packets)
+    assert not any(key.startswith("hep_dropped_total") for key in counters)
+
+
+def test_a_tcp_frame_charged_more_than_the_buffers_hold_is_not_held_back_for_good(servers, tmp_path):
+    """A compressed frame is charged MAX_INFLATED_BYTES (1 MiB) more until it is decoded, so at
+    MAX_PENDING_BYTES=1M it never fits.  It is decoded at once, like any frame not of the common layout,
+    and stored at what it inflates to, with the frames behind it; held back for room instead, the agent
+    was never read again and everything it sent from that frame on was lost."""
+    server = servers(MAX_PENDING_BYTES="1M")
+    before = [hep3(sip(f"before{i}")) for i in range(100)]
+    after = [hep3(sip(f"after{i}")) for i in range(100)]
+    compressed = hep3(zlib.compress(sip("compressed")), payload_chunk=16)
+    server.tcp(b"".join(before + [compressed] + after))
+    assert server.stop() == 0
+    counters = server.counters()
+    call_ids = {row["call_id"] for row in stored_rows(tmp_path / "data", columns="call_id")}
+    assert call_ids == {f"before{i}" for i in range(100)} | {"compressed"} | {f"after{i}" for i in range(100)}
+    assert not any(key.startswith("hep_dropped_total") for key in counters)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Real third-party senders
 # ---------------------------------------------------------------------------------------------------------
