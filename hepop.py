@@ -36,9 +36,11 @@ Sections, in reading order; each uses only what is above it:
     Batch decoding  the common layout of a whole batch decoded by Arrow
     Packet checks   capture-time bounds, the auth key, what counts as received and dropped
     SIP fields      the SIP columns of a batch, by Arrow
-    Storage         schemas; TreeLayout; the atomic publish; file_entry and its validation;
-                    FileLeases (no file deleted under a query); TypeStore (files and metadata.json of
-                    one type, recovery at start); Storage (all types, the lock on the writer's folder)
+    Storage         schemas; TreeLayout; the atomic publish; FileStore, the one interface to the data's
+                    files (list, read, write-then-publish, delete, size), and LocalFileStore;
+                    file_entry and its validation; FileLeases (no file deleted under a query);
+                    TypeStore (files and metadata.json of one type, recovery at start); Storage (all
+                    types, the lock on the writer's folder)
     Writer thread   the batch records the loop hands over; BatchWriter
     Compaction      HourMerger and merge_hour (the child process); Compactor (the timer thread)
     Query           QueryEngine (the sandbox, the time window, views over listed files, the `calls`
@@ -82,6 +84,7 @@ every setting, each also readable from the environment variable of the same name
 
 from __future__ import annotations
 
+import abc
 import argparse
 import base64
 import bisect
@@ -97,7 +100,6 @@ import fcntl
 import functools
 import gc
 import hashlib
-import glob
 import hmac
 import http.server
 import io
@@ -1172,6 +1174,9 @@ class TreeLayout:
         PARQUET_DIR/WRITER_ID/set-aside/...                        files that could not be read, moved away
         PARQUET_DIR/WRITER_ID/.compaction-tmp, .query-tmp          DuckDB's spill, bounded, emptied at start
 
+    The lock, the spill folders and the few files of the writer's own (its login key, dashboards) are on
+    this disk and have paths; the data's files are reached through a FileStore and have keys.
+
     Dates, hours and 10-minute folders are UTC.  Sequence numbers have ten digits and are never reused.
     """
 
@@ -1191,23 +1196,29 @@ class TreeLayout:
     def dashboards_path(self, writer_id: str) -> str:
         return os.path.join(self.root, writer_id, "dashboards.json")
 
-    def types_dir(self, writer_id: str) -> str:
-        return os.path.join(self.root, writer_id, "dbs", "hep-0")
+    # Keys (a FileStore's names for files, relative to PARQUET_DIR) of what the FileStore keeps.
 
-    def type_dir(self, writer_id: str, proto_type: int) -> str:
-        return os.path.join(self.types_dir(writer_id), f"hep_{proto_type}-0")
+    @staticmethod
+    def types_key(writer_id: str) -> str:
+        return f"{writer_id}/dbs/hep-0"
 
-    def metadata_files(self, proto_type: int) -> list[str]:
-        """The metadata.json of a type for every writer under PARQUET_DIR."""
-        return sorted(glob.glob(os.path.join(self.root, "*", "dbs", "hep-0", f"hep_{proto_type}-0",
-                                             "metadata.json")))
+    @classmethod
+    def type_key(cls, writer_id: str, proto_type: int) -> str:
+        return f"{cls.types_key(writer_id)}/hep_{proto_type}-0"
 
-    def relative(self, path: str) -> str:
-        """A path as metadata.json gives it: relative to PARQUET_DIR, so that the tree can be moved."""
-        return os.path.relpath(path, self.root)
+    @classmethod
+    def metadata_key(cls, writer_id: str, proto_type: int) -> str:
+        return f"{cls.type_key(writer_id, proto_type)}/metadata.json"
 
-    def absolute(self, relpath: str) -> str:
-        return os.path.join(self.root, relpath)
+    @classmethod
+    def file_key(cls, type_key: str, time_us: int, sequence: int, compacted: bool) -> str:
+        """The key of a raw file in the 10-minute folder of `time_us`, or of an hour's compacted file."""
+        return f"{type_key}/{cls.folder_of(time_us)}/{cls.file_name(sequence, compacted)}"
+
+    @staticmethod
+    def set_aside_key(key: str) -> str:
+        writer_id, rest = key.split("/", 1)
+        return f"{writer_id}/set-aside/{rest}"
 
     def compaction_spill_dir(self, writer_id: str) -> str:
         return os.path.join(self.root, writer_id, ".compaction-tmp")
@@ -1302,6 +1313,139 @@ def folder_size_bytes(path: str) -> int:
     return total
 
 
+# -- where the files are kept ------------------------------------------------------------------------------
+
+class FileStore(abc.ABC):
+    """Where the tree's files are kept.  Storage, compaction, retention and queries reach them only through
+    one of these, as selectors' loops reach the kernel only through a BaseSelector: LocalFileStore keeps
+    them on this disk, under PARQUET_DIR; an object store is the other kind.
+
+    A file is named by its key: its path relative to PARQUET_DIR, parts joined by '/', as metadata.json
+    lists it (TreeLayout makes the keys).  The promise of every kind: `write` and `publish` make a key
+    visible only complete, or not at all, and it stays so once they return."""
+
+    @abc.abstractmethod
+    def keys_below(self, folder: str) -> list[str]:
+        """The keys of the files below a folder, at any depth, sorted; none when it does not exist."""
+
+    @abc.abstractmethod
+    def folders(self, folder: str) -> list[str]:
+        """The names of the folders right inside a folder, sorted."""
+
+    @abc.abstractmethod
+    def size_bytes(self, key: str) -> int:
+        """Raises FileNotFoundError when there is no such file."""
+
+    @abc.abstractmethod
+    def change_tag(self, key: str) -> tuple:
+        """A value that changes whenever the file is replaced (to keep what was read of it); raises
+        FileNotFoundError when there is no such file."""
+
+    @abc.abstractmethod
+    def open_input(self, key: str):
+        """The file open for reading, binary, seekable (pyarrow reads Parquet from it)."""
+
+    @abc.abstractmethod
+    def write(self, key: str, write: Callable[[object], None]) -> None:
+        """Write a file whole by `write(out)` and publish it under `key`; on an error nothing is left."""
+
+    @abc.abstractmethod
+    def spool_path(self, key: str) -> str:
+        """A local path where another process (the compaction's) may write what publish() then takes
+        in under `key`."""
+
+    @abc.abstractmethod
+    def publish(self, spool_path: str, key: str) -> None:
+        """Take in a complete file written at spool_path(key) under `key`."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete a file; one already gone is not an error."""
+
+    @abc.abstractmethod
+    def move(self, key: str, target: str) -> None:
+        """Give a file another key (to set it aside)."""
+
+    @abc.abstractmethod
+    def remove_empty_folders(self, folder: str, removable: Callable[[str], bool]) -> int:
+        """Remove the empty folders below `folder` whose path relative to it `removable` allows; how many
+        went (a store without folders has none to remove)."""
+
+    @abc.abstractmethod
+    def reader_path(self, key: str) -> str:
+        """What a reader outside this module is given for a key: DuckDB's read_parquet, the compaction
+        process."""
+
+
+class LocalFileStore(FileStore):
+    """Files on this disk, under PARQUET_DIR: written under a temporary name, fsynced, renamed into place
+    and their folder fsynced (write_atomically), folders made durable as they are made (make_dirs)."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def reader_path(self, key: str) -> str:
+        return os.path.join(self.root, *key.split("/"))
+
+    def key_of(self, path: str) -> str:
+        return os.path.relpath(path, self.root).replace(os.sep, "/")
+
+    def keys_below(self, folder: str) -> list[str]:
+        return sorted(self.key_of(os.path.join(directory, name))
+                      for directory, _, names in os.walk(self.reader_path(folder)) for name in names)
+
+    def folders(self, folder: str) -> list[str]:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            with os.scandir(self.reader_path(folder)) as entries:
+                return sorted(entry.name for entry in entries if entry.is_dir())
+        return []
+
+    def size_bytes(self, key: str) -> int:
+        return os.path.getsize(self.reader_path(key))
+
+    def change_tag(self, key: str) -> tuple:
+        stat = os.stat(self.reader_path(key))
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def open_input(self, key: str):
+        return open(self.reader_path(key), "rb")
+
+    def write(self, key: str, write: Callable[[object], None]) -> None:
+        path = self.reader_path(key)
+        make_dirs(os.path.dirname(path))
+        write_atomically(path, write)
+
+    def spool_path(self, key: str) -> str:
+        path = self.reader_path(key)
+        make_dirs(os.path.dirname(path))
+        return path + TEMP_SUFFIX           # beside its place: the rename is the publish
+
+    def publish(self, spool_path: str, key: str) -> None:
+        publish(spool_path, self.reader_path(key))
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.reader_path(key))
+
+    def move(self, key: str, target: str) -> None:
+        path = self.reader_path(target)
+        make_dirs(os.path.dirname(path))
+        os.replace(self.reader_path(key), path)
+
+    def remove_empty_folders(self, folder: str, removable: Callable[[str], bool]) -> int:
+        removed, top = 0, self.reader_path(folder)
+        for directory, subfolders, names in os.walk(top, topdown=False):
+            relative = os.path.relpath(directory, top).replace(os.sep, "/")
+            if relative == "." or names or any(os.path.isdir(os.path.join(directory, d)) for d in subfolders):
+                continue
+            if removable(relative):
+                os.rmdir(directory)
+                removed += 1
+        if removed:
+            fsync_dir(top)
+        return removed
+
+
 def split_by_folder(table: pa.Table) -> list[tuple[int, pa.Table]]:
     """(folder start in us, rows) for each 10-minute folder that a batch's capture times fall in."""
     buckets = pc.divide(table.column("time").cast(pa.int64()), FOLDER_SPAN_US)
@@ -1327,15 +1471,16 @@ class FileFacts(NamedTuple):
     max_time_us: int
 
 
-def describe_file(path: str) -> FileFacts:
-    """Size, row count and time range of a Parquet file, from its footer (raises if unreadable)."""
-    footer = pq.read_metadata(path)
-    ranges = row_group_times(path, footer)
-    return FileFacts(os.path.getsize(path), footer.num_rows, min((low for low, _ in ranges), default=0),
+def describe_file(source) -> FileFacts:
+    """Size, row count and time range of a Parquet file open for reading, from its footer (raises if
+    unreadable)."""
+    footer = pq.read_metadata(source)
+    ranges = row_group_times(source, footer)
+    return FileFacts(source.seek(0, os.SEEK_END), footer.num_rows, min((low for low, _ in ranges), default=0),
                      max((high for _, high in ranges), default=0))
 
 
-def row_group_times(path: str, footer: pq.FileMetaData) -> list[tuple[int, int]]:
+def row_group_times(source, footer: pq.FileMetaData) -> list[tuple[int, int]]:
     """The (min, max) `time` in microseconds of each row group of a file.
 
     The footer's statistics give them without reading the column: reading it costs 8 bytes a row, 127 MiB
@@ -1344,7 +1489,7 @@ def row_group_times(path: str, footer: pq.FileMetaData) -> list[tuple[int, int]]
     stats = [footer.row_group(index).column(0).statistics for index in range(footer.num_row_groups)]
     if all(group is not None and group.has_min_max for group in stats):
         return [(group.min_raw, group.max_raw) for group in stats]
-    times = pq.read_table(path, columns=["time"]).column("time").cast(pa.int64())
+    times = pq.read_table(source, columns=["time"]).column("time").cast(pa.int64())
     low, high = (value.as_py() or 0 for value in pc.min_max(times).values())
     return [(low, high)] * footer.num_row_groups
 
@@ -1400,45 +1545,46 @@ class FileLeases:
 
     DELETE_GRACE_S = 2.0
 
-    def __init__(self):
+    def __init__(self, file_store: FileStore):
+        self.file_store = file_store
         self._held: collections.Counter = collections.Counter()
         self._doomed: dict[str, DoomedFile] = {}
         self.lock = threading.Lock()
 
     def hold(self, list_files: Callable[[], list[str]]) -> list[str]:
-        """The files that `list_files` names, held until release(): listing and holding are one step, so
-        that no deletion falls between them."""
+        """The keys of the files that `list_files` names, held until release(): listing and holding are
+        one step, so that no deletion falls between them."""
         with self.lock:
-            paths = list_files()
-            self._held.update(paths)
-            return paths
+            keys = list_files()
+            self._held.update(keys)
+            return keys
 
-    def release(self, paths: list[str]) -> None:
+    def release(self, keys: list[str]) -> None:
         with self.lock:
-            self._held.subtract(paths)
-            for path in set(paths):
-                if self._held[path] <= 0:
-                    del self._held[path]
+            self._held.subtract(keys)
+            for key in set(keys):
+                if self._held[key] <= 0:
+                    del self._held[key]
         self.delete_due()
 
-    def delete_when_free(self, paths: list[str]) -> None:
+    def delete_when_free(self, keys: list[str]) -> None:
         due_s = time.monotonic() + self.DELETE_GRACE_S
         with self.lock:
-            for path in paths:
+            for key in keys:
                 with contextlib.suppress(OSError):
-                    self._doomed[path] = DoomedFile(os.path.getsize(path), due_s)
+                    self._doomed[key] = DoomedFile(self.file_store.size_bytes(key), due_s)
 
     def delete_due(self, everything: bool = False) -> None:
         """Delete the doomed files whose grace is over and that no query holds (`everything`: at shutdown,
         whatever their grace)."""
         now = time.monotonic()
         with self.lock:
-            due = [path for path, doomed in self._doomed.items()
-                   if not self._held[path] and (everything or doomed.due_s <= now)]
-            for path in due:
-                del self._doomed[path]
-        for path in due:
-            remove_file(path)
+            due = [key for key, doomed in self._doomed.items()
+                   if not self._held[key] and (everything or doomed.due_s <= now)]
+            for key in due:
+                del self._doomed[key]
+        for key in due:
+            self.file_store.delete(key)
 
     def waiting(self) -> bool:
         with self.lock:
@@ -1471,26 +1617,27 @@ class TypeStore:
 
     metadata.json is the truth about which files exist; a file is visible to readers only once listed.
     Every change of the file list (new raw files, a compaction's swap, retention, a file set aside)
-    happens under `lock`; save_metadata() writes it atomically.
+    happens under `lock`; save_metadata() writes it atomically.  Files are reached through the FileStore
+    by their keys, which are the `path` of their entries.
     """
 
-    def __init__(self, layout: TreeLayout, writer_id: str, proto_type: int, leases: FileLeases):
+    def __init__(self, layout: TreeLayout, file_store: FileStore, writer_id: str, proto_type: int,
+                 leases: FileLeases):
         self.layout = layout
+        self.file_store = file_store
         self.proto_type = proto_type
         self.leases = leases
-        self.dir = layout.type_dir(writer_id, proto_type)
-        self.relative_dir = layout.relative(self.dir)
-        self.set_aside_dir = os.path.join(layout.writer_dir(writer_id), "set-aside")
-        self.metadata_path = os.path.join(self.dir, "metadata.json")
+        self.dir_key = layout.type_key(writer_id, proto_type)
+        self.metadata_key = layout.metadata_key(writer_id, proto_type)
         self.schema = table_schema(proto_type)
         self.lock = threading.Lock()
         self.files: dict[str, dict] = {}
         self.sequence = 0
-        make_dirs(self.dir)
         self.recover()
 
     def path(self, entry: dict) -> str:
-        return self.layout.absolute(entry["path"])
+        """Where a reader outside the FileStore (DuckDB, the compaction process) finds a listed file."""
+        return self.file_store.reader_path(entry["path"])
 
     def snapshot(self) -> list[dict]:
         with self.lock:
@@ -1509,47 +1656,44 @@ class TypeStore:
         lists it at the next save_metadata).  On an error no file is left and nothing is listed."""
         with self.lock:
             sequence = self._next_sequence()
-            folder = os.path.join(self.dir, self.layout.folder_of(folder_start_us))
-            make_dirs(folder)
-            path = os.path.join(folder, self.layout.file_name(sequence, compacted=False))
-            write_atomically(path, lambda out: pq.write_table(
+            key = self.layout.file_key(self.dir_key, folder_start_us, sequence, compacted=False)
+            self.file_store.write(key, lambda out: pq.write_table(
                 table, out, compression="zstd", row_group_size=row_group_rows(table, ROW_GROUP_BYTES),
                 use_dictionary=False, write_statistics=RAW_STATISTICS))
             low, high = pc.min_max(table.column("time").cast(pa.int64())).values()
-            entry = file_entry(self.layout.relative(path), sequence, False, folder_start_us,
-                               FileFacts(os.path.getsize(path), len(table), low.as_py(), high.as_py()))
-            self.files[entry["path"]] = entry
-        log.debug("wrote %s (%d rows, %d bytes)", entry["path"], entry["row_count"], entry["size_bytes"])
+            entry = file_entry(key, sequence, False, folder_start_us,
+                               FileFacts(self.file_store.size_bytes(key), len(table), low.as_py(), high.as_py()))
+            self.files[key] = entry
+        log.debug("wrote %s (%d rows, %d bytes)", key, entry["row_count"], entry["size_bytes"])
         return entry
 
     def _next_sequence(self) -> int:
         if self.sequence >= self.layout.MAX_SEQUENCE:
-            raise StoreError(f"{self.metadata_path}: sequence numbers are used up")
+            raise StoreError(f"{self.metadata_key}: sequence numbers are used up")
         self.sequence += 1
         return self.sequence
 
-    def compacted_path(self, hour_start_us: int) -> str:
-        """A new, never used name for an hour's compacted file, its folder made."""
+    def compacted_key(self, hour_start_us: int) -> str:
+        """A new, never used key for an hour's compacted file."""
         with self.lock:
-            folder = os.path.join(self.dir, self.layout.folder_of(hour_start_us))
-            make_dirs(folder)
-            return os.path.join(folder, self.layout.file_name(self._next_sequence(), compacted=True))
+            return self.layout.file_key(self.dir_key, hour_start_us, self._next_sequence(), compacted=True)
 
-    def add_compacted(self, temp: str, path: str, hour_start_us: int, inputs: list[dict]) -> dict:
-        """Publish a compaction's complete output and swap it for its inputs in metadata.json; the
-        inputs are deleted when FileLeases says.  Raises, publishing nothing, when the output does
-        not hold exactly the inputs' rows."""
-        sequence, _ = self.layout.parse_file_name(os.path.basename(path))
-        output = file_entry(self.layout.relative(path), sequence, True, hour_start_us, describe_file(temp))
+    def add_compacted(self, spool_path: str, key: str, hour_start_us: int, inputs: list[dict]) -> dict:
+        """Publish a compaction's complete output, written at the FileStore's spool_path(key), and swap it
+        for its inputs in metadata.json; the inputs are deleted when FileLeases says.  Raises, publishing
+        nothing, when the output does not hold exactly the inputs' rows."""
+        sequence, _ = self.layout.parse_file_name(key.rsplit("/", 1)[-1])
+        with open(spool_path, "rb") as source:
+            output = file_entry(key, sequence, True, hour_start_us, describe_file(source))
         if output["row_count"] != sum(entry["row_count"] for entry in inputs):     # never swap it in
             raise RuntimeError(f"compaction of {[e['path'] for e in inputs]} wrote {output['row_count']} rows")
-        publish(temp, path)
+        self.file_store.publish(spool_path, key)
         with self.lock:
             for entry in inputs:
                 del self.files[entry["path"]]
-            self.files[output["path"]] = output
+            self.files[key] = output
             self._save_metadata()
-        self.leases.delete_when_free([self.path(entry) for entry in inputs])
+        self.leases.delete_when_free([entry["path"] for entry in inputs])
         self.leases.delete_due()
         return output
 
@@ -1559,7 +1703,7 @@ class TypeStore:
             for entry in entries:
                 self.files.pop(entry["path"], None)
             self._save_metadata()
-        self.leases.delete_when_free([self.path(entry) for entry in entries])
+        self.leases.delete_when_free([entry["path"] for entry in entries])
         self.leases.delete_due()
 
     def set_aside(self, entries: list[dict], why: str) -> None:
@@ -1570,33 +1714,24 @@ class TypeStore:
                 self.files.pop(entry["path"], None)
             self._save_metadata()
         for entry in entries:
-            self._move_aside(self.path(entry), why)
+            self._move_aside(entry["path"], why)
 
-    def _move_aside(self, path: str, why: str) -> None:
-        target = os.path.join(self.set_aside_dir, os.path.relpath(path, os.path.dirname(self.set_aside_dir)))
+    def _move_aside(self, key: str, why: str) -> None:
+        target = self.layout.set_aside_key(key)
         try:
-            make_dirs(os.path.dirname(target))
-            os.replace(path, target)
-            log.error("set aside %s (%s): moved to %s", self.layout.relative(path), why, target)
+            self.file_store.move(key, target)
+            log.error("set aside %s (%s): moved to %s", key, why, target)
         except OSError as exc:
-            log.error("cannot set aside %s (%s): %s; removing it", path, why, exc)
-            remove_file(path)
+            log.error("cannot set aside %s (%s): %s; removing it", key, why, exc)
+            self.file_store.delete(key)
 
     def remove_empty_folders(self, before_us: int) -> int:
         """Remove the empty 10-minute and day folders of times before `before_us`; how many went."""
-        removed = 0
+        def ended(relative: str) -> bool:
+            start = self.layout.folder_start_us(relative)
+            return start is not None and start + (86_400 if "/" not in relative else 600) * 1_000_000 <= before_us
         with self.lock:                     # the writer creates folders under the same lock
-            for folder, subfolders, names in os.walk(self.dir, topdown=False):
-                relative = os.path.relpath(folder, self.dir)
-                if relative == "." or names or any(os.path.isdir(os.path.join(folder, d)) for d in subfolders):
-                    continue
-                start = self.layout.folder_start_us(relative)
-                if start is not None and start + (86_400 if os.sep not in relative else 600) * 1_000_000 <= before_us:
-                    os.rmdir(folder)
-                    removed += 1
-            if removed:
-                fsync_dir(self.dir)
-        return removed
+            return self.file_store.remove_empty_folders(self.dir_key, ended)
 
     def save_metadata(self) -> None:
         """Write metadata.json from the files listed here."""
@@ -1615,7 +1750,7 @@ class TypeStore:
             "files": files,
         }
         body = json.dumps(metadata, indent=1).encode()
-        write_atomically(self.metadata_path, lambda out: out.write(body))
+        self.file_store.write(self.metadata_key, lambda out: out.write(body))
 
     # -- recovery at start ----------------------------------------------------------------------------
 
@@ -1634,59 +1769,56 @@ class TypeStore:
         A missing metadata.json, or one with anything wrong in it, is rebuilt from the tree by the same rules.
         """
         listed, sequence, rebuilding = self._load_metadata()
-        on_disk = {}
-        for folder, _, names in os.walk(self.dir):
-            for name in names:
-                path = os.path.join(folder, name)
-                if name.endswith(TEMP_SUFFIX):
-                    log.warning("removing %s left by an interrupted write", path)
-                    os.remove(path)
-                elif name.endswith(".parquet") and self.layout.parse_file_name(name) is None:
-                    self._move_aside(path, "not a name hepop writes")
-                elif name.endswith(".parquet"):
-                    on_disk[self.layout.relative(path)] = path
-                    sequence = max(sequence, self.layout.parse_file_name(name)[0])   # never reused either
-        for relpath in sorted(set(listed) - set(on_disk)):
-            log.warning("metadata lists %s, which is gone: dropping it", relpath)
-            del listed[relpath]
-        compacted = [r for r in on_disk if os.path.basename(r).startswith("c_") and (rebuilding or r in listed)]
+        on_disk = set()
+        for key in self.file_store.keys_below(self.dir_key):
+            name = key.rsplit("/", 1)[-1]
+            if name.endswith(TEMP_SUFFIX):
+                log.warning("removing %s left by an interrupted write", key)
+                self.file_store.delete(key)
+            elif name.endswith(".parquet") and self.layout.parse_file_name(name) is None:
+                self._move_aside(key, "not a name hepop writes")
+            elif name.endswith(".parquet"):
+                on_disk.add(key)
+                sequence = max(sequence, self.layout.parse_file_name(name)[0])   # never reused either
+        for key in sorted(set(listed) - on_disk):
+            log.warning("metadata lists %s, which is gone: dropping it", key)
+            del listed[key]
+        compacted = [key for key in on_disk if is_compacted(key) and (rebuilding or key in listed)]
         merged = set()
-        for relpath in compacted:
+        for key in compacted:
             try:
-                merged.update(merged_inputs(on_disk[relpath]))
+                merged.update(merged_inputs(self.file_store, key))
             except Exception as exc:       # unreadable: set aside below, and its inputs stay
-                log.warning("cannot read %s: %s", on_disk[relpath], exc)
-        for relpath in sorted(on_disk):
-            path = on_disk[relpath]
-            if relpath in merged:
-                log.warning("removing %s: already merged into a compacted file", relpath)
-                listed.pop(relpath, None)
-                os.remove(path)
-            elif relpath not in listed:
-                self._adopt_or_remove(relpath, path, listed, rebuilding)
+                log.warning("cannot read %s: %s", key, exc)
+        for key in sorted(on_disk):
+            if key in merged:
+                log.warning("removing %s: already merged into a compacted file", key)
+                listed.pop(key, None)
+                self.file_store.delete(key)
+            elif key not in listed:
+                self._adopt_or_remove(key, listed, rebuilding)
         self.files = listed
         self.sequence = sequence
         self._save_metadata()
 
-    def _adopt_or_remove(self, relpath: str, path: str, listed: dict, rebuilding: bool) -> None:
-        if os.path.basename(path).startswith("c_") and not rebuilding:
-            log.warning("removing %s: a compaction output written before a crash, its inputs are listed",
-                        relpath)
-            os.remove(path)
+    def _adopt_or_remove(self, key: str, listed: dict, rebuilding: bool) -> None:
+        if is_compacted(key) and not rebuilding:
+            log.warning("removing %s: a compaction output written before a crash, its inputs are listed", key)
+            self.file_store.delete(key)
             return
         try:
-            entry = self._entry_for_unlisted(relpath, path)
+            entry = self._entry_for_unlisted(key)
         except Exception as exc:  # any unreadable file: pyarrow raises several kinds
-            self._move_aside(path, f"unreadable: {exc}")
+            self._move_aside(key, f"unreadable: {exc}")
         else:
-            log.warning("adopting %s (%d rows), written before a crash", relpath, entry["row_count"])
-            listed[relpath] = entry
+            log.warning("adopting %s (%d rows), written before a crash", key, entry["row_count"])
+            listed[key] = entry
 
     def _load_metadata(self) -> tuple[dict[str, dict], int, bool]:
         """Listed files, last sequence number, and whether metadata must be rebuilt from the tree: when
         it is missing, or anything in it is not what hepop writes."""
         try:
-            with open(self.metadata_path, "rb") as source:
+            with self.file_store.open_input(self.metadata_key) as source:
                 metadata = json.load(source)
             problem = self._metadata_problem(metadata)
         except FileNotFoundError:
@@ -1694,7 +1826,7 @@ class TypeStore:
         except (ValueError, RecursionError) as exc:
             problem = f"not JSON: {exc}"
         if problem:
-            log.warning("%s is damaged (%s): rebuilding it from the files", self.metadata_path, problem)
+            log.warning("%s is damaged (%s): rebuilding it from the files", self.metadata_key, problem)
             return {}, 0, True
         return {entry["path"]: entry for entry in metadata["files"]}, metadata["wal_sequence"], False
 
@@ -1707,7 +1839,7 @@ class TypeStore:
             return f"wal_sequence is {str(sequence)[:40]!r}"
         paths = set()
         for entry in metadata["files"]:
-            problem = entry_problem(entry, self.relative_dir)
+            problem = entry_problem(entry, self.dir_key)
             if problem:
                 return problem
             if entry["path"] in paths or entry["id"] > sequence:
@@ -1715,55 +1847,64 @@ class TypeStore:
             paths.add(entry["path"])
         return None
 
-    def _entry_for_unlisted(self, relpath: str, path: str) -> dict:
-        sequence, compacted = self.layout.parse_file_name(os.path.basename(path))
-        if pq.read_schema(path).remove_metadata() != self.schema:
-            raise ValueError("schema differs from this type's")
-        chunk = self.layout.folder_start_us(os.path.relpath(os.path.dirname(path), self.dir))
+    def _entry_for_unlisted(self, key: str) -> dict:
+        folder, name = key.rsplit("/", 1)
+        sequence, compacted = self.layout.parse_file_name(name)
+        chunk = self.layout.folder_start_us(folder[len(self.dir_key) + 1:])
         if chunk is None:
             raise ValueError("not in a YYYY-MM-DD/HH-MM folder")
-        return file_entry(relpath, sequence, compacted, chunk, describe_file(path))
+        with self.file_store.open_input(key) as source:
+            if pq.read_schema(source).remove_metadata() != self.schema:
+                raise ValueError("schema differs from this type's")
+            return file_entry(key, sequence, compacted, chunk, describe_file(source))
 
 
 INPUTS_KEY = b"hepop:inputs"
 
 
-def merged_inputs(path: str) -> list[str]:
-    """The files (relative to PARQUET_DIR) that a compacted file merged, as recorded in its footer."""
-    metadata = pq.read_schema(path).metadata or {}
+def is_compacted(key: str) -> bool:
+    return key.rsplit("/", 1)[-1].startswith("c_")
+
+
+def merged_inputs(file_store: FileStore, key: str) -> list[str]:
+    """The keys of the files that a compacted file merged, as recorded in its footer."""
+    with file_store.open_input(key) as source:
+        metadata = pq.read_schema(source).metadata or {}
     return json.loads(metadata.get(INPUTS_KEY, b"[]"))
 
 
-def readable(path: str) -> bool:
+def readable(file_store: FileStore, key: str) -> bool:
     """Whether every row group of a Parquet file reads, one at a time (a truncated or damaged file
     does not)."""
     try:
-        parquet = pq.ParquetFile(path)
-        for index in range(parquet.num_row_groups):
-            parquet.read_row_group(index)
+        with file_store.open_input(key) as source:
+            parquet = pq.ParquetFile(source)
+            for index in range(parquet.num_row_groups):
+                parquet.read_row_group(index)
         return True
     except Exception:                   # pyarrow raises several kinds for damage
         return False
 
 
 class Storage:
-    """All HEP types of this writer, opened on first use; existing ones recovered at start.
+    """All HEP types of this writer, opened on first use; existing ones recovered at start.  Their files
+    are kept by `file_store`, by default on this disk under PARQUET_DIR.
 
     The writer's folder is locked first (a POSIX lock on WRITER_ID/.lock, which the kernel releases when
     the holder dies, kill -9 included): two hepops writing one folder would write the same file names."""
 
-    def __init__(self, root: str, writer_id: str):
+    def __init__(self, root: str, writer_id: str, file_store: Optional[FileStore] = None):
         self.layout = TreeLayout(root)
+        self.file_store = file_store or LocalFileStore(root)
         self.writer_id = writer_id
-        self.leases = FileLeases()
+        self.leases = FileLeases(self.file_store)
         self.types: dict[int, TypeStore] = {}
         self._lock_file = self._lock_writer_dir()
-        base = self.layout.types_dir(writer_id)
+        base = self.layout.types_key(writer_id)
         try:
-            make_dirs(base)
-            write_atomically(os.path.join(base, ".write-check"), lambda out: out.write(b"ok"))
-            os.remove(os.path.join(base, ".write-check"))
-            for name in sorted(os.listdir(base)):
+            self.file_store.write(f"{base}/.write-check", lambda out: out.write(b"ok"))
+            self.file_store.delete(f"{base}/.write-check")
+            for name in self.file_store.folders(base):
                 match = self.layout.TYPE_FOLDER.fullmatch(name)
                 if match:
                     self.store(int(match.group(1)))
@@ -1793,7 +1934,8 @@ class Storage:
 
     def store(self, proto_type: int) -> TypeStore:
         if proto_type not in self.types:
-            self.types[proto_type] = TypeStore(self.layout, self.writer_id, proto_type, self.leases)
+            self.types[proto_type] = TypeStore(self.layout, self.file_store, self.writer_id, proto_type,
+                                               self.leases)
         return self.types[proto_type]
 
     def close(self) -> None:
@@ -2187,15 +2329,14 @@ class Compactor(threading.Thread):
 
     def compact(self, store: TypeStore, hour_start_us: int, inputs: list[dict]) -> None:
         started = time.perf_counter()
-        path = store.compacted_path(hour_start_us)
-        relpaths = [entry["path"] for entry in inputs]
-        schema = store.schema.with_metadata({INPUTS_KEY: json.dumps(relpaths).encode()})
-        temp = path + TEMP_SUFFIX
+        key = store.compacted_key(hour_start_us)
+        schema = store.schema.with_metadata({INPUTS_KEY: json.dumps([entry["path"] for entry in inputs]).encode()})
+        temp = store.file_store.spool_path(key)
         log.info("compacting %d files (%d rows) of hep_%d for the hour of %s", len(inputs),
                  sum(entry["row_count"] for entry in inputs), store.proto_type, format_time(hour_start_us))
         try:
             self._merge_in_a_process(temp, schema, [store.path(e) for e in inputs])
-            output = store.add_compacted(temp, path, hour_start_us, inputs)
+            output = store.add_compacted(temp, key, hour_start_us, inputs)
         except BaseException:
             remove_file(temp)
             if not self.stopping.is_set():
@@ -2211,7 +2352,7 @@ class Compactor(threading.Thread):
 
     def _set_aside_unreadable(self, store: TypeStore, inputs: list[dict]) -> None:
         """After a failed merge: set aside the inputs that do not read, so that the hour merges next time."""
-        unreadable = [entry for entry in inputs if not readable(store.path(entry))]
+        unreadable = [entry for entry in inputs if not readable(store.file_store, entry["path"])]
         if unreadable:
             store.set_aside(unreadable, "it does not read")
             self.counters.add("files_set_aside_total", len(unreadable), type=str(store.proto_type))
@@ -3212,47 +3353,49 @@ class FileCatalog:
 
     def __init__(self, storage: Storage):
         self.layout = storage.layout
+        self.file_store = storage.file_store
         self.leases = storage.leases
         self._metadata_cache: dict[str, tuple[tuple, list[dict]]] = {}
         self._cache_lock = threading.Lock()
 
     def hold(self, plan: QueryPlan) -> tuple[dict[int, list[str]], list[str]]:
-        """The files of each type the plan names that overlap its window, and the list of them all, held
-        until the caller passes it to `leases.release`."""
-        files_by_type: dict[int, list[str]] = {}
-        held = self.leases.hold(lambda: [path for proto_type in plan.types for path in
-                                         files_by_type.setdefault(proto_type, self.files(proto_type, plan.window))])
-        return files_by_type, held
+        """Where the query process reads the files of each type the plan names that overlap its window,
+        and the keys of them all, held until the caller passes them to `leases.release`."""
+        keys_by_type: dict[int, list[str]] = {}
+        held = self.leases.hold(lambda: [key for proto_type in plan.types for key in
+                                         keys_by_type.setdefault(proto_type, self.files(proto_type, plan.window))])
+        return {proto_type: [self.file_store.reader_path(key) for key in keys]
+                for proto_type, keys in keys_by_type.items()}, held
 
     def files(self, proto_type: int, window: TimeWindow) -> list[str]:
-        """The files of a type that metadata.json lists, for every writer, overlapping the window, oldest
-        first (by their first row)."""
+        """The keys of the files of a type that metadata.json lists, for every writer, overlapping the
+        window, oldest first (by their first row)."""
         entries = []
-        for metadata_path in self.layout.metadata_files(proto_type):
-            entries += [entry for entry in self._listed(metadata_path) if window.overlaps(entry)]
+        for writer_id in self.file_store.folders(""):
+            entries += [entry for entry in self._listed(self.layout.metadata_key(writer_id, proto_type))
+                        if window.overlaps(entry)]
         entries.sort(key=lambda entry: (entry["min_time"], entry["max_time"]))
-        return [self.layout.absolute(entry["path"]) for entry in entries]
+        return [entry["path"] for entry in entries]
 
-    def _listed(self, metadata_path: str) -> list[dict]:
+    def _listed(self, metadata_key: str) -> list[dict]:
         """A metadata.json's file list, parsed again only when the file changed."""
         try:
-            stat = os.stat(metadata_path)
-            key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            tag = self.file_store.change_tag(metadata_key)
             with self._cache_lock:
-                cached = self._metadata_cache.get(metadata_path)
-            if cached and cached[0] == key:
+                cached = self._metadata_cache.get(metadata_key)
+            if cached and cached[0] == tag:
                 return cached[1]
-            with open(metadata_path, "rb") as source:
+            with self.file_store.open_input(metadata_key) as source:
                 files = json.load(source)["files"]
         except FileNotFoundError:
-            return []                   # its type folder went away between the glob and the read
+            return []                   # no such type for that writer, or its folder just went away
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # Answering without that writer's files would be a silent wrong answer: say what is wrong.
-            log.warning("cannot read %s: %s", metadata_path, exc)
-            raise QueryError(f"cannot read {self.layout.relative(metadata_path)}: {exc}; the "
+            log.warning("cannot read %s: %s", metadata_key, exc)
+            raise QueryError(f"cannot read {metadata_key}: {exc}; the "
                              "writer that owns it rebuilds it at its next start", 503) from None
         with self._cache_lock:
-            self._metadata_cache[metadata_path] = (key, files)
+            self._metadata_cache[metadata_key] = (tag, files)
         return files
 
 # ---------------------------------------------------------------------------------------------------------

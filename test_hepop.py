@@ -492,7 +492,8 @@ def test_file_description_from_the_footer_equals_the_rows(tmp_path):
     for name, options in (("stats", {"row_group_size": 700}), ("bare", {"write_statistics": False})):
         path = tmp_path / f"{name}.parquet"
         pq.write_table(table, path, **options)
-        described = hepop.describe_file(str(path))
+        with open(path, "rb") as source:
+            described = hepop.describe_file(source)
         assert described.row_count == 5000
         assert (described.min_time_us, described.max_time_us) == (expected_us[0], expected_us[-1])
         assert described.size_bytes == path.stat().st_size
@@ -1192,7 +1193,7 @@ def sip_table(times_s: list[float], tag: str, proto_type=1) -> pa.Table:
 
 def rows_of(store: hepop.TypeStore) -> list[dict]:
     """Every row of the files metadata.json lists, which must be exactly the files on disk."""
-    type_dir = Path(store.dir)
+    type_dir = Path(store.file_store.reader_path(store.dir_key))
     assert listed_files(type_dir) == parquet_on_disk(Path(store.layout.root), type_dir)
     assert not list(type_dir.rglob("*.tmp"))
     rows = []
@@ -1371,6 +1372,54 @@ def test_a_compactor_killed_after_any_step_leaves_every_row_once(tmp_path, step,
     compactor.close()
 
 
+def test_storage_compaction_and_retention_reach_the_files_only_through_their_file_store(tmp_path):
+    """The seam that object storage plugs into: with the data's files kept by a FileStore somewhere else
+    than PARQUET_DIR, writing, recovery, compaction, set-aside, retention, folder cleanup and the query
+    catalog all work there, and no data file, temp file or metadata.json appears under PARQUET_DIR."""
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    config = hepop.Config.load([], {"PARQUET_DIR": str(root), "WRITER_ID": "w", "COMPACT_GRACE_S": "60",
+                                    "MAX_DISK_PERCENT": "0", "RETENTION": "7d"})
+
+    def open_it():
+        storage = hepop.Storage(str(root), "w", hepop.LocalFileStore(str(elsewhere)))
+        storage.leases.DELETE_GRACE_S = 0
+        return storage, hepop.Compactor(config, storage, hepop.Counters())
+
+    storage, compactor = open_it()
+    store = storage.store(1)
+    store.write(sip_table([HOUR + 10, HOUR + 700], "a"))
+    store.write(sip_table([HOUR + 1900], "b"))
+    store.write(sip_table([HOUR - 8 * 86400], "expired"))
+    sent = canonical([row for e in store.snapshot() if e["min_time"] >= HOUR * 10 ** 9 for row in pq.read_table(store.path(e)).to_pylist()])
+    compactor.close()
+    storage.close()
+    type_dir = elsewhere / "w/dbs/hep-0/hep_1-0"
+    (type_dir / "2026-11-18/11-10/0000000099.parquet.tmp").write_bytes(b"half")        # a crash's leftovers
+    (type_dir / "2026-11-18/11-10/stray.parquet").write_bytes(b"not ours")
+    storage, compactor = open_it()                                                       # recovery
+    store = storage.store(1)
+    assert (elsewhere / "w/set-aside/dbs/hep-0/hep_1-0/2026-11-18/11-10/stray.parquet").exists()
+    assert not list(elsewhere.rglob("*.tmp"))
+    now_us = (HOUR + 7200) * 1_000_000
+    compactor.run_once(now_us=now_us)
+    compactor.run_once(now_us=now_us)
+    entries = store.snapshot()
+    assert [e["type"] for e in entries] == ["compacted"] and entries[0]["row_count"] == 3
+    assert canonical(pq.read_table(store.path(entries[0])).to_pylist()) == sent
+    assert Path(store.path(entries[0])).is_relative_to(elsewhere)
+    metadata = json.loads((type_dir / "metadata.json").read_text())
+    assert [e["path"] for e in metadata["files"]] == [entries[0]["path"]]
+    on_disk = sorted(str(p.relative_to(elsewhere)) for p in type_dir.rglob("*.parquet"))
+    assert on_disk == [entries[0]["path"]]                        # inputs deleted, expired one too
+    assert not (type_dir / "2026-11-10").exists()                 # and its empty folders
+    window = hepop.TimeWindow(HOUR * 1_000_000, (HOUR + 3600) * 1_000_000, False)
+    catalog = hepop.FileCatalog(storage)
+    assert catalog.files(1, window) == [entries[0]["path"]]
+    assert not [p for p in root.rglob("*") if p.suffix in (".parquet", ".tmp", ".json")]
+    compactor.close()
+    storage.close()
+
+
 def test_late_packets_for_a_compacted_hour_are_merged_once(tmp_path):
     storage, compactor = open_store(tmp_path)
     store = storage.store(1)
@@ -1402,9 +1451,9 @@ def test_retention_deletes_old_files_per_type_and_empty_folders_go(tmp_path):
     compactor.run_once(now_us=now * 1_000_000)
     assert sorted(r["call_id"] for r in rows_of(sip_store)) == ["kept-0", "kept-1"]
     assert [r["payload"].split("Call-ID: ")[1].split("\r")[0] for r in rows_of(log_store)] == ["kept-log-0"]
-    days = sorted(p.name for p in Path(sip_store.dir).iterdir() if p.is_dir())
+    days = sorted(p.name for p in Path(sip_store.file_store.reader_path(sip_store.dir_key)).iterdir() if p.is_dir())
     assert days == [time.strftime("%Y-%m-%d", time.gmtime(t)) for t in sorted({now - 2 * 86400, now - 600})]
-    assert not [p for p in Path(log_store.dir).rglob("*") if p.is_dir() and not any(p.iterdir())]
+    assert not [p for p in Path(log_store.file_store.reader_path(log_store.dir_key)).rglob("*") if p.is_dir() and not any(p.iterdir())]
     counters = compactor.counters.snapshot()
     assert counters['deleted_files_total{type="1",why="retention"}'] == 2
     assert counters['deleted_rows_total{type="100",why="retention"}'] == 1
@@ -1466,7 +1515,7 @@ def test_readers_of_listed_files_never_see_a_row_twice_or_miss_one_while_compact
     with duckdb.connect() as con:
         while time.monotonic() < deadline and (compactions() < 6 or reads <= 20):
             expected = set(committed)
-            metadata = json.loads((Path(store.dir) / "metadata.json").read_text())
+            metadata = json.loads(Path(store.file_store.reader_path(store.metadata_key)).read_text())
             files = [str(tmp_path / e["path"]) for e in metadata["files"]]
             compactions_seen += any(e["type"] == "compacted" for e in metadata["files"])
             if not files:
@@ -2103,14 +2152,14 @@ def test_glob_readers_see_each_row_once_right_after_a_compaction_and_queries_kee
         store.write(sip_table([HOUR + 600 * batch + i for i in range(50)], f"g{batch}"))
     glob_count = lambda: duckdb.sql(f"SELECT count(*) FROM '{tmp_path}/*/dbs/hep-0/hep_1-0/*/*/*.parquet'").fetchall()[0][0]
     assert glob_count() == 200
-    held = storage.leases.hold(lambda: [store.path(e) for e in store.snapshot()[:2]])   # a query reads two
+    held = storage.leases.hold(lambda: [e["path"] for e in store.snapshot()[:2]])      # a query reads two
     compactor.run_once(now_us=(HOUR + 7200) * 1_000_000)
     assert [e["type"] for e in store.snapshot()] == ["compacted"]
     merged = lambda: [p for p in (tmp_path / "w/dbs/hep-0/hep_1-0").rglob("*.parquet") if not p.name.startswith("c_")]
     assert len(merged()) == 4                                    # unlisted; deleted after the grace
     time.sleep(0.6)
     storage.leases.delete_due()                                  # as the compactor's thread does
-    assert sorted(map(str, merged())) == sorted(held)            # nobody held these: gone
+    assert sorted(map(str, merged())) == sorted(str(tmp_path / key) for key in held)   # nobody held these: gone
     storage.leases.release(held)
     assert merged() == []                                        # and these once the query let go
     assert glob_count() == 200
