@@ -39,6 +39,7 @@ import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pyarrow.compute as pc
 
 HERE = Path(__file__).resolve().parent
@@ -397,6 +398,47 @@ def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000, span_s: 
     return len(store.snapshot())
 
 
+def bench_flush(listed_counts: list[int], runs: int = 20) -> None:
+    """What a flush costs as the files listed grow (a busy hour lists 3,600 raw files before compaction):
+    a 1,000-row batch written by the store, metadata.json saved with it, beside pyarrow writing the same
+    batch alone; and what a query's listing (FileCatalog) costs to read that metadata.json again."""
+    sys.path.insert(0, str(HERE))
+    import hepop
+    raw = packets(1000, seed=5)
+    batch = hepop.complete_table(1, hepop.packet_table([time.time_ns() // 1000] * len(raw),
+                                                       [hepop.decode(p) for p in raw]))
+    print(f"a flush of {len(batch):,} SIP rows as the files listed in metadata.json grow, median of {runs}:", flush=True)
+    for listed in listed_counts:
+        with tempfile.TemporaryDirectory(prefix="hepop-bench-flush-") as tmp:
+            storage = hepop.Storage(tmp, "bench")
+            store = storage.store(1)
+            entry = store.write(batch)[0]
+            for sequence in range(2, listed + 1):        # listed only: the flush never opens them
+                key = entry["path"].replace(f"{entry['id']:010d}", f"{sequence:010d}")
+                store.files[key] = {**entry, "id": sequence, "path": key}
+            store.sequence = listed
+            flush, alone, listing = [], [], []
+            catalog = hepop.FileCatalog(storage)
+            window = hepop.TimeWindow(None, None, False)
+            for run in range(runs):
+                t0 = time.perf_counter()
+                store.write(batch)
+                flush.append(1000 * (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                pq.write_table(batch, os.path.join(tmp, f"alone-{run}.parquet"), compression="zstd",
+                               use_dictionary=False)
+                alone.append(1000 * (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                catalog.files(1, window)
+                listing.append(1000 * (time.perf_counter() - t0))
+            size = os.path.getsize(store.file_store.reader_path(store.metadata_key))
+            storage.close()
+        median = lambda values: sorted(values)[len(values) // 2]
+        print(f"  {listed:>6,} files listed: flush {median(flush):6.1f} ms (pyarrow alone {median(alone):.1f} ms), "
+              f"metadata.json {size / 1e6:.2f} MB, read again by a query's listing {median(listing):.1f} ms",
+              flush=True)
+
+
 def bench_queries(total_rows: int, runs: int = 5) -> None:
     with tempfile.TemporaryDirectory(prefix="hepop-bench-query-") as tmp:
         started = time.monotonic()
@@ -638,7 +680,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="capture only, short runs at two rates (under a minute)")
     parser.add_argument("--seconds", type=float, help="seconds per rate")
     parser.add_argument("--rates", help="comma-separated packets/s")
-    parts = ("capture", "sustained", "overload", "compaction", "query", "starvation", "calls")
+    parts = ("capture", "sustained", "overload", "compaction", "query", "starvation", "calls", "flush")
     for part in parts:
         parser.add_argument(f"--{part}", action="store_true", help=f"only the {part} figures (can be combined)")
     parser.add_argument("--sustained-rate", type=int, default=100_000, help="packets/s of the sustained run")
@@ -665,6 +707,8 @@ def main() -> None:
         bench_call_list(args.calls_rate // 10 if args.quick else args.calls_rate)
     if "starvation" in chosen:
         bench_starvation(pool, 20_000, 10.0 if args.quick else 30.0, [1, 4, 8, 20])
+    if "flush" in chosen:
+        bench_flush([100, 1_000, 4_200, 10_000])
 
 
 def cpu_model() -> str:
