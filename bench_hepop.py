@@ -401,7 +401,7 @@ def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000, span_s: 
 def bench_flush(listed_counts: list[int], runs: int = 20) -> None:
     """What a flush costs as the files listed grow (a busy hour lists 3,600 raw files before compaction):
     a 1,000-row batch written by the store, metadata.json saved with it, beside pyarrow writing the same
-    batch alone; and what a query's listing (FileCatalog) costs to read that metadata.json again."""
+    batch alone; and what a query's listing of the files (FileCatalog) costs."""
     sys.path.insert(0, str(HERE))
     import hepop
     raw = packets(1000, seed=5)
@@ -435,7 +435,7 @@ def bench_flush(listed_counts: list[int], runs: int = 20) -> None:
             storage.close()
         median = lambda values: sorted(values)[len(values) // 2]
         print(f"  {listed:>6,} files listed: flush {median(flush):6.1f} ms (pyarrow alone {median(alone):.1f} ms), "
-              f"metadata.json {size / 1e6:.2f} MB, read again by a query's listing {median(listing):.1f} ms",
+              f"metadata.json {size / 1e6:.2f} MB, a query's listing of the files {median(listing):.1f} ms",
               flush=True)
 
 

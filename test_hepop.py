@@ -14,6 +14,7 @@ import importlib.util
 import contextlib
 import http.client as http_client
 import datetime
+import errno
 import glob
 import gzip
 import json
@@ -1420,6 +1421,32 @@ def test_storage_compaction_and_retention_reach_the_files_only_through_their_fil
     storage.close()
 
 
+def test_queries_see_the_rows_of_a_file_whose_listing_in_metadata_json_failed(tmp_path, monkeypatch):
+    """A raw file published while metadata.json cannot be saved (a full disk) holds rows counted as
+    written: a query lists it at once, not only once a later save or the next start lists it."""
+    storage, compactor = open_store(tmp_path)
+    store = storage.store(1)
+    store.write(sip_table([HOUR + 10], "listed"))
+    real = hepop.write_atomically
+
+    def full_disk(path, write):
+        if path.endswith("metadata.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(hepop, "write_atomically", full_disk)
+    with pytest.raises(OSError):
+        store.write(sip_table([HOUR + 20], "unlisted"))
+    on_disk = json.loads(Path(store.file_store.reader_path(store.metadata_key)).read_text())
+    assert len(on_disk["files"]) == 1 and len(store.snapshot()) == 2
+    window = hepop.TimeWindow(HOUR * 1_000_000, (HOUR + 3600) * 1_000_000, False)
+    keys = hepop.FileCatalog(storage).files(1, window)
+    assert keys == [e["path"] for e in store.snapshot()]
+    assert sorted(pq.read_table(store.file_store.reader_path(keys[1]))["call_id"].to_pylist()) == ["unlisted-0"]
+    compactor.close()
+    storage.close()
+
+
 def test_late_packets_for_a_compacted_hour_are_merged_once(tmp_path):
     storage, compactor = open_store(tmp_path)
     store = storage.store(1)
@@ -2060,7 +2087,6 @@ def test_a_store_it_cannot_write_is_an_error_at_start_and_on_health_while_it_run
 def test_a_failed_metadata_write_never_doubles_rows(tmp_path, monkeypatch):
     """metadata.json hits ENOSPC twice after the batch's file was published: the file is not written
     again, its rows are listed once the save succeeds, and nothing is counted as dropped."""
-    import errno
     counters = hepop.Counters()
     config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path), "WRITER_ID": "w"})
     storage = hepop.Storage(str(tmp_path), "w")
