@@ -2993,6 +2993,11 @@ class WriteAdapter:
         pass
 
 
+class ResultError(Exception):
+    """DuckDB's error while a result's batches are read.  Its Arrow reader raises it as a plain OSError,
+    which taken for a closed connection left the client waiting QUERY_TIMEOUT_S for the cut."""
+
+
 class CappedBatches:
     """The batches of a reader until more than `cap` rows were read; `cut` says if that happened."""
 
@@ -3011,7 +3016,10 @@ class CappedBatches:
     def __next__(self) -> pa.RecordBatch:
         if self.cut:
             raise StopIteration
-        batch = next(self.reader)
+        try:
+            batch = next(self.reader)
+        except OSError as exc:
+            raise ResultError(str(exc)) from None
         self.rows += len(batch)
         return batch
 
@@ -3092,12 +3100,8 @@ class QueryRun:
             self._run()
         except QueryError as exc:
             self._answer(QueryFailed(exc.status, str(exc)))
-        except duckdb.Error as exc:
-            if self.timed_out.is_set():
-                self._answer(QueryFailed(504, f"the query ran past QUERY_TIMEOUT_S "
-                                              f"({self.config.query_timeout_s:g} s) and was stopped"))
-            elif not self.cancelled.is_set():
-                self._answer(QueryFailed(400, str(exc)))
+        except (duckdb.Error, ResultError) as exc:
+            self._failed(exc)
         except RecursionError:
             self._answer(QueryFailed(400, "the query is nested too deeply to be read"))
         except MemoryError as exc:                  # pyarrow's ArrowMemoryError too
@@ -3155,6 +3159,14 @@ class QueryRun:
                     sent += len(batch)
             out.close()
         self.conn.send(QueryEnd(batches.cut))
+
+    def _failed(self, exc: Exception) -> None:
+        """Answer DuckDB's error: 504 when the timer stopped the query, nothing when the client left."""
+        if self.timed_out.is_set():
+            self._answer(QueryFailed(504, f"the query ran past QUERY_TIMEOUT_S "
+                                          f"({self.config.query_timeout_s:g} s) and was stopped"))
+        elif not self.cancelled.is_set():
+            self._answer(QueryFailed(400, str(exc)))
 
     def _send_bytes(self, data: bytes) -> None:
         for start in range(0, len(data), QUERY_DATA_BYTES):

@@ -2345,12 +2345,15 @@ def test_an_error_after_the_first_byte_cuts_the_response_and_is_counted(servers,
     sql = ("SELECT CASE WHEN range < 90000 THEN repeat('x', 200) ELSE error('failed at row ' || range) END AS v "
            "FROM range(100000)")
     conn = HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    started = time.monotonic()
     conn.request("GET", "/query?" + __import__("urllib.parse").parse.urlencode({"q": sql}))
     response = conn.getresponse()
     assert response.status == 200
     with pytest.raises(IncompleteRead):
         response.read()
+    assert time.monotonic() - started < 10          # at once, not after QUERY_TIMEOUT_S (30 s)
     conn.close()
+    server.wait_for_log("failed at row 90000", timeout=5)      # DuckDB's error, not a lost query process
     _, _, metrics = http(server, "/metrics")
     assert 'hepop_queries_total{status="aborted"} 1' in metrics.decode()
     assert 'status="200"' not in metrics.decode()
