@@ -21,9 +21,10 @@ Data flow::
                             |   metadata.json; retention; the disk guard; empty folders
                             v
     HTTP threads: /query, /health, /metrics, HOMER's /api/v3 and the page at / by a route table.  A
-                  query goes to the query process (DuckDB over the files that every writer's
-                  metadata.json lists, pruned to the query's time window, made JSON, CSV or Arrow
-                  there); the HTTP thread holds the files it reads and relays its bytes
+                  query goes to the query process (DuckDB over the files that every writer lists,
+                  this one from memory and the others from their metadata.json, pruned to the
+                  query's time window, made JSON, CSV or Arrow there); the HTTP thread holds the
+                  files it reads and relays its bytes
 
     PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/metadata.json                the truth about the files
     PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-MM/NNNNNNNNNN.parquet   (TreeLayout)
