@@ -1757,10 +1757,11 @@ class TypeStore:
         listed, as a busy hour has before its compaction, json.dumps(indent=1) of the whole took a flush
         from 5 to 80 ms (bench_hepop.py --flush)."""
         files = sorted(self.files.values(), key=lambda entry: entry["id"])
-        kept = self._entry_texts
-        self._entry_texts = texts = {entry["path"]: kept[entry["path"]] if entry["path"] in kept and
-                                     kept[entry["path"]].entry is entry else EntryText(entry, json.dumps(entry))
-                                     for entry in files}
+        texts = {}
+        for entry in files:
+            kept = self._entry_texts.get(entry["path"])
+            texts[entry["path"]] = kept if kept and kept.entry is entry else EntryText(entry, json.dumps(entry))
+        self._entry_texts = texts
         head = json.dumps({
             "type": self.proto_type,
             "parquet_size_bytes": sum(entry["size_bytes"] for entry in files),
@@ -1769,7 +1770,8 @@ class TypeStore:
             "max_time": max((entry["max_time"] for entry in files), default=None),
             "wal_sequence": self.sequence,
         }, indent=1)
-        body = (head[:-2] + ',\n "files": [\n' + ",\n".join(text.json for text in texts.values()) + "\n ]\n}\n").encode()
+        files_json = ",\n".join(text.json for text in texts.values())
+        body = f'{head[:-2]},\n "files": [\n{files_json}\n ]\n}}\n'.encode()
         self.file_store.write(self.metadata_key, lambda out: out.write(body))
 
     # -- recovery at start ----------------------------------------------------------------------------
