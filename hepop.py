@@ -272,7 +272,7 @@ SETTINGS = (
     Setting("QUERY_MAX_ROWS", parse_positive_int, lambda s: "100000", "rows a query returns at most"),
     Setting("MAX_QUERIES", parse_positive_int, lambda s: "4",
             "queries run at once; more wait QUERY_WAIT_S for a turn, then get 503 with Retry-After"),
-    Setting("QUERY_THREADS", parse_positive_int, lambda s: "2",
+    Setting("QUERY_THREADS", parse_positive_int, lambda s: "1",
             "threads a query may use; the query process runs at a lower CPU priority than capture"),
     Setting("API_TOKEN", str, lambda s: "",
             "when set, every HTTP route but /health and the login needs 'Authorization: Bearer <token>'"),
