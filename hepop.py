@@ -3407,8 +3407,8 @@ class FileCatalog:
                 for proto_type, keys in keys_by_type.items()}, held
 
     def files(self, proto_type: int, window: TimeWindow) -> list[str]:
-        """The keys of the files of a type that metadata.json lists, for every writer, overlapping the
-        window, oldest first (by their first row)."""
+        """The keys of the files of a type that every writer lists (this one in memory, the others in
+        their metadata.json), overlapping the window, oldest first (by their first row)."""
         entries = []
         for writer_id in self.file_store.folders(""):
             listed = (self._own(proto_type) if writer_id == self.storage.writer_id else
