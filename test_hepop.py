@@ -2517,7 +2517,10 @@ def test_the_readme_commands_run_as_written(tmp_path):
 
 def listening_addresses(pid: int, port: int) -> set[str]:
     """The local addresses (hex, as /proc/net/tcp[6] gives them) a process listens on at `port`."""
-    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):          # a descriptor closed since the listing
+            inodes.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
     found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
@@ -2730,15 +2733,23 @@ def test_a_result_row_too_large_to_make_text_of_is_refused_and_memory_stays_boun
 # Queries run in a process of their own; memory is bounded by settings, partial frames included
 # ---------------------------------------------------------------------------------------------------------
 
+def child_pids(pid: int) -> list[int]:
+    """The children of process `pid`, as its threads list them; a thread that ends while being read has none."""
+    pids = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            pids += [int(child) for child in children.read_text().split()]
+    return pids
+
+
 def query_process_of(server, other_than=None) -> int:
     """The pid of hepop's query process: its child that the kernel's memory killer is to take first."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        for children in Path(f"/proc/{server.process.pid}/task").glob("*/children"):
-            for pid in children.read_text().split():
-                with contextlib.suppress(OSError):
-                    if Path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "1000" and int(pid) != other_than:
-                        return int(pid)
+        for pid in child_pids(server.process.pid):
+            with contextlib.suppress(OSError):      # a child that has just ended
+                if Path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "1000" and pid != other_than:
+                    return pid
         time.sleep(0.1)
     raise AssertionError("no query process")
 
