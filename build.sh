@@ -9,7 +9,7 @@ python3 -m venv .venv-build
 .venv-build/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt pyinstaller==6.22.3
 
 # The spec is generated here, not kept: pyarrow's hook bundles every pyarrow library, and the ones hepop
-# never loads (Flight, S3, GCS, Azure, HDFS, ORC) are dropped from it. That takes a third off
+# never loads (Flight, GCS, Azure, HDFS, ORC) are dropped from it; S3 stays, for S3_URL. That takes a third off
 # the binary, and so off the time a one-file binary takes to unpack at each start.
 rm -rf build/spec && mkdir -p build/spec
 .venv-build/bin/pyi-makespec --onefile --name hepop --specpath build/spec --collect-submodules duckdb \
@@ -19,7 +19,7 @@ rm -rf build/spec && mkdir -p build/spec
 import sys
 path = sys.argv[1]
 spec = open(path).read()
-unused = ("flight", "s3", "gcsfs", "azurefs", "hdfs", "orc")
+unused = ("flight", "gcsfs", "azurefs", "hdfs", "orc")
 spec = spec.replace("pyz = PYZ(", "a.binaries = [b for b in a.binaries if not (b[0].startswith('pyarrow/') and "
                     f"any(word in b[0] for word in {unused!r}))]\npyz = PYZ(", 1)
 open(path, "w").write(spec)

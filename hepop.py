@@ -131,6 +131,8 @@ from typing import Callable, Iterable, NamedTuple, Optional
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 __version__ = "0.1.0"
@@ -218,6 +220,31 @@ def parse_log_level(text: str) -> str:
     return level
 
 
+def parse_s3_url(text: str) -> str:
+    """s3://BUCKET or s3://BUCKET/PREFIX, with a bucket name as S3 allows; '' (off) as it is."""
+    if not text:
+        return ""
+    match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/[A-Za-z0-9_.=/-]*)?", text)
+    if not match or ".." in text or "//" in text[5:]:
+        raise ValueError("must be s3://BUCKET or s3://BUCKET/PREFIX (a bucket name of 3 to 63 lower-case "
+                         "letters, digits, '.' and '-'; a prefix of letters, digits and '_.=/-')")
+    return text.rstrip("/")
+
+
+def parse_endpoint(text: str) -> str:
+    """An S3 endpoint as a URL, http://host:port or https://host; '' (AWS itself) as it is."""
+    if not text:
+        return ""
+    url = urllib.parse.urlsplit(text)
+    try:
+        url.port
+    except ValueError:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.hostname or url.path.strip("/") or url.query:
+        raise ValueError("must be an endpoint URL such as https://s3.example.net or http://127.0.0.1:9000")
+    return text.rstrip("/")
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     """One configuration setting: environment variable NAME, flag --name, parser, default, help."""
@@ -264,6 +291,14 @@ SETTINGS = (
             "when the filesystem is fuller, the oldest hours are deleted (0: off)"),
     Setting("MAX_DISK_BYTES", parse_bytes, lambda s: "0",
             "when this writer's files take more, the oldest hours are deleted (0: off)"),
+    Setting("S3_URL", parse_s3_url, lambda s: "",
+            "s3://BUCKET/PREFIX: each closed 10-minute folder goes there as one object, then leaves this disk; "
+            "queries read every writer's objects (credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"),
+    Setting("S3_ENDPOINT", parse_endpoint, lambda s: "",
+            "URL of an S3-compatible service (MinIO, Ceph, R2; http:// for a local one); default AWS"),
+    Setting("S3_REGION", str, lambda s: "us-east-1", "the bucket's region"),
+    Setting("UPLOAD_DELAY_S", parse_seconds, lambda s: "60",
+            "a 10-minute folder is uploaded this long after it closed (late packets still land in it)"),
     Setting("QUERY_TIMEOUT_S", parse_seconds, lambda s: "30", "a query running longer is stopped (HTTP 504)"),
     Setting("QUERY_MEMORY_MB", parse_positive_int, lambda s: "512",
             "memory of the query process beyond its start, a hard limit; half of it is DuckDB's"),
@@ -316,6 +351,10 @@ class Config:
     retention: float
     max_disk_percent: float
     max_disk_bytes: int
+    s3_url: str
+    s3_endpoint: str
+    s3_region: str
+    upload_delay_s: float
     query_timeout_s: float
     query_memory_mb: int
     query_spill_bytes: int
@@ -1174,6 +1213,7 @@ class TreeLayout:
         PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-00/c_NNNNNNNNNN.parquet   compacted hours
         PARQUET_DIR/WRITER_ID/set-aside/...                        files that could not be read, moved away
         PARQUET_DIR/WRITER_ID/.compaction-tmp, .query-tmp          DuckDB's spill, bounded, emptied at start
+        PARQUET_DIR/WRITER_ID/.upload-tmp                          a folder's object before its upload (S3_URL)
 
     The lock, the spill folders and the few files of the writer's own (its login key, dashboards) are on
     this disk and have paths; the data's files are reached through a FileStore and have keys.
@@ -1223,6 +1263,9 @@ class TreeLayout:
 
     def compaction_spill_dir(self, writer_id: str) -> str:
         return os.path.join(self.root, writer_id, ".compaction-tmp")
+
+    def upload_spool_dir(self, writer_id: str) -> str:
+        return os.path.join(self.root, writer_id, ".upload-tmp")
 
     def query_spill_dir(self, writer_id: str) -> str:
         return os.path.join(self.root, writer_id, ".query-tmp")
@@ -1447,6 +1490,125 @@ class LocalFileStore(FileStore):
         return removed
 
 
+class S3FileStore(FileStore):
+    """Objects in a bucket of S3 or of a service that speaks it, under a prefix: key K is the object
+    PREFIX/K.  There are no folders, only keys; listing by a key's prefix stands for them.
+
+    No half objects: pyarrow publishes what a stream holds when it is closed on an error or collected,
+    so a Parquet object is uploaded under a staging key (its name ends in TEMP_SUFFIX, which recovery
+    deletes), its size checked, copied server-side to its key and that copy's size checked (pyarrow's
+    copy can leave a 0-byte object and only print the error), then the staging key is deleted.
+    metadata.json, small and made whole in memory first, is one PUT."""
+
+    CONNECT_TIMEOUT_S = 5.0
+    REQUEST_TIMEOUT_S = 30.0
+    UPLOAD_CHUNK_BYTES = 8 << 20
+
+    def __init__(self, filesystem: pafs.FileSystem, bucket: str, prefix: str, spool_dir: str):
+        self.filesystem = filesystem
+        self.bucket = bucket
+        self.base = "/".join(part for part in (bucket, prefix.strip("/")) if part)
+        self.spool_dir = spool_dir
+
+    @classmethod
+    def connect(cls, url: str, endpoint: str, region: str, spool_dir: str) -> "S3FileStore":
+        """The store of S3_URL, its bucket checked: OSError when it cannot be reached or does not exist."""
+        bucket, _, prefix = url[len("s3://"):].partition("/")
+        return cls(s3_filesystem(endpoint, region), bucket, prefix, spool_dir)
+
+    def check_bucket(self) -> None:
+        info = self.filesystem.get_file_info(self.bucket)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"bucket {self.bucket} does not exist")
+
+    def _path(self, key: str) -> str:
+        return f"{self.base}/{key}" if key else self.base
+
+    def _key(self, path: str) -> str:
+        return path[len(self.base) + 1:]
+
+    def reader_path(self, key: str) -> str:
+        return "s3://" + self._path(key)
+
+    def keys_below(self, folder: str) -> list[str]:
+        selector = pafs.FileSelector(self._path(folder), recursive=True, allow_not_found=True)
+        return sorted(self._key(info.path) for info in self.filesystem.get_file_info(selector)
+                      if info.type == pafs.FileType.File)
+
+    def folders(self, folder: str) -> list[str]:
+        selector = pafs.FileSelector(self._path(folder), recursive=False, allow_not_found=True)
+        return sorted(info.base_name for info in self.filesystem.get_file_info(selector)
+                      if info.type == pafs.FileType.Directory)
+
+    def size_bytes(self, key: str) -> int:
+        info = self.filesystem.get_file_info(self._path(key))
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(errno.ENOENT, "no such object", self._path(key))
+        return info.size
+
+    def change_tag(self, key: str) -> tuple:
+        """A fresh value each time: an object's modification time has whole seconds, and metadata.json
+        can be replaced by one of the same size within one, so what was read of it is never kept."""
+        self.size_bytes(key)
+        return (object(),)
+
+    def open_input(self, key: str):
+        return self.filesystem.open_input_file(self._path(key))
+
+    def write(self, key: str, write: Callable[[object], None]) -> None:
+        body = io.BytesIO()
+        write(body)
+        with self.filesystem.open_output_stream(self._path(key)) as out:
+            out.write(body.getvalue())
+
+    def spool_path(self, key: str) -> str:
+        make_dirs(self.spool_dir)
+        return os.path.join(self.spool_dir, key.replace("/", "_") + TEMP_SUFFIX)
+
+    def publish(self, spool_path: str, key: str) -> None:
+        size_bytes = os.path.getsize(spool_path)
+        staging = f"{key}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+        try:
+            with open(spool_path, "rb") as source, self.filesystem.open_output_stream(self._path(staging)) as out:
+                while chunk := source.read(self.UPLOAD_CHUNK_BYTES):
+                    out.write(chunk)
+            self._check_size(staging, size_bytes)
+            self.filesystem.copy_file(self._path(staging), self._path(key))
+            self._check_size(key, size_bytes)
+        finally:
+            with contextlib.suppress(OSError):
+                self.filesystem.delete_file(self._path(staging))
+        remove_file(spool_path)
+
+    def _check_size(self, key: str, size_bytes: int) -> None:
+        found = self.size_bytes(key)
+        if found != size_bytes:
+            raise OSError(f"{self._path(key)} has {found} bytes, not the {size_bytes} sent")
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.filesystem.delete_file(self._path(key))
+
+    def move(self, key: str, target: str) -> None:
+        self.filesystem.copy_file(self._path(key), self._path(target))
+        self._check_size(target, self.size_bytes(key))
+        self.delete(key)
+
+    def remove_empty_folders(self, folder: str, removable: Callable[[str], bool]) -> int:
+        return 0
+
+
+def s3_filesystem(endpoint: str, region: str) -> pafs.FileSystem:
+    """pyarrow's S3 client for S3_ENDPOINT (AWS itself when empty) and S3_REGION; credentials as AWS
+    tools read them (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, ~/.aws).  Bounded
+    timeouts: an endpoint that hangs fails an upload, which is retried, and never holds a thread."""
+    url = urllib.parse.urlsplit(endpoint) if endpoint else None
+    return pafs.S3FileSystem(
+        region=region, endpoint_override=url.netloc if url else None, scheme=url.scheme if url else "https",
+        connect_timeout=S3FileStore.CONNECT_TIMEOUT_S, request_timeout=S3FileStore.REQUEST_TIMEOUT_S,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+
+
 def split_by_folder(table: pa.Table) -> list[tuple[int, pa.Table]]:
     """(folder start in us, rows) for each 10-minute folder that a batch's capture times fall in."""
     buckets = pc.divide(table.column("time").cast(pa.int64()), FOLDER_SPAN_US)
@@ -1542,12 +1704,13 @@ class FileLeases:
     later, or once no query of this process holds it if that is later: a glob reader sees each row once
     within seconds of a swap, a query of this server that listed the file never finds it gone, and a
     reader elsewhere (another writer's hepop, a script reading metadata.json) has DELETE_GRACE_S to open
-    what it listed.  `delete_due` deletes what is due; the compactor calls it while any file waits."""
+    what it listed.  `delete_due` deletes what is due; the compactor calls it while any file waits.
+    Keys are unique across the stores of one writer (one sequence numbers them all), so the local disk's
+    and the bucket's files share one set of leases."""
 
     DELETE_GRACE_S = 2.0
 
-    def __init__(self, file_store: FileStore):
-        self.file_store = file_store
+    def __init__(self):
         self._held: collections.Counter = collections.Counter()
         self._doomed: dict[str, DoomedFile] = {}
         self.lock = threading.Lock()
@@ -1568,12 +1731,12 @@ class FileLeases:
                     del self._held[key]
         self.delete_due()
 
-    def delete_when_free(self, keys: list[str]) -> None:
+    def delete_when_free(self, file_store: FileStore, keys: list[str]) -> None:
         due_s = time.monotonic() + self.DELETE_GRACE_S
         with self.lock:
             for key in keys:
                 with contextlib.suppress(OSError):
-                    self._doomed[key] = DoomedFile(self.file_store.size_bytes(key), due_s)
+                    self._doomed[key] = DoomedFile(file_store, file_store.size_bytes(key), due_s)
 
     def delete_due(self, everything: bool = False) -> None:
         """Delete the doomed files whose grace is over and that no query holds (`everything`: at shutdown,
@@ -1582,22 +1745,22 @@ class FileLeases:
         with self.lock:
             due = [key for key, doomed in self._doomed.items()
                    if not self._held[key] and (everything or doomed.due_s <= now)]
-            for key in due:
-                del self._doomed[key]
-        for key in due:
-            self.file_store.delete(key)
+            stores = [self._doomed.pop(key).file_store for key in due]
+        for key, file_store in zip(due, stores):
+            file_store.delete(key)
 
     def waiting(self) -> bool:
         with self.lock:
             return bool(self._doomed)
 
-    def doomed_bytes(self) -> int:
-        """Bytes still on disk only until their deletion is due: the disk guard does not count them."""
+    def doomed_bytes(self, file_store: FileStore) -> int:
+        """Bytes still in a store only until their deletion is due: the disk guard does not count them."""
         with self.lock:
-            return sum(doomed.size_bytes for doomed in self._doomed.values())
+            return sum(doomed.size_bytes for doomed in self._doomed.values() if doomed.file_store is file_store)
 
 
 class DoomedFile(NamedTuple):
+    file_store: FileStore
     size_bytes: int
     due_s: float                # time.monotonic() from which it may be deleted
 
@@ -1685,28 +1848,37 @@ class TypeStore:
         self.sequence += 1
         return self.sequence
 
-    def compacted_key(self, hour_start_us: int) -> str:
-        """A new, never used key for an hour's compacted file."""
+    def new_key(self, chunk_time_us: int, compacted: bool) -> str:
+        """A new, never used key for an hour's compacted file or a 10-minute folder's merged object."""
         with self.lock:
-            return self.layout.file_key(self.dir_key, hour_start_us, self._next_sequence(), compacted=True)
+            return self.layout.file_key(self.dir_key, chunk_time_us, self._next_sequence(), compacted)
 
-    def add_compacted(self, spool_path: str, key: str, hour_start_us: int, inputs: list[dict]) -> dict:
-        """Publish a compaction's complete output, written at the FileStore's spool_path(key), and swap it
-        for its inputs in metadata.json; the inputs are deleted when FileLeases says.  Raises, publishing
-        nothing, when the output does not hold exactly the inputs' rows."""
-        sequence, _ = self.layout.parse_file_name(key.rsplit("/", 1)[-1])
-        with open(spool_path, "rb") as source:
-            output = file_entry(key, sequence, True, hour_start_us, describe_file(source))
+    def add_merged(self, spool_path: str, key: str, chunk_time_us: int, inputs: list[dict],
+                   source: "TypeStore") -> dict:
+        """Publish a merge's complete output, written at the FileStore's spool_path(key), and swap it for
+        its inputs, which `source` lists: this store for an hour's compaction (one metadata.json write
+        makes the swap), the local disk's for a folder uploaded to the bucket (this store's metadata.json
+        lists the object, then the local one unlists the inputs; recovery tells the states apart by the
+        inputs the output's footer names).  The inputs are deleted when FileLeases says.  Raises,
+        publishing nothing, when the output does not hold exactly the inputs' rows."""
+        sequence, compacted = self.layout.parse_file_name(key.rsplit("/", 1)[-1])
+        with open(spool_path, "rb") as spooled:
+            output = file_entry(key, sequence, compacted, chunk_time_us, describe_file(spooled))
         if output["row_count"] != sum(entry["row_count"] for entry in inputs):     # never swap it in
-            raise RuntimeError(f"compaction of {[e['path'] for e in inputs]} wrote {output['row_count']} rows")
+            raise RuntimeError(f"the merge of {[e['path'] for e in inputs]} wrote {output['row_count']} rows")
         self.file_store.publish(spool_path, key)
         with self.lock:
-            for entry in inputs:
-                del self.files[entry["path"]]
+            if source is self:
+                for entry in inputs:
+                    del self.files[entry["path"]]
             self.files[key] = output
+            self.sequence = max(self.sequence, sequence)
             self._save_metadata()
-        self.leases.delete_when_free([entry["path"] for entry in inputs])
-        self.leases.delete_due()
+        if source is self:
+            self.leases.delete_when_free(self.file_store, [entry["path"] for entry in inputs])
+            self.leases.delete_due()
+        else:
+            source.delete(inputs)
         return output
 
     def delete(self, entries: list[dict]) -> None:
@@ -1715,7 +1887,7 @@ class TypeStore:
             for entry in entries:
                 self.files.pop(entry["path"], None)
             self._save_metadata()
-        self.leases.delete_when_free([entry["path"] for entry in entries])
+        self.leases.delete_when_free(self.file_store, [entry["path"] for entry in entries])
         self.leases.delete_due()
 
     def set_aside(self, entries: list[dict], why: str) -> None:
@@ -1912,26 +2084,52 @@ class Storage:
     """All HEP types of this writer, opened on first use; existing ones recovered at start.  Their files
     are kept by `file_store`, by default on this disk under PARQUET_DIR.
 
+    With a `bucket` (S3_URL), the files on this disk are the write-ahead log: each closed 10-minute folder
+    is merged into one object there (Uploader), listed in the bucket's own metadata.json of the type
+    (`uploaded`), and only then unlisted and deleted here.  A raw file here that an object in the bucket
+    names as an input (its footer says) was uploaded before a crash: at start it is deleted.
+
     The writer's folder is locked first (a POSIX lock on WRITER_ID/.lock, which the kernel releases when
     the holder dies, kill -9 included): two hepops writing one folder would write the same file names."""
 
-    def __init__(self, root: str, writer_id: str, file_store: Optional[FileStore] = None):
+    def __init__(self, root: str, writer_id: str, file_store: Optional[FileStore] = None,
+                 bucket: Optional[FileStore] = None):
         self.layout = TreeLayout(root)
         self.file_store = file_store or LocalFileStore(root)
+        self.bucket = bucket
         self.writer_id = writer_id
-        self.leases = FileLeases(self.file_store)
+        self.leases = FileLeases()
         self.types: dict[int, TypeStore] = {}
+        self.uploaded: dict[int, TypeStore] = {}
         self._lock_file = self._lock_writer_dir()
-        base = self.layout.types_key(writer_id)
+        found = self._check_writable(self.file_store, f"PARQUET_DIR={root}")
+        if bucket is not None:
+            found |= self._check_writable(bucket, "S3_URL")
         try:
-            self.file_store.write(f"{base}/.write-check", lambda out: out.write(b"ok"))
-            self.file_store.delete(f"{base}/.write-check")
-            for name in self.file_store.folders(base):
-                match = self.layout.TYPE_FOLDER.fullmatch(name)
-                if match:
-                    self.store(int(match.group(1)))
+            for proto_type in sorted(found):
+                self.store(proto_type)
         except OSError as exc:
-            raise StoreError(f"PARQUET_DIR={root}: cannot write {base}: {exc.strerror or exc}") from None
+            raise StoreError(f"PARQUET_DIR={root}: {exc.strerror or exc}") from None
+        try:
+            for proto_type in sorted(found) if bucket is not None else ():
+                self._drop_uploaded(self.types[proto_type], self.uploaded_store(proto_type))
+        except OSError as exc:
+            raise StoreError(f"S3_URL: cannot read the bucket: {exc}") from None
+
+    def _check_writable(self, file_store: FileStore, where: str) -> set[int]:
+        """The types that a store holds files of, once a write to it succeeded; StoreError if none does."""
+        base = self.layout.types_key(self.writer_id)
+        try:
+            file_store.write(f"{base}/.write-check", lambda out: out.write(b"ok"))
+            file_store.delete(f"{base}/.write-check")
+            return {int(match.group(1)) for match in map(self.layout.TYPE_FOLDER.fullmatch,
+                                                         file_store.folders(base)) if match}
+        except OSError as exc:
+            raise StoreError(f"{where}: cannot write {base}: {exc.strerror or exc}") from None
+
+    def stores(self) -> list[TypeStore]:
+        """Every type's store on this disk and, with a bucket, in it."""
+        return list(self.types.values()) + list(self.uploaded.values())
 
     def _lock_writer_dir(self):
         path = os.path.join(self.layout.writer_dir(self.writer_id), ".lock")
@@ -1955,10 +2153,33 @@ class Storage:
         return lock_file
 
     def store(self, proto_type: int) -> TypeStore:
+        """The type's store on this disk, where its raw files are written."""
         if proto_type not in self.types:
             self.types[proto_type] = TypeStore(self.layout, self.file_store, self.writer_id, proto_type,
                                                self.leases)
         return self.types[proto_type]
+
+    def uploaded_store(self, proto_type: int) -> TypeStore:
+        """The type's store in the bucket (opened by the uploader, never by the writer: a bucket that is
+        down must not stop a write); raises OSError when the bucket cannot be read."""
+        if proto_type not in self.uploaded:
+            self.uploaded[proto_type] = TypeStore(self.layout, self.bucket, self.writer_id, proto_type, self.leases)
+        return self.uploaded[proto_type]
+
+    def _drop_uploaded(self, local: TypeStore, uploaded: TypeStore) -> None:
+        """Delete the raw files here that an object in the bucket holds (a crash came between its
+        upload and their deletion), and number new files past every object's."""
+        folders = {entry["path"].rsplit("/", 1)[0] for entry in local.listed()}
+        merged = set()
+        for entry in uploaded.listed():
+            if entry["path"].rsplit("/", 1)[0] in folders:
+                merged.update(merged_inputs(uploaded.file_store, entry["path"]))
+        done = [entry for entry in local.listed() if entry["path"] in merged]
+        if done:
+            log.warning("removing %d files of hep_%d already uploaded before a crash", len(done), local.proto_type)
+            local.delete(done)
+        with local.lock:
+            local.sequence = max(local.sequence, uploaded.sequence)
 
     def close(self) -> None:
         """Let the next hepop have the folder."""
@@ -2266,7 +2487,7 @@ class Compactor(threading.Thread):
     earlier pass, when late packets came) become one c_NNNNNNNNNN.parquet in the hour's HH-00 folder,
     sorted by time, written by a process of its own (merge_hour, HourMerger).
 
-    The swap (TypeStore.add_compacted): the output is written to a temp name and fsynced, then published;
+    The swap (TypeStore.add_merged): the output is written to a temp name and fsynced, then published;
     one atomic metadata.json write replaces the inputs by it; the inputs are deleted as soon as no query
     of this process reads them.  The output's footer lists its inputs, which is how the restart
     (TypeStore.recover) tells every intermediate state apart.
@@ -2316,10 +2537,13 @@ class Compactor(threading.Thread):
 
     def run_once(self, now_us: Optional[int] = None) -> None:
         now_us = now_us or time.time_ns() // 1000
-        for store in list(self.storage.types.values()):
+        # With a bucket, closed folders leave this disk for it, one object each, long before their hour
+        # would be merged here (Uploader); an hour's objects stay as they are.
+        for store in list(self.storage.types.values()) if self.storage.bucket is None else ():
             for hour_start_us, inputs in self.closed_hours(store, now_us):
                 self._step(f"compaction of hep_{store.proto_type} at {format_time(hour_start_us)}",
                            lambda: self.compact(store, hour_start_us, inputs))
+        for store in self.storage.stores():
             self._step(f"retention of hep_{store.proto_type}", lambda: self.expire(store, now_us))
         self._step("the disk guard", lambda: self.guard_disk(now_us))
         for store in list(self.storage.types.values()):
@@ -2351,14 +2575,14 @@ class Compactor(threading.Thread):
 
     def compact(self, store: TypeStore, hour_start_us: int, inputs: list[dict]) -> None:
         started = time.perf_counter()
-        key = store.compacted_key(hour_start_us)
+        key = store.new_key(hour_start_us, compacted=True)
         schema = store.schema.with_metadata({INPUTS_KEY: json.dumps([entry["path"] for entry in inputs]).encode()})
         temp = store.file_store.spool_path(key)
         log.info("compacting %d files (%d rows) of hep_%d for the hour of %s", len(inputs),
                  sum(entry["row_count"] for entry in inputs), store.proto_type, format_time(hour_start_us))
         try:
             self._merge_in_a_process(temp, schema, [store.path(e) for e in inputs])
-            output = store.add_compacted(temp, key, hour_start_us, inputs)
+            output = store.add_merged(temp, key, hour_start_us, inputs, store)
         except BaseException:
             remove_file(temp)
             if not self.stopping.is_set():
@@ -2408,35 +2632,41 @@ class Compactor(threading.Thread):
         self.delete(store, [e for e in store.snapshot() if e["max_time"] < cutoff_ns], "retention")
 
     def guard_disk(self, now_us: int) -> None:
-        """While the disk is fuller than allowed, delete the oldest hour of every type; never this hour."""
+        """While this writer's files (on this disk and in the bucket) take more than MAX_DISK_BYTES, or
+        the filesystem is fuller than MAX_DISK_PERCENT, delete the oldest hour of every type, of all the
+        stores or of this disk's only; never this hour."""
+        self._delete_oldest_hours(self.storage.stores(), self.files_over_limit, now_us)
+        self._delete_oldest_hours(list(self.storage.types.values()), self.disk_over_limit, now_us)
+
+    def _delete_oldest_hours(self, stores: list[TypeStore], over_limit: Callable[[], bool], now_us: int) -> None:
         current_hour_ns = now_us // HOUR_US * HOUR_US * 1000
-        while self.disk_over_limit() and not self.stopping.is_set():
-            entries = [(store, e) for store in list(self.storage.types.values()) for e in store.snapshot()]
+        while over_limit() and not self.stopping.is_set():
+            entries = [(store, e) for store in stores for e in store.snapshot()]
             hours = sorted({e["chunk_time"] // 1000 // HOUR_US for _, e in entries
                             if e["chunk_time"] < current_hour_ns})
             if not hours:
                 log.error("disk over its limit (MAX_DISK_PERCENT / MAX_DISK_BYTES) with only this hour left")
                 return
-            for store in list(self.storage.types.values()):
+            for store in stores:
                 self.delete(store, [e for s, e in entries if s is store and e["chunk_time"] // 1000 // HOUR_US
                                     == hours[0]], "disk_full")
 
+    def files_over_limit(self) -> bool:
+        """Whether this writer's files take more than MAX_DISK_BYTES."""
+        return bool(self.config.max_disk_bytes) and sum(
+            e["size_bytes"] for store in self.storage.stores() for e in store.snapshot()) > self.config.max_disk_bytes
+
     def disk_over_limit(self) -> bool:
-        """Whether this writer's files or the filesystem are over their limits.  What goes away by itself
-        is not counted: DuckDB's spill (bounded by QUERY_SPILL_BYTES and the compaction's own bound) and
-        files deleted as soon as the query reading them ends; deleting data would not make room for those."""
-        if self.config.max_disk_bytes:
-            used = sum(e["size_bytes"] for store in list(self.storage.types.values()) for e in store.snapshot())
-            if used > self.config.max_disk_bytes:
-                return True
-        if self.config.max_disk_percent:
-            stat = os.statvfs(self.config.parquet_dir)
-            transient = self.storage.leases.doomed_bytes() + sum(
-                folder_size_bytes(path) for path in self.storage.layout.spill_dirs(self.config.writer_id))
-            used_bytes = (stat.f_blocks - stat.f_bavail) * stat.f_frsize - transient
-            if 100.0 * used_bytes / (stat.f_blocks * stat.f_frsize) > self.config.max_disk_percent:
-                return True
-        return False
+        """Whether the filesystem is fuller than MAX_DISK_PERCENT.  What goes away by itself is not
+        counted: DuckDB's spill (bounded by QUERY_SPILL_BYTES and the compaction's own bound) and files
+        deleted as soon as the query reading them ends; deleting data would not make room for those."""
+        if not self.config.max_disk_percent:
+            return False
+        stat = os.statvfs(self.config.parquet_dir)
+        transient = self.storage.leases.doomed_bytes(self.storage.file_store) + sum(
+            folder_size_bytes(path) for path in self.storage.layout.spill_dirs(self.config.writer_id))
+        used_bytes = (stat.f_blocks - stat.f_bavail) * stat.f_frsize - transient
+        return 100.0 * used_bytes / (stat.f_blocks * stat.f_frsize) > self.config.max_disk_percent
 
     def delete(self, store: TypeStore, entries: list[dict], why: str) -> None:
         if not entries:
@@ -2446,6 +2676,122 @@ class Compactor(threading.Thread):
         self.counters.add("deleted_files_total", len(entries), why=why, type=str(store.proto_type))
         self.counters.add("deleted_rows_total", rows, why=why, type=str(store.proto_type))
         log.info("deleted %d files (%d rows) of hep_%d: %s", len(entries), rows, store.proto_type, why)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Upload: with S3_URL, each closed 10-minute folder leaves this disk for the bucket as one object.
+# ---------------------------------------------------------------------------------------------------------
+
+def merge_folder(file_store: FileStore, keys: list[str], schema: pa.Schema, path: str) -> None:
+    """Write the rows of the files `keys` into one Parquet file at `path`, in their order, a row group of
+    about ROW_GROUP_BYTES at a time: memory stays near one row group, whatever the folder holds (a
+    folder of a busy site's 10 minutes is 12 million rows)."""
+    pending, pending_bytes = [], 0
+    with pq.ParquetWriter(path, schema, compression="zstd", use_dictionary=False,
+                          write_statistics=RAW_STATISTICS) as out:
+        def write_pending():
+            table = pa.concat_tables(pending)
+            out.write_table(table, row_group_size=len(table))
+            pending.clear()
+        for key in keys:
+            with file_store.open_input(key) as source:
+                parquet = pq.ParquetFile(source)
+                for index in range(parquet.num_row_groups):
+                    group = parquet.read_row_group(index).replace_schema_metadata(schema.metadata)
+                    pending.append(group)
+                    pending_bytes += group.nbytes
+                    if pending_bytes >= ROW_GROUP_BYTES:
+                        write_pending()
+                        pending_bytes = 0
+        if pending:
+            write_pending()
+
+
+class Uploader(threading.Thread):
+    """Every UPLOAD_POLL_S, each 10-minute folder of this disk that closed UPLOAD_DELAY_S ago is merged
+    (merge_folder, its footer naming its inputs) into one object in the bucket, under the same key as a
+    raw file of that folder would have: the bucket's metadata.json of the type lists it (one PUT), and
+    the raw files are then unlisted and deleted here (TypeStore.add_merged).  Late packets make a new raw
+    file in a folder already uploaded: it goes up as another object.
+
+    When the bucket fails, capture goes on to this disk: the pass stops at the first error, which is
+    counted and shown by /health, and the next one is tried after a delay that doubles up to
+    MAX_BACKOFF_S; the backlog (folders waiting) drains when the bucket is back.  The disk guard still
+    protects the box meanwhile."""
+
+    UPLOAD_POLL_S = 5.0
+    MAX_BACKOFF_S = 60.0
+    STOP_WAIT_S = 5.0               # an upload under way at a stop is left: it starts over at the next start
+
+    def __init__(self, config: Config, storage: Storage, counters: Counters):
+        super().__init__(name="hepop-uploader", daemon=True)
+        self.storage = storage
+        self.counters = counters
+        self.delay_us = int(config.upload_delay_s * 1e6)
+        self.stopping = threading.Event()
+        self.failing: Optional[str] = None
+        self.spool_dir = storage.layout.upload_spool_dir(config.writer_id)
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
+
+    def run(self) -> None:
+        lower_priority(COMPACTION_NICE)
+        wait_s = self.UPLOAD_POLL_S
+        while not self.stopping.wait(wait_s):
+            try:
+                self.run_once()
+            except Exception as exc:
+                if self.stopping.is_set():
+                    return
+                self.counters.add("upload_errors_total")
+                wait_s = min(self.MAX_BACKOFF_S, max(2 * wait_s, self.UPLOAD_POLL_S))
+                self.failing = f"uploads to the bucket fail: {exc}"
+                log.error("%s; %d folders wait, next try in %.0f s", self.failing, self.backlog(), wait_s)
+            else:
+                if self.failing:
+                    log.info("uploads to the bucket work again")
+                self.failing, wait_s = None, self.UPLOAD_POLL_S
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.is_alive():
+            self.join(self.STOP_WAIT_S)
+
+    def closed_folders(self, store: TypeStore, now_us: Optional[int] = None) -> dict[int, list[dict]]:
+        """The files of each folder that closed UPLOAD_DELAY_S ago, by the folder's start in us."""
+        closes_before_us = (now_us or time.time_ns() // 1000) - self.delay_us - FOLDER_SPAN_US
+        folders: dict[int, list[dict]] = collections.defaultdict(list)
+        for entry in store.snapshot():
+            if entry["chunk_time"] // 1000 <= closes_before_us:
+                folders[entry["chunk_time"] // 1000].append(entry)
+        return dict(sorted(folders.items()))
+
+    def backlog(self) -> int:
+        """Folders waiting for their upload."""
+        return sum(len(self.closed_folders(store)) for store in list(self.storage.types.values()))
+
+    def run_once(self, now_us: Optional[int] = None) -> None:
+        for store in list(self.storage.types.values()):
+            for folder_start_us, inputs in self.closed_folders(store, now_us).items():
+                if self.stopping.is_set():
+                    return
+                self.upload(store, folder_start_us, inputs)
+
+    def upload(self, store: TypeStore, folder_start_us: int, inputs: list[dict]) -> None:
+        started = time.perf_counter()
+        uploaded = self.storage.uploaded_store(store.proto_type)
+        key = store.new_key(folder_start_us, compacted=False)       # one numbering for the disk and the bucket
+        spool_path = uploaded.file_store.spool_path(key)
+        schema = store.schema.with_metadata({INPUTS_KEY: json.dumps([entry["path"] for entry in inputs]).encode()})
+        try:
+            merge_folder(store.file_store, [entry["path"] for entry in inputs], schema, spool_path)
+            output = uploaded.add_merged(spool_path, key, folder_start_us, inputs, store)
+        finally:
+            remove_file(spool_path)
+        self.counters.add("uploaded_objects_total", type=str(store.proto_type))
+        self.counters.add("uploaded_bytes_total", output["size_bytes"])
+        self.counters.add("uploaded_rows_total", output["row_count"])
+        log.info("uploaded %d files of hep_%d (%d rows) as %s: %d bytes, %.2f s", len(inputs), store.proto_type,
+                 output["row_count"], output["path"], output["size_bytes"], time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -2552,6 +2898,10 @@ class QueryEngine:
         self.db.execute("SET allowed_directories = $dirs", {"dirs": [self.root.rstrip("/") + "/"]})
         self.db.execute("SET enable_external_access = false")
         self.db.execute("SET lock_configuration = true")
+        # DuckDB reads the bucket's objects through a pyarrow dataset (its httpfs extension is not there
+        # to load, nor could the sandbox allow it): only the objects the capture process names.
+        self.bucket_filesystem = s3_filesystem(config.s3_endpoint, config.s3_region) if config.s3_url else None
+        self.bucket_path = config.s3_url[len("s3://"):] + "/"
 
     # -- what may run ----------------------------------------------------------------------------------
 
@@ -2684,11 +3034,7 @@ class QueryEngine:
         for proto_type, files in files_by_type.items():
             if newest_first:
                 files = files[::-1]
-            if files:
-                source = "read_parquet([" + ", ".join(sql_string(path) for path in files) + "])"
-            else:
-                source = f"hep_{proto_type}_empty"
-                cursor.register(source, table_schema(proto_type).empty_table())
+            source = self._source(cursor, proto_type, files)
             condition = ""
             if window.default:
                 condition = f" WHERE time >= make_timestamp({window.low_us})"
@@ -2696,6 +3042,29 @@ class QueryEngine:
                            f"{RCINFO_SQL} AS rcinfo FROM {source}{condition}")
         if calls and SIP_TYPE in files_by_type:
             cursor.execute(f"CREATE TEMP VIEW {CALLS_VIEW} AS {CALLS_SQL}")
+
+    def _source(self, cursor, proto_type: int, files: list[str]) -> str:
+        """What a hep_<type> view reads: read_parquet over the files on this disk, a dataset over the
+        bucket's objects, or both."""
+        local = [path for path in files if not path.startswith("s3://")]
+        objects = [path[len("s3://"):] for path in files if path.startswith("s3://")]
+        sources = []
+        if local:
+            sources.append("read_parquet([" + ", ".join(sql_string(path) for path in local) + "])")
+        if objects:
+            if self.bucket_filesystem is None or not all(path.startswith(self.bucket_path) for path in objects):
+                raise QueryError("objects outside S3_URL were named", 500)
+            name = f"hep_{proto_type}_bucket"
+            cursor.register(name, ds.dataset(objects, schema=table_schema(proto_type), format="parquet",
+                                              filesystem=self.bucket_filesystem))
+            sources.append(name)
+        if not sources:
+            name = f"hep_{proto_type}_empty"
+            cursor.register(name, table_schema(proto_type).empty_table())
+            return name
+        if len(sources) == 1:
+            return sources[0]
+        return "(" + " UNION ALL BY NAME ".join(f"SELECT * FROM {source}" for source in sources) + ")"
 
 
 FLIPPED = {"COMPARE_GREATERTHAN": "COMPARE_LESSTHAN", "COMPARE_LESSTHAN": "COMPARE_GREATERTHAN",
@@ -3380,6 +3749,25 @@ class QueryCall:
         raise QueryError(answer.message, answer.status)
 
 
+class ListedFile(NamedTuple):
+    """A file a query may read: its entry in metadata.json and the FileStore that keeps it."""
+    entry: dict
+    file_store: FileStore
+
+    @property
+    def key(self) -> str:
+        return self.entry["path"]
+
+    @property
+    def reader_path(self) -> str:
+        return self.file_store.reader_path(self.entry["path"])
+
+
+def oldest_first(files: list[ListedFile]) -> list[ListedFile]:
+    """By their first row, then their last."""
+    return sorted(files, key=lambda listed: (listed.entry["min_time"], listed.entry["max_time"]))
+
+
 class FileCatalog:
     """The files that every writer lists, for the query process to read: kept in the capture process,
     which holds the files of a running query (FileLeases) so that compaction and retention leave them be.
@@ -3387,49 +3775,59 @@ class FileCatalog:
     This writer's files are read from its TypeStores, other writers' from their metadata.json.  A busy
     writer rewrites its metadata.json at every flush, so reading it back parsed it again for nearly every
     query (20 ms at 4,200 files listed, bench_hepop.py --flush); and a file whose listing in metadata.json
-    failed (a full disk) holds rows counted as written, which queries must see all the same."""
+    failed (a full disk) holds rows counted as written, which queries must see all the same.
+
+    With a bucket, the other writers are those in the bucket, by the metadata.json each keeps there: what
+    they hold on their own disks is theirs to answer for, and this disk holds only this writer's files."""
 
     def __init__(self, storage: Storage):
         self.storage = storage
         self.layout = storage.layout
-        self.file_store = storage.file_store
+        self.shared_store = storage.bucket or storage.file_store
         self.leases = storage.leases
         self._metadata_cache: dict[str, tuple[tuple, list[dict]]] = {}
         self._cache_lock = threading.Lock()
 
     def hold(self, plan: QueryPlan) -> tuple[dict[int, list[str]], list[str]]:
         """Where the query process reads the files of each type the plan names that overlap its window,
-        and the keys of them all, held until the caller passes them to `leases.release`."""
-        keys_by_type: dict[int, list[str]] = {}
-        held = self.leases.hold(lambda: [key for proto_type in plan.types for key in
-                                         keys_by_type.setdefault(proto_type, self.files(proto_type, plan.window))])
-        return {proto_type: [self.file_store.reader_path(key) for key in keys]
-                for proto_type, keys in keys_by_type.items()}, held
+        and the keys of this writer's, held until the caller passes them to `leases.release`.  Other
+        writers' listings are read first, outside FileLeases.lock: from a bucket they take a request,
+        during which no deletion should wait (and those writers delete their own files)."""
+        others = {proto_type: self._others(proto_type, plan.window) for proto_type in plan.types}
+        own: dict[int, list[ListedFile]] = {}
+        held = self.leases.hold(lambda: [listed.key for proto_type in plan.types for listed in
+                                         own.setdefault(proto_type, self._own(proto_type, plan.window))])
+        return {proto_type: [listed.reader_path for listed in oldest_first(own[proto_type] + others[proto_type])]
+                for proto_type in plan.types}, held
 
-    def files(self, proto_type: int, window: TimeWindow) -> list[str]:
-        """The keys of the files of a type that every writer lists (this one in memory, the others in
-        their metadata.json), overlapping the window, oldest first (by their first row)."""
-        entries = []
-        for writer_id in self.file_store.folders(""):
-            listed = (self._own(proto_type) if writer_id == self.storage.writer_id else
-                      self._listed(self.layout.metadata_key(writer_id, proto_type)))
-            entries += [entry for entry in listed if window.overlaps(entry)]
-        entries.sort(key=lambda entry: (entry["min_time"], entry["max_time"]))
-        return [entry["path"] for entry in entries]
+    def files(self, proto_type: int, window: TimeWindow) -> list[ListedFile]:
+        """The files of a type that every writer lists (this one in memory, the others in their
+        metadata.json), overlapping the window, oldest first."""
+        return oldest_first(self._own(proto_type, window) + self._others(proto_type, window))
 
-    def _own(self, proto_type: int) -> list[dict]:
-        store = self.storage.types.get(proto_type)
-        return store.listed() if store else []
+    def _own(self, proto_type: int, window: TimeWindow) -> list[ListedFile]:
+        """This writer's files, on this disk and in the bucket."""
+        return [ListedFile(entry, store.file_store)
+                for store in (self.storage.types.get(proto_type), self.storage.uploaded.get(proto_type))
+                if store is not None for entry in store.listed() if window.overlaps(entry)]
+
+    def _others(self, proto_type: int, window: TimeWindow) -> list[ListedFile]:
+        try:
+            writers = self.shared_store.folders("")
+        except OSError as exc:
+            raise QueryError(f"cannot list the writers in the bucket: {exc}", 503) from None
+        return [ListedFile(entry, self.shared_store) for writer_id in writers if writer_id != self.storage.writer_id
+                for entry in self._listed(self.layout.metadata_key(writer_id, proto_type)) if window.overlaps(entry)]
 
     def _listed(self, metadata_key: str) -> list[dict]:
         """A metadata.json's file list, parsed again only when the file changed."""
         try:
-            tag = self.file_store.change_tag(metadata_key)
+            tag = self.shared_store.change_tag(metadata_key)
             with self._cache_lock:
                 cached = self._metadata_cache.get(metadata_key)
             if cached and cached[0] == tag:
                 return cached[1]
-            with self.file_store.open_input(metadata_key) as source:
+            with self.shared_store.open_input(metadata_key) as source:
                 files = json.load(source)["files"]
         except FileNotFoundError:
             return []                   # no such type for that writer, or its folder just went away
@@ -4667,8 +5065,9 @@ class Api:
     """What the HTTP handlers serve: the query engine, the counters, and the state /health reports."""
 
     def __init__(self, config: Config, counters: Counters, writer: BatchWriter, storage: Storage,
-                 udp_inode: Callable, access: Access):
+                 uploader: Optional[Uploader], udp_inode: Callable, access: Access):
         self.config = config
+        self.uploader = uploader
         self.access = access
         self.counters = counters
         self.writer = writer
@@ -4691,6 +5090,11 @@ class Api:
                 "last_flush": None if last is None else format_time(int(last * 1e6))}
         if failing:
             body["error"] = failing
+        if self.uploader:           # capture goes on while the bucket fails: a warning, not a failure
+            body["uploads"] = {"status": "failing" if self.uploader.failing else "ok",
+                               "backlog_folders": self.uploader.backlog()}
+            if self.uploader.failing:
+                body["uploads"]["error"] = self.uploader.failing
         return (503 if failing else 200), body
 
     def metrics(self) -> str:
@@ -4699,6 +5103,8 @@ class Api:
         values["uptime_seconds"] = time.time() - self.started
         values["pending_bytes"] = self.writer.pending_bytes
         values["udp_kernel_drops_total"] = udp_kernel_drops(self.udp_inode())
+        if self.uploader:
+            values["upload_backlog_folders"] = self.uploader.backlog()
         lines, typed = [], set()
         for key, value in sorted(values.items()):
             name = "hepop_" + key.split("{")[0]
@@ -5352,6 +5758,20 @@ def print_password_hash() -> int:
     return 0
 
 
+def open_bucket(config: Config) -> Optional[S3FileStore]:
+    """The bucket of S3_URL, once it answers; StoreError naming the settings when it does not."""
+    if not config.s3_url:
+        return None
+    spool_dir = TreeLayout(config.parquet_dir).upload_spool_dir(config.writer_id)
+    try:
+        bucket = S3FileStore.connect(config.s3_url, config.s3_endpoint, config.s3_region, spool_dir)
+        bucket.check_bucket()
+    except OSError as exc:
+        raise StoreError(f"S3_URL={config.s3_url} (S3_ENDPOINT={config.s3_endpoint or 'AWS'}, S3_REGION="
+                         f"{config.s3_region}): {exc}") from None
+    return bucket
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     multiprocessing.freeze_support()        # in the binary, a compaction or query process starts here
     argv = sys.argv[1:] if argv is None else argv
@@ -5368,10 +5788,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     log.info("hepop %s: writer %s, data in %s", __version__, config.writer_id, config.parquet_dir)
     counters = Counters()
     try:
-        storage = Storage(config.parquet_dir, config.writer_id)
+        bucket = open_bucket(config)
+        storage = Storage(config.parquet_dir, config.writer_id, bucket=bucket)
     except StoreError as exc:
         log.error("%s", exc)
         return 2
+    uploader = Uploader(config, storage, counters) if bucket else None
     check = PacketCheck(config, counters)
     writer = BatchWriter(storage, counters, check)
     writer.start()
@@ -5383,7 +5805,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("cannot listen on %s port %d: %s", config.host, config.port, exc)
         writer.close()
         return 1
-    api = Api(config, counters, writer, storage, server.udp_inode,
+    api = Api(config, counters, writer, storage, uploader, server.udp_inode,
               Access(config, users, Tokens(token_secret(config), config.token_ttl)))
     try:
         http_server = ApiServer(config, api)
@@ -5396,6 +5818,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     log.info("HTTP API on %s port %d: /query, /health, /metrics", config.http_host, config.http_port)
     announce_exposure(config)
     compactor.start()
+    if uploader:
+        uploader.start()
     tune_garbage_collector()
     log.info("ready")
     notify_systemd(f"READY=1\nSTATUS=capturing HEP on port {config.port}\nMAINPID={os.getpid()}")
@@ -5403,6 +5827,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     notify_systemd("STOPPING=1")
     log.info("stopping: writing what is buffered")
     compactor.stop()                        # a merge under way is killed: the hour is merged at the next start
+    if uploader:
+        uploader.stop()                     # an upload under way is left: the folder goes up at the next start
     http_server.shutdown()
     api.queries.close()
     writer.close()

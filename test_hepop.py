@@ -38,6 +38,8 @@ from typing import Callable
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -613,8 +615,8 @@ class Server:
 def servers(tmp_path):
     started = []
 
-    def start(**settings) -> Server:
-        server = Server(tmp_path / "data", **settings)
+    def start(data_dir: Path | None = None, **settings) -> Server:
+        server = Server(data_dir or tmp_path / "data", **settings)
         started.append(server)
         return server
 
@@ -1329,10 +1331,10 @@ def remove(path):
     removed += 1
     if step == "input_deleted" and removed == nth:
         os._exit(9)
-def delete_when_free(self, paths):
+def delete_when_free(self, *args):
     if step == "metadata_swapped":          # the swap is in metadata.json, no input deleted yet
         os._exit(9)
-    real_delete(self, paths)
+    real_delete(self, *args)
 os.replace, os.remove, hepop.FileLeases.delete_when_free = replace, remove, delete_when_free
 now = (int(sys.argv[5]) + 7200) * 1_000_000
 compactor.run_once(now_us=now)
@@ -1415,7 +1417,7 @@ def test_storage_compaction_and_retention_reach_the_files_only_through_their_fil
     assert not (type_dir / "2026-11-10").exists()                 # and its empty folders
     window = hepop.TimeWindow(HOUR * 1_000_000, (HOUR + 3600) * 1_000_000, False)
     catalog = hepop.FileCatalog(storage)
-    assert catalog.files(1, window) == [entries[0]["path"]]
+    assert [listed.key for listed in catalog.files(1, window)] == [entries[0]["path"]]
     assert not [p for p in root.rglob("*") if p.suffix in (".parquet", ".tmp", ".json")]
     compactor.close()
     storage.close()
@@ -1440,7 +1442,7 @@ def test_queries_see_the_rows_of_a_file_whose_listing_in_metadata_json_failed(tm
     on_disk = json.loads(Path(store.file_store.reader_path(store.metadata_key)).read_text())
     assert len(on_disk["files"]) == 1 and len(store.snapshot()) == 2
     window = hepop.TimeWindow(HOUR * 1_000_000, (HOUR + 3600) * 1_000_000, False)
-    keys = hepop.FileCatalog(storage).files(1, window)
+    keys = [listed.key for listed in hepop.FileCatalog(storage).files(1, window)]
     assert keys == [e["path"] for e in store.snapshot()]
     assert sorted(pq.read_table(store.file_store.reader_path(keys[1]))["call_id"].to_pylist()) == ["unlisted-0"]
     compactor.close()
@@ -2225,7 +2227,7 @@ def test_a_stop_between_two_merges_starts_no_other(tmp_path, monkeypatch):
     for hour in range(3):
         store.write(sip_table([HOUR + hour * 3600 + 5], f"h{hour}"))
     started = []
-    real_merge, real_swap = hepop.Compactor._merge_in_a_process, hepop.TypeStore.add_compacted
+    real_merge, real_swap = hepop.Compactor._merge_in_a_process, hepop.TypeStore.add_merged
     monkeypatch.setattr(hepop.Compactor, "_merge_in_a_process",
                         lambda self, *args: (started.append(args), real_merge(self, *args)))
 
@@ -2235,7 +2237,7 @@ def test_a_stop_between_two_merges_starts_no_other(tmp_path, monkeypatch):
         time.sleep(0.2)
         return output
 
-    monkeypatch.setattr(hepop.TypeStore, "add_compacted", swap_then_stop)
+    monkeypatch.setattr(hepop.TypeStore, "add_merged", swap_then_stop)
     compactor.run_once(now_us=(HOUR + 5 * 3600) * 1_000_000)
     assert len(started) == 1
     assert sorted(e["type"] for e in store.snapshot()) == ["compacted", "raw", "raw"]
@@ -3831,3 +3833,124 @@ def test_the_page_asks_for_a_login_and_refuses_a_wrong_password(servers, chromiu
     finally:
         tab.close()
     assert server.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Object storage (issue 16): S3_URL, against a real S3-compatible server (moto's) on loopback
+# ---------------------------------------------------------------------------------------------------------
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """The URL of moto's S3 server, run as a child process for the whole session."""
+    need("moto[server] (pip install 'moto[server]')", importlib.util.find_spec("moto") is not None)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            break
+        assert process.poll() is None and time.monotonic() < deadline, "moto's server did not start"
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    process.kill()
+    process.wait()
+
+
+def s3_client(endpoint: str) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(endpoint_override=endpoint.split("//", 1)[1], scheme="http", region="us-east-1",
+                             access_key="testing", secret_key="testing", allow_bucket_creation=True)
+
+
+def new_bucket(endpoint: str, name: str) -> pafs.S3FileSystem:
+    client = s3_client(endpoint)
+    client.create_dir(name)
+    return client
+
+
+def s3_settings(endpoint: str, url: str, **more) -> dict:
+    return {"S3_URL": url, "S3_ENDPOINT": endpoint, "UPLOAD_DELAY_S": "0.5", **S3_CREDENTIALS, **more}
+
+
+def bucket_objects(client: pafs.S3FileSystem, base: str) -> list[str]:
+    """The keys of every object below bucket/prefix `base`, relative to it."""
+    return sorted(info.path[len(base) + 1:] for info in
+                  client.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+                  if info.type == pafs.FileType.File)
+
+
+def bucket_listed(client: pafs.S3FileSystem, base: str, proto_type=1) -> dict[str, list[str]]:
+    """The objects each writer's metadata.json in the bucket lists, by writer."""
+    listed = {}
+    for key in bucket_objects(client, base):
+        if key.endswith(f"/hep_{proto_type}-0/metadata.json"):
+            with client.open_input_stream(f"{base}/{key}") as source:
+                listed[key.split("/")[0]] = [entry["path"] for entry in json.load(source)["files"]]
+    return listed
+
+
+def past_sip(tag: str, n: int, ago_s: int) -> list[bytes]:
+    """n SIP messages captured `ago_s` seconds ago: their 10-minute folder has closed."""
+    seconds = int(time.time()) - ago_s
+    return [hep3(sip(f"{tag}-{i}"), seconds=seconds, useconds=i) for i in range(n)]
+
+
+def wait_for_metric(server, name: str, value: float, timeout=30) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(server, name) < value:
+        assert time.monotonic() < deadline, f"{name} stayed under {value}:\n{''.join(server.lines[-20:])}"
+        time.sleep(0.2)
+
+
+def call_ids(server) -> list[str]:
+    status, _, body = query(server, "SELECT call_id FROM hep_1 WHERE time > now() - INTERVAL 3 HOUR")
+    assert status == 200, body
+    return sorted(row["call_id"] for row in body)
+
+
+def test_two_writers_share_one_bucket_and_each_answers_for_every_row_of_both_once(servers, tmp_path, s3_endpoint):
+    client = new_bucket(s3_endpoint, "two-writers")
+    # Folders of two hours ago go up; this one's stays on each box all through the test
+    settings = s3_settings(s3_endpoint, "s3://two-writers/eu1", UPLOAD_DELAY_S="1800")
+    first = servers(tmp_path / "first", WRITER_ID="first", **settings)
+    second = servers(tmp_path / "second", WRITER_ID="second", **settings)
+    first.udp(past_sip("first-old", 300, 7200) + [hep3(sip(f"first-new-{i}")) for i in range(50)], pace_every=50)
+    second.udp(past_sip("second-old", 200, 7200) + [hep3(sip(f"second-new-{i}")) for i in range(30)], pace_every=50)
+    wait_for_metric(first, "uploaded_rows_total", 300)
+    wait_for_metric(second, "uploaded_rows_total", 200)
+    # Each box answers for every object in the bucket and for its own rows not uploaded yet
+    uploaded = [f"first-old-{i}" for i in range(300)] + [f"second-old-{i}" for i in range(200)]
+    for server, own in ((first, [f"first-new-{i}" for i in range(50)]),
+                        (second, [f"second-new-{i}" for i in range(30)])):
+        deadline = time.monotonic() + 15
+        while call_ids(server) != sorted(uploaded + own):       # the new rows are there a flush later
+            assert time.monotonic() < deadline, f"{len(call_ids(server))} rows of {len(uploaded + own)}"
+            time.sleep(0.2)
+    assert metric(first, "upload_backlog_folders") == 0 and metric(first, "upload_errors_total") == 0
+    health = json.loads(http(first, "/health")[2])
+    assert health["uploads"] == {"status": "ok", "backlog_folders": 0}
+    # On each box, only what is not uploaded yet: this 10-minute folder's rows
+    assert sorted(row["call_id"] for row in stored_rows(tmp_path / "first", running=True)) == \
+        sorted(f"first-new-{i}" for i in range(50))
+    assert first.stop() == 0 and second.stop() == 0
+    # In the bucket: one object per writer's closed folder, each listed once, by its writer, nothing else
+    objects = bucket_objects(client, "two-writers/eu1")
+    listed = bucket_listed(client, "two-writers/eu1")
+    parquet = [key for key in objects if key.endswith(".parquet")]
+    assert sorted(listed) == ["first", "second"] and all(len(keys) == 1 for keys in listed.values())
+    assert sorted(key for keys in listed.values() for key in keys) == parquet
+    assert not [key for key in objects if not key.endswith((".parquet", "metadata.json"))]
+    # Any engine reads the bucket directly: DuckDB over pyarrow's dataset, ClickHouse (chdb) by s3()
+    dataset = ds.dataset([f"two-writers/eu1/{key}" for key in parquet], filesystem=client, format="parquet")
+    found = duckdb.sql("SELECT call_id FROM dataset ORDER BY call_id").fetchall()
+    assert [row[0] for row in found] == sorted([f"first-old-{i}" for i in range(300)] +
+                                              [f"second-old-{i}" for i in range(200)])
+    need("chdb", importlib.util.find_spec("chdb") is not None)
+    clickhouse = subprocess.run([sys.executable, "-c", (
+        "import chdb, sys; print(chdb.query(\"SELECT count(), uniqExact(call_id) FROM s3('" + s3_endpoint +
+        "/two-writers/eu1/*/dbs/hep-0/hep_1-0/*/*/*.parquet', 'testing', 'testing', 'Parquet')\", 'CSV'))")],
+        capture_output=True, text=True, timeout=120)
+    assert clickhouse.stdout.split() == ["500,500"], clickhouse.stderr
