@@ -2178,6 +2178,7 @@ class Storage:
         if done:
             log.warning("removing %d files of hep_%d already uploaded before a crash", len(done), local.proto_type)
             local.delete(done)
+            self.leases.delete_due(everything=True)     # at start no query holds them
         with local.lock:
             local.sequence = max(local.sequence, uploaded.sequence)
 

@@ -33,6 +33,7 @@ import time
 import urllib.parse
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import duckdb
@@ -3954,3 +3955,204 @@ def test_two_writers_share_one_bucket_and_each_answers_for_every_row_of_both_onc
         "/two-writers/eu1/*/dbs/hep-0/hep_1-0/*/*/*.parquet', 'testing', 'testing', 'Parquet')\", 'CSV'))")],
         capture_output=True, text=True, timeout=120)
     assert clickhouse.stdout.split() == ["500,500"], clickhouse.stderr
+
+
+def open_bucket_store(root: Path, endpoint: str, url: str) -> tuple[hepop.Storage, hepop.Uploader]:
+    """A writer's storage with a bucket, and its uploader, in this process (S3_CREDENTIALS in its environment)."""
+    config = hepop.Config.load([], {"PARQUET_DIR": str(root), "WRITER_ID": "w", **s3_settings(endpoint, url)})
+    bucket = hepop.open_bucket(config)
+    storage = hepop.Storage(str(root), "w", bucket=bucket)
+    storage.leases.DELETE_GRACE_S = 0
+    return storage, hepop.Uploader(config, storage, hepop.Counters())
+
+
+def rows_everywhere(storage: hepop.Storage, proto_type=1) -> list[dict]:
+    """Every row of the files this writer lists on its disk and in the bucket, read from their stores."""
+    rows = []
+    for store in (storage.types.get(proto_type), storage.uploaded.get(proto_type)):
+        for entry in store.snapshot() if store else []:
+            with store.file_store.open_input(entry["path"]) as source:
+                rows += pq.read_table(source).to_pylist()
+    return rows
+
+
+UPLOAD_CRASH_SCRIPT = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+import hepop
+root, endpoint, url, step = sys.argv[2:6]
+config = hepop.Config.load([], {"PARQUET_DIR": root, "WRITER_ID": "w", "S3_URL": url, "S3_ENDPOINT": endpoint,
+                                "UPLOAD_DELAY_S": "1"})
+storage = hepop.Storage(root, "w", bucket=hepop.open_bucket(config))
+real_publish, real_delete = hepop.S3FileStore.publish, hepop.TypeStore.delete
+def publish(self, spool_path, key):
+    real_publish(self, spool_path, key)
+    if step == "uploaded":                  # the object is in the bucket, its listing not yet
+        os._exit(9)
+def delete(self, entries):
+    if step == "listed":                    # the bucket's metadata.json lists it, the disk's its inputs
+        os._exit(9)
+    real_delete(self, entries)
+hepop.S3FileStore.publish, hepop.TypeStore.delete = publish, delete
+hepop.Uploader(config, storage, hepop.Counters()).run_once()
+"""
+
+
+@pytest.mark.parametrize("step", ["uploaded", "listed"])
+def test_a_writer_killed_during_an_upload_has_every_row_once_after_its_restart(tmp_path, s3_endpoint, step,
+                                                                              monkeypatch):
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    new_bucket(s3_endpoint, f"crash-{step}")
+    url = f"s3://crash-{step}/box"
+    storage, uploader = open_bucket_store(tmp_path, s3_endpoint, url)
+    local = storage.store(1)
+    local.write(sip_table([HOUR + 10, HOUR + 20, HOUR + 700], "first"))      # two 10-minute folders
+    local.write(sip_table([HOUR + 30, HOUR + 710], "second"))
+    sent = canonical(rows_everywhere(storage))
+    storage.close()                                                       # the crashing process takes the folder
+    result = subprocess.run([sys.executable, "-c", UPLOAD_CRASH_SCRIPT, str(HERE), str(tmp_path), s3_endpoint, url,
+                             step], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 9, result.stderr                         # it died where it was told to
+    storage, uploader = open_bucket_store(tmp_path, s3_endpoint, url)   # the restart
+    assert canonical(rows_everywhere(storage)) == sent
+    on_disk = {e["path"] for e in storage.types[1].snapshot()}
+    in_bucket = {e["path"] for e in storage.uploaded[1].snapshot()}
+    assert len(in_bucket) == 1 and not on_disk & in_bucket and len(on_disk) == 2     # one folder went up
+    assert storage.types[1].sequence >= max(e["id"] for e in storage.uploaded[1].snapshot())
+    uploader.run_once()                                                   # and the upload completes
+    assert canonical(rows_everywhere(storage)) == sent
+    assert not storage.types[1].snapshot() and len(storage.uploaded[1].snapshot()) == 2
+    client = s3_client(s3_endpoint)
+    assert sorted(bucket_listed(client, f"crash-{step}/box")["w"]) == \
+        [key for key in bucket_objects(client, f"crash-{step}/box") if key.endswith(".parquet")]
+    assert not [p for p in tmp_path.rglob("*.parquet")]                  # nothing left on this disk
+    # Retention applies to the bucket's objects as to files on disk
+    config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path), "WRITER_ID": "w", "MAX_DISK_PERCENT": "0"})
+    compactor = hepop.Compactor(config, storage, hepop.Counters())
+    compactor.run_once(now_us=(HOUR + 8 * 86400) * 1_000_000)
+    assert not storage.uploaded[1].snapshot() and bucket_listed(client, f"crash-{step}/box")["w"] == []
+    assert not [key for key in bucket_objects(client, f"crash-{step}/box") if key.endswith(".parquet")]
+    compactor.close()
+    storage.close()
+
+
+class Proxy:
+    """A TCP proxy on loopback to `target_port` that can go down (connections refused, those open cut) and
+    come back up on the same port: an object store's outage, as its clients see it."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.port = free_port()
+        self.lock = threading.Lock()
+        self.open: list[socket.socket] = []
+        self.listener = None
+        self.up()
+
+    def up(self):
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def down(self):
+        self.listener.shutdown(socket.SHUT_RDWR)            # wakes the accept() of its thread, on Linux
+        self.listener.close()
+        with self.lock:
+            for sock in self.open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            self.open.clear()
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                return
+            with self.lock:
+                self.open += [client, upstream]
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, target):
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                target.sendall(data)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
+
+
+def test_a_bucket_down_for_30_s_costs_disk_space_and_no_packet(servers, tmp_path, s3_endpoint):
+    new_bucket(s3_endpoint, "outage")
+    proxy = Proxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    server = servers(**s3_settings(f"http://127.0.0.1:{proxy.port}", "s3://outage/box", UPLOAD_DELAY_S="1800"))
+    proxy.down()
+    went_down = time.monotonic()
+    server.udp(past_sip("during-a", 200, 7200), pace_every=50)            # two closed folders
+    server.udp(past_sip("during-b", 100, 7800), pace_every=50)
+    wait_for_metric(server, "upload_errors_total", 1)
+    status, _, body = http(server, "/health")
+    uploads = json.loads(body)["uploads"]
+    assert status == 200 and uploads["status"] == "failing" and uploads["backlog_folders"] == 2, body
+    assert "outage" in uploads["error"] or "127.0.0.1" in uploads["error"], uploads
+    status, _, body = query(server, "SELECT count(*) AS n FROM hep_1 WHERE time > now() - INTERVAL 3 HOUR")
+    assert status == 503 and "bucket" in body["error"]          # never an answer without the other writers
+    assert len(stored_rows(tmp_path / "data", running=True)) == 300         # on this disk meanwhile
+    time.sleep(max(0.0, 30 - (time.monotonic() - went_down)))
+    proxy.up()
+    wait_for_metric(server, "uploaded_rows_total", 300, timeout=90)             # the backlog drains
+    assert metric(server, "upload_backlog_folders") == 0 and metric(server, "upload_errors_total") >= 2
+    assert json.loads(http(server, "/health")[2])["uploads"] == {"status": "ok", "backlog_folders": 0}
+    assert call_ids(server) == sorted([f"during-a-{i}" for i in range(200)] + [f"during-b-{i}" for i in range(100)])
+    assert stored_rows(tmp_path / "data", running=True) == []
+    assert server.stop() == 0
+    assert any("uploads to the bucket work again" in line for line in server.lines)
+
+
+def test_the_binary_uploads_to_a_bucket_and_s3_settings_that_cannot_work_exit_2_naming_them(tmp_path, s3_endpoint,
+                                                                                           capsys):
+    need_binary()
+    for flags, named in ((["--s3-url", "s3://Capture"], "bad setting S3_URL='s3://Capture'"),
+                         (["--s3-endpoint", "ftp://x"], "bad setting S3_ENDPOINT='ftp://x'"),
+                         (["--upload-delay-s", "-1"], "bad setting UPLOAD_DELAY_S='-1'")):
+        assert hepop.main(flags) == 2 and named in capsys.readouterr().err
+    client = new_bucket(s3_endpoint, "binary")
+    closed_port = free_port()                                            # nothing listens there
+    base = {"PATH": "/usr/bin:/bin", "PARQUET_DIR": str(tmp_path / "data"), "WRITER_ID": "box",
+            "MAX_DISK_PERCENT": "0", **S3_CREDENTIALS}
+    for settings, named in (({"S3_URL": "s3://no-such-bucket/eu1", "S3_ENDPOINT": s3_endpoint},
+                             "S3_URL=s3://no-such-bucket/eu1 (S3_ENDPOINT=" + s3_endpoint + ", S3_REGION=us-east-1): "
+                             "bucket no-such-bucket does not exist"),
+                            ({"S3_URL": "s3://binary", "S3_ENDPOINT": f"http://127.0.0.1:{closed_port}"},
+                             f"S3_ENDPOINT=http://127.0.0.1:{closed_port}")):
+        started = time.monotonic()
+        result = subprocess.run([str(BINARY)], env={**base, "PORT": str(free_port()), **settings},
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and named in result.stderr, (settings, result.stderr)
+        assert time.monotonic() - started < 20
+    # With settings that work, the binary (pyarrow's S3 inside) uploads a closed folder
+    port, http_port = free_port(), free_port()
+    process = subprocess.Popen([str(BINARY)], stderr=subprocess.PIPE, text=True, env={
+        **base, "PORT": str(port), "HTTP_PORT": str(http_port), "S3_URL": "s3://binary/eu1",
+        "S3_ENDPOINT": s3_endpoint, "UPLOAD_DELAY_S": "1"})
+    try:
+        server = SimpleNamespace(port=port, http_port=http_port)        # for the helpers that take a Server
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError):
+                if http(server, "/health")[0] == 200:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        Server.udp(server, past_sip("binary", 50, 7200))
+        wait_for_metric(server, "uploaded_rows_total", 50)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    objects = [key for key in bucket_objects(client, "binary/eu1") if key.endswith(".parquet")]
+    assert bucket_listed(client, "binary/eu1")["box"] == objects and len(objects) == 1
+    with client.open_input_file(f"binary/eu1/{objects[0]}") as source:
+        assert sorted(pq.read_table(source)["call_id"].to_pylist()) == sorted(f"binary-{i}" for i in range(50))
