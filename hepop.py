@@ -19,15 +19,19 @@ Data flow::
                      compactor thread: every COMPACT_INTERVAL_S, each closed hour merged by a child
                             |   process (DuckDB sorts) into c_NNNNNNNNNN.parquet, swapped into
                             |   metadata.json; retention; the disk guard; empty folders
+                            |   (with S3_URL: uploader thread instead of the merges: each closed 10-minute
+                            |   folder becomes one object in the bucket, listed in the bucket's
+                            |   metadata.json, then deleted here; retention covers the bucket too)
                             v
     HTTP threads: /query, /health, /metrics, HOMER's /api/v3 and the page at / by a route table.  A
                   query goes to the query process (DuckDB over the files that every writer lists,
-                  this one from memory and the others from their metadata.json, pruned to the
-                  query's time window, made JSON, CSV or Arrow there); the HTTP thread holds the
-                  files it reads and relays its bytes
+                  this one from memory and the others from their metadata.json, in the bucket when
+                  there is one, pruned to the query's time window, made JSON, CSV or Arrow there);
+                  the HTTP thread holds the files it reads and relays its bytes
 
     PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/metadata.json                the truth about the files
     PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-MM/NNNNNNNNNN.parquet   (TreeLayout)
+    s3://BUCKET/PREFIX/WRITER_ID/dbs/hep-0/...                   the same tree, of uploaded folders (S3_URL)
 
 Sections, in reading order; each uses only what is above it:
     Configuration   settings from --flags, the environment and defaults; exit 2 naming a bad one
@@ -38,12 +42,14 @@ Sections, in reading order; each uses only what is above it:
     Packet checks   capture-time bounds, the auth key, what counts as received and dropped
     SIP fields      the SIP columns of a batch, by Arrow
     Storage         schemas; TreeLayout; the atomic publish; FileStore, the one interface to the data's
-                    files (list, read, write-then-publish, delete, size), and LocalFileStore;
-                    file_entry and its validation; FileLeases (no file deleted under a query);
-                    TypeStore (files and metadata.json of one type, recovery at start); Storage (all
-                    types, the lock on the writer's folder)
+                    files (list, read, write-then-publish, delete, size), LocalFileStore and
+                    S3FileStore (a bucket, staging key and server-side copy); file_entry and its
+                    validation; FileLeases (no file deleted under a query); TypeStore (files and
+                    metadata.json of one type, recovery at start); Storage (all types, on this disk
+                    and in the bucket, the lock on the writer's folder)
     Writer thread   the batch records the loop hands over; BatchWriter
     Compaction      HourMerger and merge_hour (the child process); Compactor (the timer thread)
+    Upload          merge_folder and the Uploader (the thread that fills the bucket)
     Query           QueryEngine (the sandbox, the time window, views over listed files, the `calls`
                     view that defines a call); results as
                     exact JSON values and ResultWriter; the query process (serve_queries, QueryRun) and
@@ -62,6 +68,8 @@ Threads and processes, and what each owns:
                     the loop to pause reading), `failing` (read by /health).
     compactor       merges, retention, the disk guard; at most one merge child process at a time,
                     started and killed under Compactor._merging_lock.
+    uploader        with S3_URL: merging closed folders and putting them in the bucket; `failing`
+                    (read by /health).
     HTTP threads    one per connection (ThreadingHTTPServer), at most MAX_HTTP_CONNECTIONS; at most
                     MAX_QUERIES of them relay a query at once.
     query process   one child process (spawned at start, again if it dies) with its own DuckDB: a
@@ -1602,11 +1610,9 @@ def s3_filesystem(endpoint: str, region: str) -> pafs.FileSystem:
     """pyarrow's S3 client for S3_ENDPOINT (AWS itself when empty) and S3_REGION; credentials as AWS
     tools read them (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, ~/.aws).  Bounded
     timeouts: an endpoint that hangs fails an upload, which is retried, and never holds a thread."""
-    url = urllib.parse.urlsplit(endpoint) if endpoint else None
-    return pafs.S3FileSystem(
-        region=region, endpoint_override=url.netloc if url else None, scheme=url.scheme if url else "https",
-        connect_timeout=S3FileStore.CONNECT_TIMEOUT_S, request_timeout=S3FileStore.REQUEST_TIMEOUT_S,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+    return pafs.S3FileSystem(region=region, endpoint_override=endpoint or None,
+                             connect_timeout=S3FileStore.CONNECT_TIMEOUT_S, request_timeout=S3FileStore.REQUEST_TIMEOUT_S,
+                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
 
 
 def split_by_folder(table: pa.Table) -> list[tuple[int, pa.Table]]:
@@ -2797,7 +2803,8 @@ class Uploader(threading.Thread):
 
 # ---------------------------------------------------------------------------------------------------------
 # Query: SQL over the stored files.  hep_<type> names become views over the files that metadata.json
-# lists (every writer under PARQUET_DIR), pruned to the query's time range, in a DuckDB sandbox.
+# lists (every writer under PARQUET_DIR, or in the bucket), pruned to the query's time range, in a DuckDB
+# sandbox.
 # ---------------------------------------------------------------------------------------------------------
 
 class QueryError(Exception):

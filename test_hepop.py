@@ -3862,7 +3862,7 @@ def s3_endpoint():
 
 
 def s3_client(endpoint: str) -> pafs.S3FileSystem:
-    return pafs.S3FileSystem(endpoint_override=endpoint.split("//", 1)[1], scheme="http", region="us-east-1",
+    return pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1",
                              access_key="testing", secret_key="testing", allow_bucket_creation=True)
 
 
@@ -3906,7 +3906,7 @@ def wait_for_metric(server, name: str, value: float, timeout=30) -> None:
         time.sleep(0.2)
 
 
-def call_ids(server) -> list[str]:
+def recent_call_ids(server) -> list[str]:
     status, _, body = query(server, "SELECT call_id FROM hep_1 WHERE time > now() - INTERVAL 3 HOUR")
     assert status == 200, body
     return sorted(row["call_id"] for row in body)
@@ -3927,8 +3927,8 @@ def test_two_writers_share_one_bucket_and_each_answers_for_every_row_of_both_onc
     for server, own in ((first, [f"first-new-{i}" for i in range(50)]),
                         (second, [f"second-new-{i}" for i in range(30)])):
         deadline = time.monotonic() + 15
-        while call_ids(server) != sorted(uploaded + own):       # the new rows are there a flush later
-            assert time.monotonic() < deadline, f"{len(call_ids(server))} rows of {len(uploaded + own)}"
+        while recent_call_ids(server) != sorted(uploaded + own):       # the new rows are there a flush later
+            assert time.monotonic() < deadline, f"{len(recent_call_ids(server))} rows of {len(uploaded + own)}"
             time.sleep(0.2)
     assert metric(first, "upload_backlog_folders") == 0 and metric(first, "upload_errors_total") == 0
     health = json.loads(http(first, "/health")[2])
@@ -3946,15 +3946,18 @@ def test_two_writers_share_one_bucket_and_each_answers_for_every_row_of_both_onc
     assert not [key for key in objects if not key.endswith((".parquet", "metadata.json"))]
     # Any engine reads the bucket directly: DuckDB over pyarrow's dataset, ClickHouse (chdb) by s3()
     dataset = ds.dataset([f"two-writers/eu1/{key}" for key in parquet], filesystem=client, format="parquet")
-    found = duckdb.sql("SELECT call_id FROM dataset ORDER BY call_id").fetchall()
+    with duckdb.connect() as con:
+        found = con.register("objects", dataset).sql("SELECT call_id FROM objects ORDER BY call_id").fetchall()
     assert [row[0] for row in found] == sorted([f"first-old-{i}" for i in range(300)] +
                                               [f"second-old-{i}" for i in range(200)])
     need("chdb", importlib.util.find_spec("chdb") is not None)
-    clickhouse = subprocess.run([sys.executable, "-c", (
-        "import chdb, sys; print(chdb.query(\"SELECT count(), uniqExact(call_id) FROM s3('" + s3_endpoint +
-        "/two-writers/eu1/*/dbs/hep-0/hep_1-0/*/*/*.parquet', 'testing', 'testing', 'Parquet')\", 'CSV'))")],
-        capture_output=True, text=True, timeout=120)
-    assert clickhouse.stdout.split() == ["500,500"], clickhouse.stderr
+    readers = [block for block, why in readme_shell_blocks() if why and "test_two_writers_share_one_bucket" in why]
+    assert len(readers) == 2                                    # the README's DuckDB and ClickHouse, as written
+    for block in readers:
+        result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=120, env={**os.environ, **settings})
+        assert result.returncode == 0 and re.search(r"INVITE\D+500\b", result.stdout), (block, result.stdout,
+                                                                                        result.stderr[-2000:])
 
 
 def open_bucket_store(root: Path, endpoint: str, url: str) -> tuple[hepop.Storage, hepop.Uploader]:
@@ -4106,7 +4109,7 @@ def test_a_bucket_down_for_30_s_costs_disk_space_and_no_packet(servers, tmp_path
     wait_for_metric(server, "uploaded_rows_total", 300, timeout=90)             # the backlog drains
     assert metric(server, "upload_backlog_folders") == 0 and metric(server, "upload_errors_total") >= 2
     assert json.loads(http(server, "/health")[2])["uploads"] == {"status": "ok", "backlog_folders": 0}
-    assert call_ids(server) == sorted([f"during-a-{i}" for i in range(200)] + [f"during-b-{i}" for i in range(100)])
+    assert recent_call_ids(server) == sorted([f"during-a-{i}" for i in range(200)] + [f"during-b-{i}" for i in range(100)])
     assert stored_rows(tmp_path / "data", running=True) == []
     assert server.stop() == 0
     assert any("uploads to the bucket work again" in line for line in server.lines)
