@@ -81,8 +81,8 @@ def sip_messages(rng: random.Random) -> list[bytes]:
     return [m.encode() for m in messages]
 
 
-def hep3(payload: bytes, seq: int, rng: random.Random) -> bytes:
-    now = time.time()
+def hep3(payload: bytes, seq: int, rng: random.Random, ago_s: float = 0) -> bytes:
+    now = time.time() - ago_s
     body = b"".join(struct.pack("!HHH", 0, kind, len(value) + 6) + value for kind, value in (
         (1, b"\x02"), (2, b"\x11"), (3, rng.randbytes(4)), (4, rng.randbytes(4)),
         (7, struct.pack("!H", 5060)), (8, struct.pack("!H", 5060)), (9, struct.pack("!I", int(now))),
@@ -90,11 +90,12 @@ def hep3(payload: bytes, seq: int, rng: random.Random) -> bytes:
     return b"HEP3" + struct.pack("!H", len(body) + 6) + body
 
 
-def packets(count: int, seed: int = 1) -> list[bytes]:
+def packets(count: int, seed: int = 1, ago_s: float = 0) -> list[bytes]:
+    """`count` HEP3 packets of realistic SIP, captured `ago_s` seconds ago."""
     rng = random.Random(seed)
     out = []
     while len(out) < count:
-        out.extend(hep3(m, len(out), rng) for m in sip_messages(rng))
+        out.extend(hep3(m, len(out), rng, ago_s) for m in sip_messages(rng))
     return out[:count]
 
 
@@ -364,15 +365,18 @@ def bench_loss_while_compacting(target_mib: int, rate: int, pool: list[bytes]) -
                 "compacted": "compacted " in log_path.read_text()}
 
 
-def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000, span_s: int = 86_400) -> int:
+def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000, span_s: int = 86_400,
+              bucket_settings: dict | None = None) -> int:
     """`total_rows` SIP rows spread over the `span_s` (24 hours) before now, written by hepop's own writer
     and compacted by its own compactor, as a day of capture leaves them; returns the files listed.
-    100,000 distinct messages are reused; each reuse gets its own Call-IDs, so a call is found once."""
+    100,000 distinct messages are reused; each reuse gets its own Call-IDs, so a call is found once.
+    With `bucket_settings` (S3_URL and the rest), the closed folders are uploaded instead, as hepop's
+    uploader does, and the objects in the bucket are counted."""
     sys.path.insert(0, str(HERE))
     import hepop
     config = hepop.Config.load([], {"PARQUET_DIR": str(root), "WRITER_ID": "bench", "COMPACT_GRACE_S": "1",
-                                    "RETENTION": "30d", "MAX_DISK_PERCENT": "0"})
-    storage = hepop.Storage(str(root), "bench")
+                                    "RETENTION": "30d", "MAX_DISK_PERCENT": "0", **(bucket_settings or {})})
+    storage = hepop.Storage(str(root), "bench", bucket=hepop.open_bucket(config))
     store = storage.store(1)
     raw = packets(20 * rows_per_file // 10, seed=11)
     tables = []
@@ -391,6 +395,11 @@ def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000, span_s: 
         index = part.schema.get_field_index("call_id")            # repeated messages, yet unique calls
         call_ids = pc.binary_join_element_wise(part.column(index), pa.scalar(f"-{first}"), "")
         store.write(part.set_column(index, "call_id", call_ids))
+    if bucket_settings:
+        hepop.Uploader(config, storage, hepop.Counters()).run_once(now_us=end_us + 3600 * 1_000_000)
+        storage.leases.delete_due(everything=True)
+        storage.close()
+        return len(storage.uploaded[1].snapshot())
     compactor = hepop.Compactor(config, storage, hepop.Counters())
     compactor.run_once()
     compactor.close()                       # deletes the merged inputs
@@ -522,6 +531,156 @@ def bench_call_list(rate: int, runs: int = 5) -> None:
         alone.sort()
         print(f"  call list, first page, last hour   {timings[len(timings) // 2]:>7.0f} ms (target 1000 ms), {rows} rows; "
               f"DuckDB alone over the same files {alone[len(alone) // 2]:.0f} ms", flush=True)
+
+
+class MotoServer:
+    """moto's S3 server on loopback, a child process, with one bucket; credentials in os.environ."""
+
+    def __init__(self, bucket: str):
+        import pyarrow.fs as pafs
+        port = free_port()
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.endpoint = f"http://127.0.0.1:{port}"
+        wait_listening(port)
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
+        self.client = pafs.S3FileSystem(endpoint_override=self.endpoint, region="us-east-1",
+                                        allow_bucket_creation=True)
+        self.client.create_dir(bucket)
+        self.bucket = bucket
+
+    def settings(self, prefix: str) -> dict:
+        return {"S3_URL": f"s3://{self.bucket}/{prefix}", "S3_ENDPOINT": self.endpoint, "UPLOAD_DELAY_S": "1"}
+
+    def objects(self, prefix: str) -> list:
+        import pyarrow.fs as pafs
+        return [info for info in self.client.get_file_info(pafs.FileSelector(f"{self.bucket}/{prefix}", recursive=True))
+                if info.path.endswith(".parquet")]
+
+    def close(self):
+        self.process.kill()
+        self.process.wait()
+
+
+def bench_s3(quick: bool, rate: int, runs: int = 5) -> None:
+    """Object storage against moto's S3 server on loopback: the upload of a closed folder beside the same
+    bytes put by pyarrow alone; hepop's CPU per packet at `rate` with every row uploaded during the run
+    beside the same run without a bucket; a Call-ID over a day of objects beside the same day on disk,
+    and beside DuckDB alone over the same objects (python3 bench_hepop.py --s3)."""
+    import duckdb
+    import pyarrow.dataset as ds
+    sys.path.insert(0, str(HERE))
+    import hepop
+    moto = MotoServer("bench")
+    try:
+        rows = 200_000 if quick else 1_000_000
+        with tempfile.TemporaryDirectory(prefix="hepop-bench-upload-") as tmp:
+            settings = moto.settings("upload")
+            config = hepop.Config.load([], {"PARQUET_DIR": tmp, "WRITER_ID": "bench", **settings})
+            storage = hepop.Storage(tmp, "bench", bucket=hepop.open_bucket(config))
+            write_folder(storage, rows)
+            uploader = hepop.Uploader(config, storage, hepop.Counters())
+            t0 = time.perf_counter()
+            uploader.run_once()
+            elapsed = time.perf_counter() - t0
+            entry = storage.uploaded[1].snapshot()[0]
+            body = moto.client.open_input_stream(f"bench/upload/{entry['path']}").read()
+            t0 = time.perf_counter()
+            with moto.client.open_output_stream("bench/alone/object.parquet") as out:
+                out.write(body)
+            alone = time.perf_counter() - t0
+            storage.close()
+        mb = entry["size_bytes"] / 1e6
+        print(f"object storage (moto's S3 server on loopback), commit {commit()}:", flush=True)
+        print(f"  upload of a closed 10-minute folder ({rows:,} rows in {rows // 50_000} raw files, {mb:.0f} MB as one "
+              f"object): {elapsed:.2f} s, {mb / elapsed:.0f} MB/s, {rows / elapsed:,.0f} rows/s (merge, staging key, "
+              f"copy, listing); pyarrow alone putting the same bytes: {alone:.2f} s, {mb / alone:.0f} MB/s", flush=True)
+        seconds = 10.0 if quick else 30.0
+        pool = packets(200_000, ago_s=1200)           # their folders are closed: every row goes up during the run
+        for name, extra in (("without a bucket", {}), ("with S3_URL", moto.settings("capture"))):
+            result = capture_and_upload(rate, seconds, pool, moto, extra)
+            print(f"  capture at {rate:,}/s for {seconds:.0f} s {name:<17} sent {result['sent']:,}, stored "
+                  f"{result['stored']:,} ({result['uploaded']:,} uploaded), {result['cpu_us']:.1f} us of CPU "
+                  f"per packet", flush=True)
+        day_rows = 500_000 if quick else 2_000_000
+        with tempfile.TemporaryDirectory(prefix="hepop-bench-day-") as local, \
+                tempfile.TemporaryDirectory(prefix="hepop-bench-day-s3-") as remote:
+            local_files = write_day(Path(local), day_rows)
+            objects = write_day(Path(remote), day_rows, bucket_settings=moto.settings("day"))
+            print(f"  a Call-ID over a day of {day_rows:,} rows (median of {runs}): on disk {local_files} files, "
+                  f"in the bucket {objects} objects", flush=True)
+            for name, tmp, extra in (("on disk", local, {}), ("in the bucket", remote, moto.settings("day"))):
+                port, http_port = free_port(), free_port()
+                env = {**os.environ, "PORT": str(port), "HTTP_PORT": str(http_port), "PARQUET_DIR": tmp,
+                       "WRITER_ID": "bench", "RETENTION": "30d", "MAX_DISK_PERCENT": "0", "COMPACT_INTERVAL_S": "3600",
+                       "LOG_LEVEL": "WARNING", **extra}
+                server = subprocess.Popen([sys.executable, str(HERE / "hepop.py")], env=env)
+                wait_listening(http_port)
+                sample = json.loads(http_get(http_port, "SELECT call_id FROM hep_1 WHERE time > now() - INTERVAL 1 DAY "
+                                                        "AND sip_method = 'INVITE' LIMIT 1 OFFSET 1000")[1])[0]["call_id"]
+                sql = (f"SELECT time, sip_method, sip_status FROM hep_1 WHERE call_id = '{sample}' "
+                       "AND time > now() - INTERVAL 1 DAY ORDER BY time")
+                timings = []
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    found = len(json.loads(http_get(http_port, sql)[1]))
+                    timings.append(1000 * (time.perf_counter() - t0))
+                server.send_signal(signal.SIGTERM)
+                server.wait(timeout=60)
+                if extra:
+                    dataset = ds.dataset([info.path for info in moto.objects("day")], filesystem=moto.client,
+                                         format="parquet")
+                    source = "dataset"
+                else:
+                    dataset = None
+                    source = "read_parquet(" + repr(sorted(glob.glob(f"{tmp}/bench/dbs/hep-0/hep_1-0/*/*/*.parquet"))) + ")"
+                db = duckdb.connect()
+                if dataset is not None:
+                    db.register("dataset", dataset)
+                alone = []
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    db.execute(f"SELECT time, sip_method, sip_status FROM {source} WHERE call_id = '{sample}' "
+                               "ORDER BY time").fetchall()
+                    alone.append(1000 * (time.perf_counter() - t0))
+                timings.sort()
+                alone.sort()
+                print(f"    {name:<14} {timings[len(timings) // 2]:>7.0f} ms, {found} rows; DuckDB alone over the same "
+                      f"files {alone[len(alone) // 2]:.0f} ms", flush=True)
+    finally:
+        moto.close()
+
+
+def write_folder(storage, rows: int, rows_per_file: int = 50_000) -> None:
+    """`rows` SIP rows in one 10-minute folder of an hour ago, in raw files of `rows_per_file`, written by
+    hepop's own writer."""
+    import hepop
+    store = storage.store(1)
+    raw = packets(rows_per_file, seed=12)
+    batch = [hepop.decode(p) for p in raw]
+    start_us = (time.time_ns() // 1000 - 3600 * 1_000_000) // 600_000_000 * 600_000_000
+    for first in range(0, rows, rows_per_file):
+        times = pa.array([start_us + (first + i) * 100 for i in range(rows_per_file)]).cast(hepop.TIME_TYPE)
+        store.write(hepop.complete_table(1, hepop.packet_table([0] * len(batch), batch)).set_column(0, "time", times))
+
+
+def capture_and_upload(rate: int, seconds: float, pool: list[bytes], moto: MotoServer, settings: dict) -> dict:
+    """hepop capturing `pool` at `rate`, with a bucket or not; its CPU per packet once everything is stored
+    and, with a bucket, uploaded."""
+    with tempfile.TemporaryDirectory(prefix="hepop-bench-capture-") as tmp:
+        hepop = Hepop(tmp, MAX_DISK_PERCENT="0", **settings)
+        cpu_before = process_cpu_seconds(hepop.process.pid)
+        sent = send_paced(pool, rate, seconds, hepop.port, "udp")
+        values = settle(hepop.http_port)
+        deadline = time.monotonic() + 120
+        while settings and values.get("hepop_upload_backlog_folders", 1) > 0 and time.monotonic() < deadline:
+            time.sleep(1)
+            values = metrics(hepop.http_port)
+        cpu = process_cpu_seconds(hepop.process.pid) - cpu_before
+        hepop.stop()
+        local, _ = stored(Path(tmp))
+        uploaded = int(values.get("hepop_uploaded_rows_total", 0))
+        return {"sent": sent, "stored": local + uploaded, "uploaded": uploaded, "cpu_us": 1e6 * cpu / max(sent, 1)}
 
 
 def homer_post(port: int, path: str, body: dict) -> bytes:
@@ -680,7 +839,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="capture only, short runs at two rates (under a minute)")
     parser.add_argument("--seconds", type=float, help="seconds per rate")
     parser.add_argument("--rates", help="comma-separated packets/s")
-    parts = ("capture", "sustained", "overload", "compaction", "query", "starvation", "calls", "flush")
+    parts = ("capture", "sustained", "overload", "compaction", "query", "starvation", "calls", "flush", "s3")
     for part in parts:
         parser.add_argument(f"--{part}", action="store_true", help=f"only the {part} figures (can be combined)")
     parser.add_argument("--sustained-rate", type=int, default=100_000, help="packets/s of the sustained run")
@@ -709,6 +868,8 @@ def main() -> None:
         bench_starvation(pool, 20_000, 10.0 if args.quick else 30.0, [1, 4, 8, 20])
     if "flush" in chosen:
         bench_flush([100, 1_000, 4_200, 10_000])
+    if "s3" in chosen:
+        bench_s3(args.quick, 20_000)
 
 
 def cpu_model() -> str:

@@ -1739,21 +1739,29 @@ class FileLeases:
 
     def delete_when_free(self, file_store: FileStore, keys: list[str]) -> None:
         due_s = time.monotonic() + self.DELETE_GRACE_S
+        doomed = {}
+        for key in keys:                    # outside the lock: in a bucket, a request each
+            with contextlib.suppress(OSError):
+                doomed[key] = DoomedFile(file_store, file_store.size_bytes(key), due_s)
         with self.lock:
-            for key in keys:
-                with contextlib.suppress(OSError):
-                    self._doomed[key] = DoomedFile(file_store, file_store.size_bytes(key), due_s)
+            self._doomed.update(doomed)
 
     def delete_due(self, everything: bool = False) -> None:
         """Delete the doomed files whose grace is over and that no query holds (`everything`: at shutdown,
         whatever their grace)."""
         now = time.monotonic()
         with self.lock:
-            due = [key for key, doomed in self._doomed.items()
-                   if not self._held[key] and (everything or doomed.due_s <= now)]
-            stores = [self._doomed.pop(key).file_store for key in due]
-        for key, file_store in zip(due, stores):
-            file_store.delete(key)
+            due = {key: doomed for key, doomed in self._doomed.items()
+                   if not self._held[key] and (everything or doomed.due_s <= now)}
+            for key in due:
+                del self._doomed[key]
+        for key, doomed in due.items():
+            try:
+                doomed.file_store.delete(key)
+            except OSError as exc:          # a bucket that fails: tried again later, never forgotten
+                log.warning("cannot delete %s: %s; trying again", key, exc)
+                with self.lock:
+                    self._doomed.setdefault(key, doomed._replace(due_s=now + self.DELETE_GRACE_S))
 
     def waiting(self) -> bool:
         with self.lock:
@@ -1866,25 +1874,38 @@ class TypeStore:
         makes the swap), the local disk's for a folder uploaded to the bucket (this store's metadata.json
         lists the object, then the local one unlists the inputs; recovery tells the states apart by the
         inputs the output's footer names).  The inputs are deleted when FileLeases says.  Raises,
-        publishing nothing, when the output does not hold exactly the inputs' rows."""
+        publishing nothing, when the output does not hold exactly the inputs' rows.
+
+        Queries list this writer's files under FileLeases.lock, so the swap takes it: a query sees the
+        inputs or the output, never both.  When the bucket's metadata.json cannot be written, nothing is
+        listed and the error raised; the object stays under its key, which the next try writes again."""
         sequence, compacted = self.layout.parse_file_name(key.rsplit("/", 1)[-1])
         with open(spool_path, "rb") as spooled:
             output = file_entry(key, sequence, compacted, chunk_time_us, describe_file(spooled))
         if output["row_count"] != sum(entry["row_count"] for entry in inputs):     # never swap it in
             raise RuntimeError(f"the merge of {[e['path'] for e in inputs]} wrote {output['row_count']} rows")
         self.file_store.publish(spool_path, key)
-        with self.lock:
-            if source is self:
+        if source is self:
+            with self.lock:
                 for entry in inputs:
                     del self.files[entry["path"]]
-            self.files[key] = output
-            self.sequence = max(self.sequence, sequence)
-            self._save_metadata()
-        if source is self:
+                self.files[key] = output
+                self._save_metadata()
             self.leases.delete_when_free(self.file_store, [entry["path"] for entry in inputs])
             self.leases.delete_due()
-        else:
-            source.delete(inputs)
+            return output
+        with self.leases.lock, self.lock:
+            self.files[key] = output
+            try:
+                self._save_metadata()
+            except BaseException:
+                del self.files[key]
+                raise
+            self.sequence = max(self.sequence, sequence)
+            with source.lock:
+                for entry in inputs:
+                    source.files.pop(entry["path"], None)
+        source.delete(inputs)               # this disk's metadata.json, then the files
         return output
 
     def delete(self, entries: list[dict]) -> None:
@@ -2487,6 +2508,15 @@ def merge_hour(path: str, schema: pa.Schema, files: list[str], memory_mb: int, t
         os.fsync(out.fileno())
 
 
+def set_aside_unreadable(store: TypeStore, inputs: list[dict], counters: Counters) -> None:
+    """After a failed merge: set aside the inputs that do not read, so that the rest merges next time."""
+    unreadable = [entry for entry in inputs if not readable(store.file_store, entry["path"])]
+    if unreadable:
+        store.set_aside(unreadable, "it does not read")
+        counters.add("files_set_aside_total", len(unreadable), type=str(store.proto_type))
+        counters.add("rows_set_aside_total", sum(e["row_count"] for e in unreadable), type=str(store.proto_type))
+
+
 class Compactor(threading.Thread):
     """Every COMPACT_INTERVAL_S: compaction, retention, the disk guard and folder cleanup, per type.
 
@@ -2593,7 +2623,7 @@ class Compactor(threading.Thread):
         except BaseException:
             remove_file(temp)
             if not self.stopping.is_set():
-                self._set_aside_unreadable(store, inputs)
+                set_aside_unreadable(store, inputs, self.counters)
             raise
         elapsed = time.perf_counter() - started
         in_bytes = sum(entry["size_bytes"] for entry in inputs)
@@ -2602,15 +2632,6 @@ class Compactor(threading.Thread):
         self.counters.add("compaction_seconds_total", elapsed)
         log.info("compacted %d files (%d bytes) of hep_%d into %s: %d rows, %d bytes, %.2f s", len(inputs),
                  in_bytes, store.proto_type, output["path"], output["row_count"], output["size_bytes"], elapsed)
-
-    def _set_aside_unreadable(self, store: TypeStore, inputs: list[dict]) -> None:
-        """After a failed merge: set aside the inputs that do not read, so that the hour merges next time."""
-        unreadable = [entry for entry in inputs if not readable(store.file_store, entry["path"])]
-        if unreadable:
-            store.set_aside(unreadable, "it does not read")
-            self.counters.add("files_set_aside_total", len(unreadable), type=str(store.proto_type))
-            self.counters.add("rows_set_aside_total", sum(e["row_count"] for e in unreadable),
-                              type=str(store.proto_type))
 
     def _merge_in_a_process(self, path: str, schema: pa.Schema, files: list[str]) -> None:
         process = PROCESSES.Process(target=merge_hour, name="hepop-compaction", daemon=True, args=(
@@ -2737,6 +2758,9 @@ class Uploader(threading.Thread):
         self.delay_us = int(config.upload_delay_s * 1e6)
         self.stopping = threading.Event()
         self.failing: Optional[str] = None
+        # The key a folder went up under when its listing failed: the next try writes the same key, so
+        # that no object is left unlisted beside a listed one of the same rows (a restart would adopt it).
+        self._keys: dict[tuple[int, int], str] = {}
         self.spool_dir = storage.layout.upload_spool_dir(config.writer_id)
         shutil.rmtree(self.spool_dir, ignore_errors=True)
 
@@ -2786,14 +2810,22 @@ class Uploader(threading.Thread):
     def upload(self, store: TypeStore, folder_start_us: int, inputs: list[dict]) -> None:
         started = time.perf_counter()
         uploaded = self.storage.uploaded_store(store.proto_type)
-        key = store.new_key(folder_start_us, compacted=False)       # one numbering for the disk and the bucket
+        folder = (store.proto_type, folder_start_us)
+        if folder not in self._keys:            # one numbering for the disk and the bucket
+            self._keys[folder] = store.new_key(folder_start_us, compacted=False)
+        key = self._keys[folder]
         spool_path = uploaded.file_store.spool_path(key)
         schema = store.schema.with_metadata({INPUTS_KEY: json.dumps([entry["path"] for entry in inputs]).encode()})
         try:
-            merge_folder(store.file_store, [entry["path"] for entry in inputs], schema, spool_path)
+            try:
+                merge_folder(store.file_store, [entry["path"] for entry in inputs], schema, spool_path)
+            except Exception:
+                set_aside_unreadable(store, inputs, self.counters)     # a damaged file: the rest goes next time
+                raise
             output = uploaded.add_merged(spool_path, key, folder_start_us, inputs, store)
         finally:
             remove_file(spool_path)
+        del self._keys[folder]
         self.counters.add("uploaded_objects_total", type=str(store.proto_type))
         self.counters.add("uploaded_bytes_total", output["size_bytes"])
         self.counters.add("uploaded_rows_total", output["row_count"])
@@ -3063,8 +3095,9 @@ class QueryEngine:
             if self.bucket_filesystem is None or not all(path.startswith(self.bucket_path) for path in objects):
                 raise QueryError("objects outside S3_URL were named", 500)
             name = f"hep_{proto_type}_bucket"
-            cursor.register(name, ds.dataset(objects, schema=table_schema(proto_type), format="parquet",
-                                              filesystem=self.bucket_filesystem))
+            cursor.register(name, ds.FileSystemDataset.from_paths(      # no request per object to list it
+                objects, schema=table_schema(proto_type), format=ds.ParquetFileFormat(),
+                filesystem=self.bucket_filesystem))
             sources.append(name)
         if not sources:
             name = f"hep_{proto_type}_empty"

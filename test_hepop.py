@@ -4159,3 +4159,37 @@ def test_the_binary_uploads_to_a_bucket_and_s3_settings_that_cannot_work_exit_2_
     assert bucket_listed(client, "binary/eu1")["box"] == objects and len(objects) == 1
     with client.open_input_file(f"binary/eu1/{objects[0]}") as source:
         assert sorted(pq.read_table(source)["call_id"].to_pylist()) == sorted(f"binary-{i}" for i in range(50))
+
+
+def test_a_listing_in_the_bucket_that_fails_leaves_no_second_object_of_the_same_rows(tmp_path, s3_endpoint,
+                                                                                     monkeypatch):
+    """The object is in the bucket and its metadata.json PUT fails: the folder's next upload writes the
+    same key again, so no unlisted object of the same rows is left for a restart to adopt."""
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    client = new_bucket(s3_endpoint, "failed-listing")
+    storage, uploader = open_bucket_store(tmp_path, s3_endpoint, "s3://failed-listing/box")
+    storage.store(1).write(sip_table([HOUR + 10, HOUR + 20], "first"))
+    storage.uploaded_store(1)                                             # its metadata.json is in the bucket
+    sent = canonical(rows_everywhere(storage))
+    real_write, failures = hepop.S3FileStore.write, []
+
+    def failing_put(self, key, write):
+        if key.endswith("metadata.json") and not failures:
+            failures.append(key)
+            raise OSError("AWS Error SLOW_DOWN during PutObject operation")
+        return real_write(self, key, write)
+
+    monkeypatch.setattr(hepop.S3FileStore, "write", failing_put)
+    with pytest.raises(OSError):
+        uploader.run_once()
+    assert failures and storage.uploaded[1].snapshot() == [] and len(storage.types[1].snapshot()) == 1
+    storage.store(1).write(sip_table([HOUR + 30], "late"))                 # a late packet meanwhile
+    sent += canonical(rows_of(storage.store(1))[-1:])
+    uploader.run_once()
+    objects = [key for key in bucket_objects(client, "failed-listing/box") if key.endswith(".parquet")]
+    assert len(objects) == 1 and bucket_listed(client, "failed-listing/box")["w"] == objects
+    storage.close()
+    storage, uploader = open_bucket_store(tmp_path, s3_endpoint, "s3://failed-listing/box")    # a restart
+    assert sorted(canonical(rows_everywhere(storage))) == sorted(sent) and not storage.types[1].snapshot()
+    storage.close()
