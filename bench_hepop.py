@@ -197,6 +197,28 @@ class Hepop:
         return {}
 
 
+def serve(tmp: str, **settings) -> tuple[subprocess.Popen, int, int]:
+    """python3 hepop.py serving the files under `tmp` (writer "bench", nothing compacted or expired
+    meanwhile) once its HTTP port answers: the process, its HEP port and its HTTP port."""
+    port, http_port = free_port(), free_port()
+    env = {**os.environ, "PORT": str(port), "HTTP_PORT": str(http_port), "PARQUET_DIR": tmp, "WRITER_ID": "bench",
+           "RETENTION": "30d", "MAX_DISK_PERCENT": "0", "COMPACT_INTERVAL_S": "3600", "LOG_LEVEL": "WARNING",
+           **settings}
+    server = subprocess.Popen([sys.executable, str(HERE / "hepop.py")], env=env)
+    wait_listening(http_port)
+    return server, port, http_port
+
+
+def median_ms(run, runs: int) -> tuple[float, object]:
+    """The median time of `runs` calls of run(), in ms, and what the last one returned."""
+    timings, result = [], None
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        result = run()
+        timings.append(1000 * (time.perf_counter() - t0))
+    return sorted(timings)[len(timings) // 2], result
+
+
 def dropped(values: dict[str, float]) -> dict[str, float]:
     """hepop's drops by reason, and the kernel's drops on its UDP socket."""
     out = {k.split('"')[1]: v for k, v in values.items() if k.startswith("hepop_hep_dropped_total") and v}
@@ -454,11 +476,7 @@ def bench_queries(total_rows: int, runs: int = 5) -> None:
         files = write_day(Path(tmp), total_rows)
         print(f"queries over {total_rows:,} SIP rows spread over the last 24 hours ({files} files after compaction, "
               f"written in {time.monotonic() - started:.0f} s); median of {runs} runs:", flush=True)
-        port, http_port = free_port(), free_port()
-        env = {**os.environ, "PORT": str(port), "HTTP_PORT": str(http_port), "PARQUET_DIR": tmp, "WRITER_ID": "bench",
-               "RETENTION": "30d", "MAX_DISK_PERCENT": "0", "COMPACT_INTERVAL_S": "3600", "LOG_LEVEL": "WARNING"}
-        server = subprocess.Popen([sys.executable, str(HERE / "hepop.py")], env=env)
-        wait_listening(http_port)
+        server, port, http_port = serve(tmp)
         sample = json.loads(http_get(http_port, "SELECT call_id FROM hep_1 WHERE time > now() - INTERVAL 1 DAY "
                                                 "AND sip_method = 'INVITE' LIMIT 1 OFFSET 1000")[1])[0]["call_id"]
         queries = [
@@ -470,15 +488,9 @@ def bench_queries(total_rows: int, runs: int = 5) -> None:
                                              "ORDER BY time DESC LIMIT 100", 500),
         ]
         for name, sql, target in queries:
-            timings, files_read, rows = [], None, None
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                head, body = http_get(http_port, sql)
-                timings.append(1000 * (time.perf_counter() - t0))
-                files_read, rows = head.get("x-hepop-files"), len(json.loads(body))
-            timings.sort()
-            print(f"  {name:<30} {timings[len(timings) // 2]:>7.0f} ms (target {target} ms), {rows} rows, "
-                  f"{files_read} files read", flush=True)
+            ms, (head, body) = median_ms(lambda: http_get(http_port, sql), runs)
+            print(f"  {name:<30} {ms:>7.0f} ms (target {target} ms), {len(json.loads(body))} rows, "
+                  f"{head.get('x-hepop-files')} files read", flush=True)
         homer_figures(http_port, runs)
         before, _ = stored(Path(tmp))
         sent, queries, drops = load_while_querying(port, http_port, rate=20_000, seconds=20)
@@ -506,31 +518,17 @@ def bench_call_list(rate: int, runs: int = 5) -> None:
               f"written in {time.monotonic() - started:.0f} s); median of {runs} runs:", flush=True)
         page_sql = ("SELECT * FROM calls WHERE time BETWEEN now() - INTERVAL 1 HOUR AND now() "
                     "ORDER BY time DESC LIMIT 51 OFFSET 0")
-        port, http_port = free_port(), free_port()
-        env = {**os.environ, "PORT": str(port), "HTTP_PORT": str(http_port), "PARQUET_DIR": tmp, "WRITER_ID": "bench",
-               "RETENTION": "30d", "MAX_DISK_PERCENT": "0", "COMPACT_INTERVAL_S": "3600", "LOG_LEVEL": "WARNING"}
-        server = subprocess.Popen([sys.executable, str(HERE / "hepop.py")], env=env)
-        wait_listening(http_port)
-        timings, rows = [], 0
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            rows = len(json.loads(http_get(http_port, page_sql)[1]))
-            timings.append(1000 * (time.perf_counter() - t0))
+        server, _, http_port = serve(tmp)
+        ms, rows = median_ms(lambda: len(json.loads(http_get(http_port, page_sql)[1])), runs)
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
         paths = sorted(glob.glob(f"{tmp}/bench/dbs/hep-0/hep_1-0/*/*/*.parquet"))
         db = duckdb.connect()
         db.execute("CREATE VIEW hep_1 AS SELECT * FROM read_parquet([" + ", ".join(f"'{p}'" for p in paths) + "])")
         db.execute(f"CREATE VIEW calls AS {hepop.CALLS_SQL}")
-        alone = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            db.execute(page_sql).fetchall()
-            alone.append(1000 * (time.perf_counter() - t0))
-        timings.sort()
-        alone.sort()
-        print(f"  call list, first page, last hour   {timings[len(timings) // 2]:>7.0f} ms (target 1000 ms), {rows} rows; "
-              f"DuckDB alone over the same files {alone[len(alone) // 2]:.0f} ms", flush=True)
+        alone, _ = median_ms(lambda: db.execute(page_sql).fetchall(), runs)
+        print(f"  call list, first page, last hour   {ms:>7.0f} ms (target 1000 ms), {rows} rows; "
+              f"DuckDB alone over the same files {alone:.0f} ms", flush=True)
 
 
 class MotoServer:
@@ -610,21 +608,12 @@ def bench_s3(quick: bool, rate: int, runs: int = 5) -> None:
             print(f"  a Call-ID over a day of {day_rows:,} rows (median of {runs}): on disk {local_files} files, "
                   f"in the bucket {objects} objects", flush=True)
             for name, tmp, extra in (("on disk", local, {}), ("in the bucket", remote, moto.settings("day"))):
-                port, http_port = free_port(), free_port()
-                env = {**os.environ, "PORT": str(port), "HTTP_PORT": str(http_port), "PARQUET_DIR": tmp,
-                       "WRITER_ID": "bench", "RETENTION": "30d", "MAX_DISK_PERCENT": "0", "COMPACT_INTERVAL_S": "3600",
-                       "LOG_LEVEL": "WARNING", **extra}
-                server = subprocess.Popen([sys.executable, str(HERE / "hepop.py")], env=env)
-                wait_listening(http_port)
+                server, _, http_port = serve(tmp, **extra)
                 sample = json.loads(http_get(http_port, "SELECT call_id FROM hep_1 WHERE time > now() - INTERVAL 1 DAY "
                                                         "AND sip_method = 'INVITE' LIMIT 1 OFFSET 1000")[1])[0]["call_id"]
                 sql = (f"SELECT time, sip_method, sip_status FROM hep_1 WHERE call_id = '{sample}' "
                        "AND time > now() - INTERVAL 1 DAY ORDER BY time")
-                timings = []
-                for _ in range(runs):
-                    t0 = time.perf_counter()
-                    found = len(json.loads(http_get(http_port, sql)[1]))
-                    timings.append(1000 * (time.perf_counter() - t0))
+                ms, found = median_ms(lambda: len(json.loads(http_get(http_port, sql)[1])), runs)
                 server.send_signal(signal.SIGTERM)
                 server.wait(timeout=60)
                 if extra:
@@ -637,16 +626,10 @@ def bench_s3(quick: bool, rate: int, runs: int = 5) -> None:
                 db = duckdb.connect()
                 if dataset is not None:
                     db.register("dataset", dataset)
-                alone = []
-                for _ in range(runs):
-                    t0 = time.perf_counter()
-                    db.execute(f"SELECT time, sip_method, sip_status FROM {source} WHERE call_id = '{sample}' "
-                               "ORDER BY time").fetchall()
-                    alone.append(1000 * (time.perf_counter() - t0))
-                timings.sort()
-                alone.sort()
-                print(f"    {name:<14} {timings[len(timings) // 2]:>7.0f} ms, {found} rows; DuckDB alone over the same "
-                      f"files {alone[len(alone) // 2]:.0f} ms", flush=True)
+                alone, _ = median_ms(lambda: db.execute(f"SELECT time, sip_method, sip_status FROM {source} WHERE "
+                                                        f"call_id = '{sample}' ORDER BY time").fetchall(), runs)
+                print(f"    {name:<14} {ms:>7.0f} ms, {found} rows; DuckDB alone over the same files {alone:.0f} ms",
+                      flush=True)
     finally:
         moto.close()
 
@@ -717,13 +700,8 @@ def homer_figures(http_port: int, runs: int) -> None:
              300),
             ("HOMER call/transaction", "/api/v3/call/transaction", call, 300),
             ("HOMER pcap export", "/api/v3/export/call/messages/pcap", call, 300)]:
-        timings, size = [], 0
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            size = len(homer_post(http_port, path, body))
-            timings.append(1000 * (time.perf_counter() - t0))
-        timings.sort()
-        print(f"  {name:<38} {timings[len(timings) // 2]:>7.0f} ms (target {target} ms), {size:,} bytes", flush=True)
+        ms, size = median_ms(lambda: len(homer_post(http_port, path, body)), runs)
+        print(f"  {name:<38} {ms:>7.0f} ms (target {target} ms), {size:,} bytes", flush=True)
 
 
 def load_while_querying(port: int, http_port: int, rate: int, seconds: float) -> tuple[int, int, int]:

@@ -1520,11 +1520,12 @@ class S3FileStore(FileStore):
 
     @classmethod
     def connect(cls, url: str, endpoint: str, region: str, spool_dir: str) -> "S3FileStore":
-        """The store of S3_URL, its bucket checked: OSError when it cannot be reached or does not exist."""
+        """The store of S3_URL (no request is made: check_bucket makes the first)."""
         bucket, _, prefix = url[len("s3://"):].partition("/")
         return cls(s3_filesystem(endpoint, region), bucket, prefix, spool_dir)
 
     def check_bucket(self) -> None:
+        """OSError when the endpoint cannot be reached or the bucket does not exist."""
         info = self.filesystem.get_file_info(self.bucket)
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"bucket {self.bucket} does not exist")
@@ -2144,7 +2145,7 @@ class Storage:
             raise StoreError(f"S3_URL: cannot read the bucket: {exc}") from None
 
     def _check_writable(self, file_store: FileStore, where: str) -> set[int]:
-        """The types that a store holds files of, once a write to it succeeded; StoreError if none does."""
+        """The types that a store holds files of, once a write to it succeeded; StoreError when it fails."""
         base = self.layout.types_key(self.writer_id)
         try:
             file_store.write(f"{base}/.write-check", lambda out: out.write(b"ok"))
