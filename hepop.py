@@ -1897,12 +1897,12 @@ class TypeStore:
             return output
         with self.leases.lock, self.lock:
             self.files[key] = output
+            self.sequence = max(self.sequence, sequence)       # wal_sequence covers every id listed
             try:
                 self._save_metadata()
             except BaseException:
                 del self.files[key]
                 raise
-            self.sequence = max(self.sequence, sequence)
             with source.lock:
                 for entry in inputs:
                     source.files.pop(entry["path"], None)
@@ -2726,7 +2726,7 @@ def merge_folder(file_store: FileStore, keys: list[str], schema: pa.Schema, path
             with file_store.open_input(key) as source:
                 parquet = pq.ParquetFile(source)
                 for index in range(parquet.num_row_groups):
-                    group = parquet.read_row_group(index).replace_schema_metadata(schema.metadata)
+                    group = parquet.read_row_group(index).cast(schema)     # the footer's metadata too
                     pending.append(group)
                     pending_bytes += group.nbytes
                     if pending_bytes >= ROW_GROUP_BYTES:

@@ -18,6 +18,7 @@ import errno
 import glob
 import gzip
 import json
+import logging
 import os
 import random
 import resource
@@ -4162,7 +4163,7 @@ def test_the_binary_uploads_to_a_bucket_and_s3_settings_that_cannot_work_exit_2_
 
 
 def test_a_listing_in_the_bucket_that_fails_leaves_no_second_object_of_the_same_rows(tmp_path, s3_endpoint,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, caplog):
     """The object is in the bucket and its metadata.json PUT fails: the folder's next upload writes the
     same key again, so no unlisted object of the same rows is left for a restart to adopt."""
     for name, value in S3_CREDENTIALS.items():
@@ -4190,6 +4191,8 @@ def test_a_listing_in_the_bucket_that_fails_leaves_no_second_object_of_the_same_
     objects = [key for key in bucket_objects(client, "failed-listing/box") if key.endswith(".parquet")]
     assert len(objects) == 1 and bucket_listed(client, "failed-listing/box")["w"] == objects
     storage.close()
+    caplog.clear()
     storage, uploader = open_bucket_store(tmp_path, s3_endpoint, "s3://failed-listing/box")    # a restart
     assert sorted(canonical(rows_everywhere(storage))) == sorted(sent) and not storage.types[1].snapshot()
+    assert not [r.message for r in caplog.records if r.levelno >= logging.WARNING]   # the bucket's listing is whole
     storage.close()
