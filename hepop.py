@@ -19,9 +19,9 @@ Data flow::
                      compactor thread: every COMPACT_INTERVAL_S, each closed hour merged by a child
                             |   process (DuckDB sorts) into c_NNNNNNNNNN.parquet, swapped into
                             |   metadata.json; retention; the disk guard; empty folders
-                            |   (with S3_URL: uploader thread instead of the merges: each closed 10-minute
-                            |   folder becomes one object in the bucket, listed in the bucket's
-                            |   metadata.json, then deleted here; retention covers the bucket too)
+                            |   (with S3_URL: the uploader thread makes each closed 10-minute folder one
+                            |   object in the bucket, listed in the bucket's metadata.json, then deleted
+                            |   here; the compactor merges the bucket's hours, retention covers it too)
                             v
     HTTP threads: /query, /health, /metrics, HOMER's /api/v3 and the page at / by a route table.  A
                   query goes to the query process (DuckDB over the files that every writer lists,
@@ -1156,6 +1156,7 @@ PAYLOAD_FIELDS = [
 ]
 SIP_TYPE = 1
 FOLDER_SPAN_US = 600 * 1_000_000            # raw files go to 10-minute folders
+HOUR_US = 3600 * 1_000_000                  # compacted files hold an hour
 ROW_GROUP_BYTES = 32 << 20
 # Raw files are written plain: zstd makes them smaller than dictionaries do (58 bytes a SIP row against
 # 65), in less time.  Min/max statistics are written for the time and the numbers only: those of text
@@ -1428,6 +1429,11 @@ class FileStore(abc.ABC):
         """What a reader outside this module is given for a key: DuckDB's read_parquet, the compaction
         process."""
 
+    @abc.abstractmethod
+    def local_path(self, key: str, scratch_dir: str) -> str:
+        """A path on this disk where another process (the compaction's) reads the file: the file itself,
+        or a copy made in scratch_dir, which the caller empties."""
+
 
 class LocalFileStore(FileStore):
     """Files on this disk, under PARQUET_DIR: written under a temporary name, fsynced, renamed into place
@@ -1438,6 +1444,9 @@ class LocalFileStore(FileStore):
 
     def reader_path(self, key: str) -> str:
         return os.path.join(self.root, *key.split("/"))
+
+    def local_path(self, key: str, scratch_dir: str) -> str:
+        return self.reader_path(key)
 
     def key_of(self, path: str) -> str:
         return os.path.relpath(path, self.root).replace(os.sep, "/")
@@ -1538,6 +1547,14 @@ class S3FileStore(FileStore):
 
     def reader_path(self, key: str) -> str:
         return "s3://" + self._path(key)
+
+    def local_path(self, key: str, scratch_dir: str) -> str:
+        make_dirs(scratch_dir)
+        path = os.path.join(scratch_dir, key.replace("/", "_"))
+        with self.open_input(key) as source, open(path, "wb") as out:
+            while chunk := source.read(self.UPLOAD_CHUNK_BYTES):
+                out.write(chunk)
+        return path
 
     def keys_below(self, folder: str) -> list[str]:
         selector = pafs.FileSelector(self._path(folder), recursive=True, allow_not_found=True)
@@ -2187,6 +2204,11 @@ class Storage:
                                                self.leases)
         return self.types[proto_type]
 
+    def new_key(self, proto_type: int, chunk_time_us: int, compacted: bool) -> str:
+        """A new, never used key for a file of a type, on this disk or in the bucket: one numbering for
+        both, kept by the type's store on this disk (at start it is moved past every object's)."""
+        return self.store(proto_type).new_key(chunk_time_us, compacted)
+
     def uploaded_store(self, proto_type: int) -> TypeStore:
         """The type's store in the bucket (opened by the uploader, never by the writer: a bucket that is
         down must not stop a write); raises OSError when the bucket cannot be read."""
@@ -2196,11 +2218,13 @@ class Storage:
 
     def _drop_uploaded(self, local: TypeStore, uploaded: TypeStore) -> None:
         """Delete the raw files here that an object in the bucket holds (a crash came between its
-        upload and their deletion), and number new files past every object's."""
-        folders = {entry["path"].rsplit("/", 1)[0] for entry in local.listed()}
+        upload and their deletion; the object may since have been compacted into its hour's, whose
+        footer names them too), and number new files past every object's."""
+        hour_of = lambda entry: entry["chunk_time"] // 1000 // HOUR_US
+        hours = {hour_of(entry) for entry in local.listed()}
         merged = set()
         for entry in uploaded.listed():
-            if entry["path"].rsplit("/", 1)[0] in folders:
+            if hour_of(entry) in hours:
                 merged.update(merged_inputs(uploaded.file_store, entry["path"]))
         done = [entry for entry in local.listed() if entry["path"] in merged]
         if done:
@@ -2408,7 +2432,6 @@ class BatchWriter(threading.Thread):
 # deletes what is older than the retention or what overfills the disk, and removes empty folders.
 # ---------------------------------------------------------------------------------------------------------
 
-HOUR_US = 3600 * 1_000_000
 # A new interpreter for each compaction: fork() is unsafe in a process that runs threads (DuckDB's,
 # Arrow's, ours), and spawn works the same from python3 hepop.py and from the PyInstaller binary.
 PROCESSES = multiprocessing.get_context("spawn")
@@ -2509,6 +2532,16 @@ def merge_hour(path: str, schema: pa.Schema, files: list[str], memory_mb: int, t
         os.fsync(out.fileno())
 
 
+def merged_sources(inputs: list[dict], paths: list[str]) -> list[str]:
+    """What a compacted file's footer names as merged: its inputs, and the files their own footers name
+    (an uploaded folder's raw files on the disk it came from: a restart deletes any still there)."""
+    keys = dict.fromkeys(entry["path"] for entry in inputs)
+    for path in paths:
+        with open(path, "rb") as source:
+            keys.update(dict.fromkeys(json.loads((pq.read_schema(source).metadata or {}).get(INPUTS_KEY, b"[]"))))
+    return list(keys)
+
+
 def set_aside_unreadable(store: TypeStore, inputs: list[dict], counters: Counters) -> None:
     """After a failed merge: set aside the inputs that do not read, so that the rest merges next time."""
     unreadable = [entry for entry in inputs if not readable(store.file_store, entry["path"])]
@@ -2576,8 +2609,8 @@ class Compactor(threading.Thread):
     def run_once(self, now_us: Optional[int] = None) -> None:
         now_us = now_us or time.time_ns() // 1000
         # With a bucket, closed folders leave this disk for it, one object each, long before their hour
-        # would be merged here (Uploader); an hour's objects stay as they are.
-        for store in list(self.storage.types.values()) if self.storage.bucket is None else ():
+        # would be merged here (Uploader): the hours merged are the bucket's.
+        for store in list((self.storage.uploaded if self.storage.bucket else self.storage.types).values()):
             for hour_start_us, inputs in self.closed_hours(store, now_us):
                 self._step(f"compaction of hep_{store.proto_type} at {format_time(hour_start_us)}",
                            lambda: self.compact(store, hour_start_us, inputs))
@@ -2613,19 +2646,23 @@ class Compactor(threading.Thread):
 
     def compact(self, store: TypeStore, hour_start_us: int, inputs: list[dict]) -> None:
         started = time.perf_counter()
-        key = store.new_key(hour_start_us, compacted=True)
-        schema = store.schema.with_metadata({INPUTS_KEY: json.dumps([entry["path"] for entry in inputs]).encode()})
+        key = self.storage.new_key(store.proto_type, hour_start_us, compacted=True)
         temp = store.file_store.spool_path(key)
+        copies_dir = os.path.join(self.temp_dir, "inputs")     # an object store's inputs, copied here
         log.info("compacting %d files (%d rows) of hep_%d for the hour of %s", len(inputs),
                  sum(entry["row_count"] for entry in inputs), store.proto_type, format_time(hour_start_us))
         try:
-            self._merge_in_a_process(temp, schema, [store.path(e) for e in inputs])
+            paths = [store.file_store.local_path(entry["path"], copies_dir) for entry in inputs]
+            schema = store.schema.with_metadata({INPUTS_KEY: json.dumps(merged_sources(inputs, paths)).encode()})
+            self._merge_in_a_process(temp, schema, paths)
             output = store.add_merged(temp, key, hour_start_us, inputs, store)
         except BaseException:
             remove_file(temp)
             if not self.stopping.is_set():
                 set_aside_unreadable(store, inputs, self.counters)
             raise
+        finally:
+            shutil.rmtree(copies_dir, ignore_errors=True)
         elapsed = time.perf_counter() - started
         in_bytes = sum(entry["size_bytes"] for entry in inputs)
         self.counters.add("compactions_total", type=str(store.proto_type))
@@ -2813,7 +2850,7 @@ class Uploader(threading.Thread):
         uploaded = self.storage.uploaded_store(store.proto_type)
         folder = (store.proto_type, folder_start_us)
         if folder not in self._keys:            # one numbering for the disk and the bucket
-            self._keys[folder] = store.new_key(folder_start_us, compacted=False)
+            self._keys[folder] = self.storage.new_key(store.proto_type, folder_start_us, compacted=False)
         key = self._keys[folder]
         spool_path = uploaded.file_store.spool_path(key)
         schema = store.schema.with_metadata({INPUTS_KEY: json.dumps([entry["path"] for entry in inputs]).encode()})
