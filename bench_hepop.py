@@ -417,16 +417,13 @@ def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000, span_s: 
         index = part.schema.get_field_index("call_id")            # repeated messages, yet unique calls
         call_ids = pc.binary_join_element_wise(part.column(index), pa.scalar(f"-{first}"), "")
         store.write(part.set_column(index, "call_id", call_ids))
-    if bucket_settings:
+    if bucket_settings:                     # every folder up, then the bucket's hours compacted
         hepop.Uploader(config, storage, hepop.Counters()).run_once(now_us=end_us + 3600 * 1_000_000)
-        storage.leases.delete_due(everything=True)
-        storage.close()
-        return len(storage.uploaded[1].snapshot())
     compactor = hepop.Compactor(config, storage, hepop.Counters())
     compactor.run_once()
     compactor.close()                       # deletes the merged inputs
     storage.close()                         # the folder's lock, for the hepop that serves it next
-    return len(store.snapshot())
+    return len((storage.uploaded if bucket_settings else storage.types)[1].snapshot())
 
 
 def bench_flush(listed_counts: list[int], runs: int = 20) -> None:
