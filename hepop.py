@@ -1279,8 +1279,11 @@ class TreeLayout:
     def query_spill_dir(self, writer_id: str) -> str:
         return os.path.join(self.root, writer_id, ".query-tmp")
 
-    def spill_dirs(self, writer_id: str) -> list[str]:
-        return [self.compaction_spill_dir(writer_id), self.query_spill_dir(writer_id)]
+    def transient_dirs(self, writer_id: str) -> list[str]:
+        """Folders whose files go away by themselves: DuckDB's spill, the compaction's copies of a
+        bucket's objects, an object before its upload."""
+        return [self.compaction_spill_dir(writer_id), self.query_spill_dir(writer_id),
+                self.upload_spool_dir(writer_id)]
 
     @staticmethod
     def file_name(sequence: int, compacted: bool) -> str:
@@ -2724,13 +2727,14 @@ class Compactor(threading.Thread):
 
     def disk_over_limit(self) -> bool:
         """Whether the filesystem is fuller than MAX_DISK_PERCENT.  What goes away by itself is not
-        counted: DuckDB's spill (bounded by QUERY_SPILL_BYTES and the compaction's own bound) and files
-        deleted as soon as the query reading them ends; deleting data would not make room for those."""
+        counted: DuckDB's spill (bounded by QUERY_SPILL_BYTES and the compaction's own bound), copies and
+        objects on their way to or from the bucket (an hour's, a folder's), and files deleted as soon as
+        the query reading them ends; deleting data would not make room for those."""
         if not self.config.max_disk_percent:
             return False
         stat = os.statvfs(self.config.parquet_dir)
         transient = self.storage.leases.doomed_bytes(self.storage.file_store) + sum(
-            folder_size_bytes(path) for path in self.storage.layout.spill_dirs(self.config.writer_id))
+            folder_size_bytes(path) for path in self.storage.layout.transient_dirs(self.config.writer_id))
         used_bytes = (stat.f_blocks - stat.f_bavail) * stat.f_frsize - transient
         return 100.0 * used_bytes / (stat.f_blocks * stat.f_frsize) > self.config.max_disk_percent
 
