@@ -1264,18 +1264,48 @@ def test_a_compacted_hour_is_written_in_row_groups_of_one_size_not_each_with_a_s
     assert pq.read_table(out).column("time").to_pylist() == sorted(pq.read_table(out).column("time").to_pylist())
 
 
-def test_a_compacted_hour_has_bloom_filters_for_the_call_and_its_users(tmp_path):
+def bloom_filters_exclude_what_is_absent(path: Path, tag: str) -> None:
     """DuckDB skips a row group whose bloom filter excludes a searched Call-ID or user; min/max statistics
     cannot exclude a value that lies between others."""
-    out = merged_hour(tmp_path, files=2, rows_per_file=3000, tag="b")
-    groups = pq.ParquetFile(out).metadata.num_row_groups
+    groups = pq.ParquetFile(path).metadata.num_row_groups
     probe = lambda column, value: [excluded for _, _, excluded in duckdb.execute(
-        "SELECT * FROM parquet_bloom_probe($file, $column, $value)", {"file": str(out), "column": column,
+        "SELECT * FROM parquet_bloom_probe($file, $column, $value)", {"file": str(path), "column": column,
                                                                        "value": value}).fetchall()]
-    for column, present, absent in [("call_id", "b0-7", "b0-7x"), ("from_user", "alice", "alicf"),
+    for column, present, absent in [("call_id", f"{tag}0-7", f"{tag}0-7x"), ("from_user", "alice", "alicf"),
                                     ("to_user", "bob", "boa"), ("ruri_user", "bob", "boa")]:
-        assert groups > 1 and len(probe(column, absent)) == groups, column
+        assert len(probe(column, absent)) == groups, column
         assert all(probe(column, absent)) and not all(probe(column, present)), column
+
+
+def test_a_compacted_hour_has_bloom_filters_for_the_call_and_its_users(tmp_path):
+    out = merged_hour(tmp_path, files=2, rows_per_file=3000, tag="b")
+    assert pq.ParquetFile(out).metadata.num_row_groups > 1
+    bloom_filters_exclude_what_is_absent(out, "b")
+
+
+def test_raw_files_and_a_merged_folder_have_bloom_filters_too(tmp_path):
+    """A Call-ID over the 600 raw files of 10 minutes at 20,000 messages/s: 515 ms without, 85 ms with."""
+    storage, compactor = open_store(tmp_path)
+    store = storage.store(1)
+    entries = store.write(sip_table([HOUR + i * 0.01 for i in range(2000)], "r0"))
+    bloom_filters_exclude_what_is_absent(Path(store.path(entries[0])), "r")
+    merged = tmp_path / "folder.parquet"
+    hepop.merge_folder(store.file_store, [entries[0]["path"]], hepop.table_schema(1), str(merged))
+    bloom_filters_exclude_what_is_absent(merged, "r")
+    compactor.close()
+
+
+def test_queries_parse_a_files_footer_once_not_each_time(tmp_path):
+    """The query process keeps footers and bloom filters in DuckDB's object cache (inside its memory
+    limit): a Call-ID over a compacted hour of 72 M rows took 303 ms without it and 110 ms with it."""
+    out = merged_hour(tmp_path, files=2, rows_per_file=3000, tag="m")
+    engine = hepop.QueryEngine(hepop.Config.load([], {"PARQUET_DIR": str(tmp_path), "WRITER_ID": "w"}))
+    cached = lambda: engine.db.execute("SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory() "
+                                       "WHERE tag = 'OBJECT_CACHE'").fetchone()[0]
+    before = cached()
+    assert engine.db.execute("SELECT count(*) FROM read_parquet($file) WHERE call_id = 'm0-7'",
+                             {"file": str(out)}).fetchone()[0] == 1
+    assert cached() - before >= pq.read_metadata(out).serialized_size
 
 
 def test_an_hour_with_a_file_without_statistics_is_compacted(tmp_path):
