@@ -16,9 +16,10 @@ Data flow::
                             |   decode() for the rest) -> packet checks -> SIP columns -> one Parquet
                             |   file per 10-minute folder, published atomically -> metadata.json
                             v
-                     compactor thread: every COMPACT_INTERVAL_S, each closed hour merged by a child
-                            |   process (DuckDB sorts) into c_NNNNNNNNNN.parquet, swapped into
-                            |   metadata.json; retention; the disk guard; empty folders
+                     compactor thread: every COMPACT_INTERVAL_S, each closed 10-minute folder and
+                            |   then each closed hour merged by a child process (an hour sorted by
+                            |   DuckDB) into c_NNNNNNNNNN.parquet, swapped into metadata.json;
+                            |   retention; the disk guard; empty folders
                             |   (with S3_URL: the uploader thread makes each closed 10-minute folder one
                             |   object in the bucket, listed in the bucket's metadata.json, then deleted
                             |   here; the compactor merges the bucket's hours, retention covers it too)
@@ -48,8 +49,9 @@ Sections, in reading order; each uses only what is above it:
                     metadata.json of one type, recovery at start); Storage (all types, on this disk
                     and in the bucket, the lock on the writer's folder)
     Writer thread   the batch records the loop hands over; BatchWriter
-    Compaction      HourMerger and merge_hour (the child process); Compactor (the timer thread)
-    Upload          merge_folder and the Uploader (the thread that fills the bucket)
+    Compaction      HourMerger, merge_folder and merge_files (the child process); Compactor (the timer
+                    thread)
+    Upload          the Uploader (the thread that fills the bucket)
     Query           QueryEngine (the sandbox, the time window, views over listed files, the `calls`
                     view that defines a call); results as
                     exact JSON values and ResultWriter; the query process (serve_queries, QueryRun) and
@@ -1213,12 +1215,27 @@ def complete_table(proto_type: int, packets: pa.Table) -> pa.Table:
 
 # -- the tree ---------------------------------------------------------------------------------------------
 
+class FileKind(NamedTuple):
+    """What a data file holds, which its name says: its prefix, and its `type` and `range` in
+    metadata.json (the seed's fields: `range` is the span that starts at its `chunk_time`)."""
+    prefix: str
+    type: str
+    range: str
+
+
+RAW = FileKind("", "raw", "10m")                    # a flush
+FOLDER_MERGED = FileKind("m_", "compacted", "10m")  # a closed 10-minute folder's raw files, as one
+COMPACTED = FileKind("c_", "compacted", "1h")       # a closed hour's files, as one sorted by time
+FILE_KINDS = {kind.prefix: kind for kind in (RAW, FOLDER_MERGED, COMPACTED)}
+
+
 class TreeLayout:
     """The one place that knows the tree's layout and its names::
 
         PARQUET_DIR/WRITER_ID/.lock                               held by the one hepop writing here
         PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/metadata.json  the files of a type: the truth
         PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-MM/NNNNNNNNNN.parquet     raw flushes
+        PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-MM/m_NNNNNNNNNN.parquet   merged folders
         PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-00/c_NNNNNNNNNN.parquet   compacted hours
         PARQUET_DIR/WRITER_ID/set-aside/...                        files that could not be read, moved away
         PARQUET_DIR/WRITER_ID/.compaction-tmp, .query-tmp          DuckDB's spill, bounded, emptied at start
@@ -1231,7 +1248,7 @@ class TreeLayout:
     """
 
     MAX_SEQUENCE = 10 ** 10 - 1
-    FILE_NAME = re.compile(r"(c_)?(\d{10})\.parquet")
+    FILE_NAME = re.compile(r"(c_|m_)?(\d{10})\.parquet")
     TYPE_FOLDER = re.compile(r"hep_(\d{1,3})-0")
 
     def __init__(self, root: str):
@@ -1261,9 +1278,9 @@ class TreeLayout:
         return f"{cls.type_key(writer_id, proto_type)}/metadata.json"
 
     @classmethod
-    def file_key(cls, type_key: str, time_us: int, sequence: int, compacted: bool) -> str:
-        """The key of a raw file in the 10-minute folder of `time_us`, or of an hour's compacted file."""
-        return f"{type_key}/{cls.folder_of(time_us)}/{cls.file_name(sequence, compacted)}"
+    def file_key(cls, type_key: str, time_us: int, sequence: int, kind: FileKind) -> str:
+        """The key of a file in the 10-minute folder of `time_us` (an hour's start: its HH-00)."""
+        return f"{type_key}/{cls.folder_of(time_us)}/{cls.file_name(sequence, kind)}"
 
     @staticmethod
     def set_aside_key(key: str) -> str:
@@ -1286,14 +1303,20 @@ class TreeLayout:
                 self.upload_spool_dir(writer_id)]
 
     @staticmethod
-    def file_name(sequence: int, compacted: bool) -> str:
-        return f"{'c_' if compacted else ''}{sequence:010d}.parquet"
+    def file_name(sequence: int, kind: FileKind) -> str:
+        return f"{kind.prefix}{sequence:010d}.parquet"
 
     @classmethod
-    def parse_file_name(cls, name: str) -> Optional[tuple[int, bool]]:
-        """(sequence, compacted) of one of our file names; None for any other name."""
+    def parse_file_name(cls, name: str) -> Optional[tuple[int, FileKind]]:
+        """(sequence, kind) of one of our file names; None for any other name."""
         match = cls.FILE_NAME.fullmatch(name)
-        return (int(match.group(2)), bool(match.group(1))) if match else None
+        return (int(match.group(2)), FILE_KINDS[match.group(1) or ""]) if match else None
+
+    @classmethod
+    def is_merge_output(cls, key: str) -> bool:
+        """Whether a key names a merge's output (a folder's, an hour's), whose footer names its inputs."""
+        named = cls.parse_file_name(key.rsplit("/", 1)[-1])
+        return named is not None and named[1] is not RAW
 
     @staticmethod
     def folder_of(time_us: int) -> str:
@@ -1704,12 +1727,16 @@ def row_group_times(source, footer: pq.FileMetaData) -> list[tuple[int, int]]:
     return [(low, high)] * footer.num_row_groups
 
 
-def file_entry(relpath: str, sequence: int, compacted: bool, chunk_time_us: int, facts: FileFacts) -> dict:
+def file_entry(relpath: str, sequence: int, kind: FileKind, chunk_time_us: int, facts: FileFacts) -> dict:
     """A file's entry in metadata.json, in the seed's fields: times in nanoseconds."""
     return {"id": sequence, "path": relpath, "size_bytes": facts.size_bytes, "row_count": facts.row_count,
             "chunk_time": chunk_time_us * 1000, "min_time": facts.min_time_us * 1000,
-            "max_time": facts.max_time_us * 1000, "range": "1h" if compacted else "10m",
-            "type": "compacted" if compacted else "raw"}
+            "max_time": facts.max_time_us * 1000, "range": kind.range, "type": kind.type}
+
+
+def entry_kind(entry: dict) -> FileKind:
+    """The kind of a listed file (entries are checked when metadata.json is read: the name is ours)."""
+    return TreeLayout.parse_file_name(entry["path"].rsplit("/", 1)[-1])[1]
 
 
 ENTRY_FIELDS = {"id": int, "path": str, "size_bytes": int, "row_count": int, "chunk_time": int, "min_time": int,
@@ -1732,9 +1759,9 @@ def entry_problem(entry, type_relpath: str) -> Optional[str]:
     start_us = TreeLayout.folder_start_us("/".join(parts[-3:-1]))
     if "/".join(parts[:-3]) != type_relpath or named is None or start_us is None:
         return f"path {entry['path']!r} is not a file of {type_relpath}"
-    sequence, compacted = named
-    if entry["id"] != sequence or entry["type"] != ("compacted" if compacted else "raw") or \
-            entry["range"] != ("1h" if compacted else "10m") or entry["chunk_time"] != start_us * 1000:
+    sequence, kind = named
+    if entry["id"] != sequence or entry["type"] != kind.type or entry["range"] != kind.range or \
+            entry["chunk_time"] != start_us * 1000:
         return f"id, type, range or chunk_time of {entry['path']!r} disagree with its name"
     if not (0 <= entry["min_time"] <= entry["max_time"] < MAX_TIME_NS and entry["size_bytes"] >= 0
             and entry["row_count"] >= 0):
@@ -1886,13 +1913,13 @@ class TypeStore:
         lists it at the next save_metadata).  On an error no file is left and nothing is listed."""
         with self.lock:
             sequence = self._next_sequence()
-            key = self.layout.file_key(self.dir_key, folder_start_us, sequence, compacted=False)
+            key = self.layout.file_key(self.dir_key, folder_start_us, sequence, RAW)
             rows_per_group = min(len(table), row_group_rows(table, ROW_GROUP_BYTES))
             self.file_store.write(key, lambda out: pq.write_table(
                 table, out, compression="zstd", row_group_size=rows_per_group, use_dictionary=False,
                 write_statistics=RAW_STATISTICS, bloom_filter_options=bloom_filters(table.schema, rows_per_group)))
             low, high = pc.min_max(table.column("time").cast(pa.int64())).values()
-            entry = file_entry(key, sequence, False, folder_start_us,
+            entry = file_entry(key, sequence, RAW, folder_start_us,
                                FileFacts(self.file_store.size_bytes(key), len(table), low.as_py(), high.as_py()))
             self.files[key] = entry
         log.debug("wrote %s (%d rows, %d bytes)", key, entry["row_count"], entry["size_bytes"])
@@ -1904,10 +1931,10 @@ class TypeStore:
         self.sequence += 1
         return self.sequence
 
-    def new_key(self, chunk_time_us: int, compacted: bool) -> str:
-        """A new, never used key for an hour's compacted file or a 10-minute folder's merged object."""
+    def new_key(self, chunk_time_us: int, kind: FileKind) -> str:
+        """A new, never used key for a merge's output: an hour's, a 10-minute folder's, or an object."""
         with self.lock:
-            return self.layout.file_key(self.dir_key, chunk_time_us, self._next_sequence(), compacted)
+            return self.layout.file_key(self.dir_key, chunk_time_us, self._next_sequence(), kind)
 
     def add_merged(self, spool_path: str, key: str, chunk_time_us: int, inputs: list[dict],
                    source: "TypeStore") -> dict:
@@ -1921,9 +1948,9 @@ class TypeStore:
         Queries list this writer's files under FileLeases.lock, so the swap takes it: a query sees the
         inputs or the output, never both.  When the bucket's metadata.json cannot be written, nothing is
         listed and the error raised; the object stays under its key, which the next try writes again."""
-        sequence, compacted = self.layout.parse_file_name(key.rsplit("/", 1)[-1])
+        sequence, kind = self.layout.parse_file_name(key.rsplit("/", 1)[-1])
         with open(spool_path, "rb") as spooled:
-            output = file_entry(key, sequence, compacted, chunk_time_us, describe_file(spooled))
+            output = file_entry(key, sequence, kind, chunk_time_us, describe_file(spooled))
         if output["row_count"] != sum(entry["row_count"] for entry in inputs):     # never swap it in
             raise RuntimeError(f"the merge of {[e['path'] for e in inputs]} wrote {output['row_count']} rows")
         self.file_store.publish(spool_path, key)
@@ -2046,7 +2073,7 @@ class TypeStore:
         for key in sorted(set(listed) - on_disk):
             log.warning("metadata lists %s, which is gone: dropping it", key)
             del listed[key]
-        compacted = [key for key in on_disk if is_compacted(key) and (rebuilding or key in listed)]
+        compacted = [key for key in on_disk if self.layout.is_merge_output(key) and (rebuilding or key in listed)]
         merged = set()
         for key in compacted:
             try:
@@ -2065,7 +2092,7 @@ class TypeStore:
         self._save_metadata()
 
     def _adopt_or_remove(self, key: str, listed: dict, rebuilding: bool) -> None:
-        if is_compacted(key) and not rebuilding:
+        if self.layout.is_merge_output(key) and not rebuilding:
             log.warning("removing %s: a compaction output written before a crash, its inputs are listed", key)
             self.file_store.delete(key)
             return
@@ -2112,21 +2139,17 @@ class TypeStore:
 
     def _entry_for_unlisted(self, key: str) -> dict:
         folder, name = key.rsplit("/", 1)
-        sequence, compacted = self.layout.parse_file_name(name)
+        sequence, kind = self.layout.parse_file_name(name)
         chunk = self.layout.folder_start_us(folder[len(self.dir_key) + 1:])
         if chunk is None:
             raise ValueError("not in a YYYY-MM-DD/HH-MM folder")
         with self.file_store.open_input(key) as source:
             if pq.read_schema(source).remove_metadata() != self.schema:
                 raise ValueError("schema differs from this type's")
-            return file_entry(key, sequence, compacted, chunk, describe_file(source))
+            return file_entry(key, sequence, kind, chunk, describe_file(source))
 
 
 INPUTS_KEY = b"hepop:inputs"
-
-
-def is_compacted(key: str) -> bool:
-    return key.rsplit("/", 1)[-1].startswith("c_")
 
 
 def merged_inputs(file_store: FileStore, key: str) -> list[str]:
@@ -2228,10 +2251,10 @@ class Storage:
                                                self.leases)
         return self.types[proto_type]
 
-    def new_key(self, proto_type: int, chunk_time_us: int, compacted: bool) -> str:
+    def new_key(self, proto_type: int, chunk_time_us: int, kind: FileKind) -> str:
         """A new, never used key for a file of a type, on this disk or in the bucket: one numbering for
         both, kept by the type's store on this disk (at start it is moved past every object's)."""
-        return self.store(proto_type).new_key(chunk_time_us, compacted)
+        return self.store(proto_type).new_key(chunk_time_us, kind)
 
     def uploaded_store(self, proto_type: int) -> TypeStore:
         """The type's store in the bucket (opened by the uploader, never by the writer: a bucket that is
@@ -2549,18 +2572,50 @@ class HourMerger:
         return table.slice(whole)
 
 
-def merge_hour(path: str, schema: pa.Schema, files: list[str], memory_mb: int, temp_dir: str,
-               parent_pid: int) -> None:
-    """The compaction process: write the rows of `files` to `path` sorted by time, and fsync it.
+def merge_folder(paths: list[str], schema: pa.Schema, out) -> None:
+    """Write the rows of the files at `paths` into one Parquet file, `out` (a path or a file), in their
+    order, a row group of about ROW_GROUP_BYTES at a time: memory stays near one row group, whatever the
+    folder holds (a folder of a busy site's 10 minutes is 12 million rows)."""
+    footers = [pq.read_metadata(path) for path in paths]
+    rows = sum(footer.num_rows for footer in footers)
+    size_bytes = sum(footer.row_group(index).total_byte_size for footer in footers
+                     for index in range(footer.num_row_groups))
+    pending, pending_bytes = [], 0
+    with pq.ParquetWriter(out, schema, compression="zstd", use_dictionary=False, write_statistics=RAW_STATISTICS,
+                          bloom_filter_options=bloom_filters(schema, ROW_GROUP_BYTES * rows // max(1, size_bytes))) as writer:
+        def write_pending():
+            table = pa.concat_tables(pending)
+            writer.write_table(table, row_group_size=len(table))
+            pending.clear()
+        for path in paths:
+            parquet = pq.ParquetFile(path)
+            for index in range(parquet.num_row_groups):
+                group = parquet.read_row_group(index).cast(schema)     # the footer's metadata too
+                pending.append(group)
+                pending_bytes += group.nbytes
+                if pending_bytes >= ROW_GROUP_BYTES:
+                    write_pending()
+                    pending_bytes = 0
+        if pending:
+            write_pending()
 
-    Compaction runs in a process of its own, at nice 19, started for each hour: its memory is returned
+
+def merge_files(path: str, schema: pa.Schema, files: list[str], memory_mb: int, temp_dir: str,
+                parent_pid: int, by_time: bool) -> None:
+    """The compaction process: write the rows of `files` to `path`, sorted by time (an hour, HourMerger)
+    or one file after the other (a 10-minute folder, merge_folder), and fsync it.
+
+    Compaction runs in a process of its own, at nice 19, started for each merge: its memory is returned
     when it ends, so the capture process stays flat however large the hour; it never holds the capture
     process's GIL; and if DuckDB fails hard, or the kernel kills it for memory, capture goes on.  It dies
     with its parent, so that a killed hepop leaves no writer behind on a temp file."""
     if not become_child(parent_pid, COMPACTION_NICE, OOM_SCORE_ADJ["compaction"]):
         return                              # the parent died before the signal was armed
     with open(path, "wb") as out:
-        HourMerger(memory_mb, temp_dir).merge(out, schema, files)
+        if by_time:
+            HourMerger(memory_mb, temp_dir).merge(out, schema, files)
+        else:
+            merge_folder(files, schema, out)
         out.flush()
         os.fsync(out.fileno())
 
@@ -2587,9 +2642,12 @@ def set_aside_unreadable(store: TypeStore, inputs: list[dict], counters: Counter
 class Compactor(threading.Thread):
     """Every COMPACT_INTERVAL_S: compaction, retention, the disk guard and folder cleanup, per type.
 
-    An hour is compacted once it ended COMPACT_GRACE_S ago: its raw files (and the compacted file of an
-    earlier pass, when late packets came) become one c_NNNNNNNNNN.parquet in the hour's HH-00 folder,
-    sorted by time, written by a process of its own (merge_hour, HourMerger).
+    An hour is compacted once it ended COMPACT_GRACE_S ago: its files (raw, and compacted by an earlier
+    pass) become one c_NNNNNNNNNN.parquet in the hour's HH-00 folder, sorted by time, written by a process
+    of its own (merge_files, HourMerger).  Before that, each 10-minute folder of the hour that ended
+    COMPACT_GRACE_S ago is merged as it is (merge_files, merge_folder) into one c_ file in that folder:
+    at 20,000 messages/s an hour is 3,600 raw files, and every query over the last hour opened each of
+    them (a Call-ID over an hour of them took 3.5 s); it then opens at most a folder's 600 and five more.
 
     The swap (TypeStore.add_merged): the output is written to a temp name and fsynced, then published;
     one atomic metadata.json write replaces the inputs by it; the inputs are deleted as soon as no query
@@ -2644,9 +2702,12 @@ class Compactor(threading.Thread):
         # With a bucket, closed folders leave this disk for it, one object each, long before their hour
         # would be merged here (Uploader): the hours merged are the bucket's.
         for store in list((self.storage.uploaded if self.storage.bucket else self.storage.types).values()):
-            for hour_start_us, inputs in self.closed_hours(store, now_us):
-                self._step(f"compaction of hep_{store.proto_type} at {format_time(hour_start_us)}",
-                           lambda: self.compact(store, hour_start_us, inputs))
+            merges = [(start_us, inputs, True) for start_us, inputs in self.closed_hours(store, now_us)]
+            if not self.storage.bucket:
+                merges = [(start_us, inputs, False) for start_us, inputs in self.closed_folders(store, now_us)] + merges
+            for start_us, inputs, hour in merges:
+                self._step(f"compaction of hep_{store.proto_type} at {format_time(start_us)}",
+                           lambda: self.compact(store, start_us, inputs, hour))
         for store in self.storage.stores():
             self._step(f"retention of hep_{store.proto_type}", lambda: self.expire(store, now_us))
         self._step("the disk guard", lambda: self.guard_disk(now_us))
@@ -2675,20 +2736,34 @@ class Compactor(threading.Thread):
             hours[entry["chunk_time"] // 1000 // HOUR_US * HOUR_US].append(entry)
         closes_before = now_us - int(self.config.compact_grace_s * 1e6) - HOUR_US
         return [(hour, entries) for hour, entries in sorted(hours.items())
-                if hour <= closes_before and (len(entries) > 1 or entries[0]["type"] == "raw")]
+                if hour <= closes_before and (len(entries) > 1 or entry_kind(entries[0]) is not COMPACTED)]
 
-    def compact(self, store: TypeStore, hour_start_us: int, inputs: list[dict]) -> None:
+    def closed_folders(self, store: TypeStore, now_us: int) -> list[tuple[int, list[dict]]]:
+        """(folder start, files) of each 10-minute folder with a raw file, of an hour not yet closed for
+        compaction, that ended a grace period ago and is not one file yet.  Late packets in a closed hour
+        go to its compaction instead, which sorts them in."""
+        grace_us = int(self.config.compact_grace_s * 1e6)
+        folders: dict[int, list[dict]] = collections.defaultdict(list)
+        for entry in store.snapshot():
+            folders[entry["chunk_time"] // 1000 // FOLDER_SPAN_US * FOLDER_SPAN_US].append(entry)
+        return [(start, entries) for start, entries in sorted(folders.items())
+                if start + FOLDER_SPAN_US <= now_us - grace_us < start // HOUR_US * HOUR_US + HOUR_US
+                and len(entries) > 1 and any(entry_kind(entry) is RAW for entry in entries)]
+
+    def compact(self, store: TypeStore, start_us: int, inputs: list[dict], hour: bool) -> None:
+        """Merge `inputs` into one compacted file: an hour's, sorted by time, or a 10-minute folder's."""
         started = time.perf_counter()
-        key = self.storage.new_key(store.proto_type, hour_start_us, compacted=True)
+        key = self.storage.new_key(store.proto_type, start_us, COMPACTED if hour else FOLDER_MERGED)
         temp = store.file_store.spool_path(key)
         copies_dir = os.path.join(self.temp_dir, "inputs")     # an object store's inputs, copied here
-        log.info("compacting %d files (%d rows) of hep_%d for the hour of %s", len(inputs),
-                 sum(entry["row_count"] for entry in inputs), store.proto_type, format_time(hour_start_us))
+        what = "hour" if hour else "10 minutes"
+        log.info("compacting %d files (%d rows) of hep_%d for the %s of %s", len(inputs),
+                 sum(entry["row_count"] for entry in inputs), store.proto_type, what, format_time(start_us))
         try:
             paths = [store.file_store.local_path(entry["path"], copies_dir) for entry in inputs]
             schema = store.schema.with_metadata({INPUTS_KEY: json.dumps(merged_sources(inputs, paths)).encode()})
-            self._merge_in_a_process(temp, schema, paths)
-            output = store.add_merged(temp, key, hour_start_us, inputs, store)
+            self._merge_in_a_process(temp, schema, paths, hour)
+            output = store.add_merged(temp, key, start_us, inputs, store)
         except BaseException:
             remove_file(temp)
             if not self.stopping.is_set():
@@ -2704,9 +2779,9 @@ class Compactor(threading.Thread):
         log.info("compacted %d files (%d bytes) of hep_%d into %s: %d rows, %d bytes, %.2f s", len(inputs),
                  in_bytes, store.proto_type, output["path"], output["row_count"], output["size_bytes"], elapsed)
 
-    def _merge_in_a_process(self, path: str, schema: pa.Schema, files: list[str]) -> None:
-        process = PROCESSES.Process(target=merge_hour, name="hepop-compaction", daemon=True, args=(
-            path, schema, files, self.config.compact_memory_mb, self.temp_dir, os.getpid()))
+    def _merge_in_a_process(self, path: str, schema: pa.Schema, files: list[str], by_time: bool) -> None:
+        process = PROCESSES.Process(target=merge_files, name="hepop-compaction", daemon=True, args=(
+            path, schema, files, self.config.compact_memory_mb, self.temp_dir, os.getpid(), by_time))
         with self._merging_lock:
             if self.stopping.is_set():
                 raise InterruptedError("compaction stopped by shutdown")
@@ -2781,37 +2856,6 @@ class Compactor(threading.Thread):
 # ---------------------------------------------------------------------------------------------------------
 # Upload: with S3_URL, each closed 10-minute folder leaves this disk for the bucket as one object.
 # ---------------------------------------------------------------------------------------------------------
-
-def merge_folder(file_store: FileStore, keys: list[str], schema: pa.Schema, path: str) -> None:
-    """Write the rows of the files `keys` into one Parquet file at `path`, in their order, a row group of
-    about ROW_GROUP_BYTES at a time: memory stays near one row group, whatever the folder holds (a
-    folder of a busy site's 10 minutes is 12 million rows)."""
-    rows = size_bytes = 0
-    for key in keys:
-        with file_store.open_input(key) as source:
-            footer = pq.read_metadata(source)
-        rows += footer.num_rows
-        size_bytes += sum(footer.row_group(index).total_byte_size for index in range(footer.num_row_groups))
-    pending, pending_bytes = [], 0
-    with pq.ParquetWriter(path, schema, compression="zstd", use_dictionary=False, write_statistics=RAW_STATISTICS,
-                          bloom_filter_options=bloom_filters(schema, ROW_GROUP_BYTES * rows // max(1, size_bytes))) as out:
-        def write_pending():
-            table = pa.concat_tables(pending)
-            out.write_table(table, row_group_size=len(table))
-            pending.clear()
-        for key in keys:
-            with file_store.open_input(key) as source:
-                parquet = pq.ParquetFile(source)
-                for index in range(parquet.num_row_groups):
-                    group = parquet.read_row_group(index).cast(schema)     # the footer's metadata too
-                    pending.append(group)
-                    pending_bytes += group.nbytes
-                    if pending_bytes >= ROW_GROUP_BYTES:
-                        write_pending()
-                        pending_bytes = 0
-        if pending:
-            write_pending()
-
 
 class Uploader(threading.Thread):
     """Every UPLOAD_POLL_S, each 10-minute folder of this disk that closed UPLOAD_DELAY_S ago is merged
@@ -2890,13 +2934,13 @@ class Uploader(threading.Thread):
         uploaded = self.storage.uploaded_store(store.proto_type)
         folder = (store.proto_type, folder_start_us)
         if folder not in self._keys:            # one numbering for the disk and the bucket
-            self._keys[folder] = self.storage.new_key(store.proto_type, folder_start_us, compacted=False)
+            self._keys[folder] = self.storage.new_key(store.proto_type, folder_start_us, RAW)
         key = self._keys[folder]
         spool_path = uploaded.file_store.spool_path(key)
         schema = store.schema.with_metadata({INPUTS_KEY: json.dumps([entry["path"] for entry in inputs]).encode()})
         try:
             try:
-                merge_folder(store.file_store, [entry["path"] for entry in inputs], schema, spool_path)
+                merge_folder([store.path(entry) for entry in inputs], schema, spool_path)
             except Exception:
                 set_aside_unreadable(store, inputs, self.counters)     # a damaged file: the rest goes next time
                 raise

@@ -1290,7 +1290,7 @@ def test_raw_files_and_a_merged_folder_have_bloom_filters_too(tmp_path):
     entries = store.write(sip_table([HOUR + i * 0.01 for i in range(2000)], "r0"))
     bloom_filters_exclude_what_is_absent(Path(store.path(entries[0])), "r")
     merged = tmp_path / "folder.parquet"
-    hepop.merge_folder(store.file_store, [entries[0]["path"]], hepop.table_schema(1), str(merged))
+    hepop.merge_folder([store.path(entries[0])], hepop.table_schema(1), str(merged))
     bloom_filters_exclude_what_is_absent(merged, "r")
     compactor.close()
 
@@ -1306,6 +1306,44 @@ def test_queries_parse_a_files_footer_once_not_each_time(tmp_path):
     assert engine.db.execute("SELECT count(*) FROM read_parquet($file) WHERE call_id = 'm0-7'",
                              {"file": str(out)}).fetchone()[0] == 1
     assert cached() - before >= pq.read_metadata(out).serialized_size
+
+
+def test_closed_folders_of_the_current_hour_are_merged_each_into_one_file(tmp_path):
+    """At 20,000 messages/s an hour is 3,600 raw files, each opened by every query over it (a Call-ID over
+    an hour of them took 3.5 s): a closed 10-minute folder becomes one m_ file, with exactly its rows,
+    long before its hour is compacted; late packets are merged in at the next pass; then the hour's."""
+    storage, compactor = open_store(tmp_path)
+    store = storage.store(1)
+    for folder in range(4):
+        for batch in range(3):
+            store.write(sip_table([HOUR + folder * 600 + batch * 100 + i for i in range(50)], f"f{folder}b{batch}"))
+    store.write(sip_table([HOUR + 3599], "lone"))                  # one raw file: nothing to merge
+    before = rows_of(store)
+    kinds = lambda: sorted((f["path"].split("/")[-2], f["path"].split("/")[-1][:2], f["range"], f["row_count"])
+                           for f in store.snapshot())
+    compactor.run_once(now_us=(HOUR + 1800 + 60) * 1_000_000)      # folders 00, 10, 20 ended a grace ago
+    compactor.run_once(now_us=(HOUR + 1800 + 61) * 1_000_000)      # the inputs go on the next pass
+    assert kinds() == [("11-00", "m_", "10m", 150), ("11-10", "m_", "10m", 150), ("11-20", "m_", "10m", 150)] + \
+        [("11-30", "00", "10m", 50)] * 3 + [("11-50", "00", "10m", 1)]
+    assert all(f["type"] == "compacted" for f in store.snapshot() if "/m_" in f["path"])
+    assert canonical(rows_of(store)) == canonical(before)
+    merged = store.path(next(f for f in store.snapshot() if "11-10/m_" in f["path"]))
+    bloom_filters_exclude_what_is_absent(Path(merged), "f1b")
+    store.write(sip_table([HOUR + 700], "late"))                   # a late packet in a merged folder
+    compactor.run_once(now_us=(HOUR + 1800 + 120) * 1_000_000)
+    compactor.run_once(now_us=(HOUR + 1800 + 121) * 1_000_000)
+    assert [k for k in kinds() if k[0] == "11-10"] == [("11-10", "m_", "10m", 151)]
+    compactor.run_once(now_us=(HOUR + 3600 + 61) * 1_000_000)      # the hour closes: one sorted file
+    compactor.run_once(now_us=(HOUR + 3600 + 62) * 1_000_000)
+    assert kinds() == [("11-00", "c_", "1h", 602)]
+    times = pq.read_table(store.path(store.snapshot()[0])).column("time").to_pylist()
+    assert times == sorted(times)
+    assert canonical(rows_of(store)) == canonical(before + [r for r in rows_of(store) if r["call_id"] == "late-0"])
+    compactor.close()
+    storage.close()
+    recovered = hepop.Storage(str(tmp_path), "w")                  # and the restart finds nothing amiss
+    assert [f["range"] for f in recovered.store(1).snapshot()] == ["1h"]
+    recovered.close()
 
 
 def test_an_hour_with_a_file_without_statistics_is_compacted(tmp_path):
