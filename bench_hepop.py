@@ -546,7 +546,8 @@ def bench_busy_hour(rate: int, runs: int = 5) -> None:
         figures = [(name, sql, target, *median_ms(lambda: rows_or_error(sql), runs)) for name, sql, target in queries]
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
-        db = duckdb.connect(config={"threads": 1, "memory_limit": "256MB"})     # as the query process has them
+        db = duckdb.connect(config={"threads": 1, "memory_limit": "256MB",      # as the query process has them
+                                    "temp_directory": os.path.join(tmp, ".alone-tmp")})
         db.execute("CREATE VIEW hep_1 AS SELECT * FROM read_parquet([" + ", ".join(f"'{p}'" for p in paths) + "])")
         db.execute(f"CREATE VIEW calls AS {hepop.CALLS_SQL}")
         for name, sql, target, ms, rows in figures:
