@@ -53,9 +53,9 @@ Sections, in reading order; each uses only what is above it:
                     thread)
     Upload          the Uploader (the thread that fills the bucket)
     Query           QueryEngine (the sandbox, the time window, views over listed files, the `calls`
-                    view that defines a call); results as
-                    exact JSON values and ResultWriter; the query process (serve_queries, QueryRun) and
-                    what the capture process keeps of it (QueryProcess, FileCatalog)
+                    view that defines a call); plain_top_n (a top-N answered from the newest rows);
+                    results as exact JSON values and ResultWriter; the query process (serve_queries,
+                    QueryRun) and what the capture process keeps of it (QueryProcess, FileCatalog)
     Capture         Ingest (bytes to batches) and CaptureServer (sockets, the selectors loop, signals)
     Access          users and their password hashes, login tokens (HS256 JWTs), the login limit
     HOMER API       HOMER 7's searches, ladder and exports: their SQL, their answers' shapes, pcap
