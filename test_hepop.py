@@ -4208,7 +4208,8 @@ class Proxy:
             target.shutdown(socket.SHUT_WR)
 
 
-def test_a_bucket_down_for_30_s_costs_disk_space_and_no_packet(servers, tmp_path, s3_endpoint):
+def test_a_bucket_down_for_12_s_costs_disk_space_and_no_packet(servers, tmp_path, s3_endpoint):
+    """Down through a failed try, back before the next one, 10 s later (the backoff doubles from 5 s)."""
     new_bucket(s3_endpoint, "outage")
     proxy = Proxy(int(s3_endpoint.rsplit(":", 1)[1]))
     server = servers(**s3_settings(f"http://127.0.0.1:{proxy.port}", "s3://outage/box", UPLOAD_DELAY_S="1800"))
@@ -4224,10 +4225,10 @@ def test_a_bucket_down_for_30_s_costs_disk_space_and_no_packet(servers, tmp_path
     status, _, body = query(server, "SELECT count(*) AS n FROM hep_1 WHERE time > now() - INTERVAL 3 HOUR")
     assert status == 503 and "bucket" in body["error"]          # never an answer without the other writers
     assert len(stored_rows(tmp_path / "data", running=True)) == 300         # on this disk meanwhile
-    time.sleep(max(0.0, 30 - (time.monotonic() - went_down)))
+    time.sleep(max(0.0, 12 - (time.monotonic() - went_down)))
     proxy.up()
     wait_for_metric(server, "uploaded_rows_total", 300, timeout=90)             # the backlog drains
-    assert metric(server, "upload_backlog_folders") == 0 and metric(server, "upload_errors_total") >= 2
+    assert metric(server, "upload_backlog_folders") == 0 and metric(server, "upload_errors_total") >= 1
     assert json.loads(http(server, "/health")[2])["uploads"] == {"status": "ok", "backlog_folders": 0}
     assert recent_call_ids(server) == sorted([f"during-a-{i}" for i in range(200)] + [f"during-b-{i}" for i in range(100)])
     assert stored_rows(tmp_path / "data", running=True) == []
