@@ -2537,7 +2537,7 @@ class HourMerger:
                 writer.write_table(rest, row_group_size=len(rest))
 
     @staticmethod
-    def _row_groups(files: list[str]) -> list["InputRowGroup"]:
+    def _row_groups(files: list[str]) -> list[InputRowGroup]:
         """The row groups of `files`, by time, from the statistics in their footers."""
         groups = []
         for path in files:
@@ -2547,7 +2547,7 @@ class HourMerger:
                 groups.append(InputRowGroup(low, high, group.total_byte_size, group.num_rows, path))
         return sorted(groups)
 
-    def _pieces(self, groups: list["InputRowGroup"]) -> list[tuple[int, int, list[str]]]:
+    def _pieces(self, groups: list[InputRowGroup]) -> list[tuple[int, int, list[str]]]:
         """Consecutive time ranges [low, high) that together cover all time, each holding about
         `piece_bytes` of rows (DuckDB sorts that much in its memory limit), with the files that have
         rows in it."""
@@ -2588,14 +2588,14 @@ def merge_folder(paths: list[str], schema: pa.Schema, out) -> None:
             writer.write_table(table, row_group_size=len(table))
             pending.clear()
         for path in paths:
-            parquet = pq.ParquetFile(path)
-            for index in range(parquet.num_row_groups):
-                group = parquet.read_row_group(index).cast(schema)     # the footer's metadata too
-                pending.append(group)
-                pending_bytes += group.nbytes
-                if pending_bytes >= ROW_GROUP_BYTES:
-                    write_pending()
-                    pending_bytes = 0
+            with pq.ParquetFile(path) as parquet:
+                for index in range(parquet.num_row_groups):
+                    group = parquet.read_row_group(index).cast(schema)     # the footer's metadata too
+                    pending.append(group)
+                    pending_bytes += group.nbytes
+                    if pending_bytes >= ROW_GROUP_BYTES:
+                        write_pending()
+                        pending_bytes = 0
         if pending:
             write_pending()
 

@@ -4234,6 +4234,7 @@ def test_a_bucket_down_for_12_s_costs_disk_space_and_no_packet(servers, tmp_path
     assert stored_rows(tmp_path / "data", running=True) == []
     assert server.stop() == 0
     assert any("uploads to the bucket work again" in line for line in server.lines)
+    assert any("next try in 10 s" in line for line in server.lines)               # the backoff doubled
 
 
 def test_the_binary_uploads_to_a_bucket_and_s3_settings_that_cannot_work_exit_2_naming_them(tmp_path, s3_endpoint,
