@@ -1943,10 +1943,11 @@ def test_a_plain_top_n_is_answered_from_the_newest_rows_and_the_same_as_over_the
     storage.store(1).write(sip_table([now_s - 3000 + i for i in range(3000)], "n"))   # a row a second
     storage.close()
     server = servers()
-    hour = "time > now() - INTERVAL 1 HOUR"
+    since = lambda ago_s: f"time > '{hepop.format_time(int((now_s - ago_s) * 1e6))}'"   # both queries alike
+    hour = since(3600)
     for where, tail, read_from_s in [(hour, "LIMIT 20", 60), (hour, "LIMIT 200 OFFSET 10", 480),
                                      (f"{hour} AND sip_method = 'BYE'", "LIMIT 300", None),
-                                     ("time > now() - INTERVAL 5 MINUTE", "LIMIT 1000", None)]:
+                                     (since(300), "LIMIT 1000", None)]:
         sql = f"SELECT call_id, time, sip_method FROM hep_1 WHERE {where} ORDER BY time DESC {tail}"
         status, head, body = query(server, sql)
         assert status == 200, body
