@@ -2645,7 +2645,7 @@ class Compactor(threading.Thread):
     An hour is compacted once it ended COMPACT_GRACE_S ago: its files (raw, and compacted by an earlier
     pass) become one c_NNNNNNNNNN.parquet in the hour's HH-00 folder, sorted by time, written by a process
     of its own (merge_files, HourMerger).  Before that, each 10-minute folder of the hour that ended
-    COMPACT_GRACE_S ago is merged as it is (merge_files, merge_folder) into one c_ file in that folder:
+    COMPACT_GRACE_S ago is merged as it is (merge_files, merge_folder) into one m_ file in that folder:
     at 20,000 messages/s an hour is 3,600 raw files, and every query over the last hour opened each of
     them (a Call-ID over an hour of them took 3.5 s); it then opens at most a folder's 600 and five more.
 
@@ -2971,9 +2971,10 @@ class QueryError(Exception):
 
 DEFAULT_WINDOW_US = 600 * 1_000_000          # no time condition: the last 10 minutes
 # A plain top-N (plain_top_n) is tried over the newest minute, then 8, 64 and 512 minutes, then the whole
-# time window; an answer of up to NARROWED_MAX_ROWS rows is kept in memory while the range is checked.
+# time window; an answer of up to NARROWED_MAX_ROWS rows is kept in memory while the range is checked
+# (rows of HEP's largest payloads, 64 KB, make that 64 MB at most, inside QUERY_MEMORY_MB's default).
 NARROWED_SPANS_US = tuple(60 * 8 ** power * 1_000_000 for power in range(4))
-NARROWED_MAX_ROWS = 10_000
+NARROWED_MAX_ROWS = 1_000
 TIME_COLUMNS = ("time", "timestamp")
 RCINFO_SQL = ("json_object('protocolFamily', ip_family, 'protocol', protocol, 'srcIp', src_ip, 'dstIp', dst_ip, "
               "'srcPort', src_port, 'dstPort', dst_port, 'timeSeconds', epoch_us(time) // 1000000, "
@@ -3270,13 +3271,18 @@ def refuse_functions(node) -> None:
             refuse_functions(item)
 
 
+def tree_has(node, found: Callable[[dict], bool]) -> bool:
+    """Whether any node of a serialized statement is one that `found` says."""
+    if isinstance(node, dict):
+        return found(node) or any(tree_has(value, found) for value in node.values())
+    if isinstance(node, list):
+        return any(tree_has(item, found) for item in node)
+    return False
+
+
 def names_time(node) -> bool:
     """Whether an expression tree refers to the time column anywhere."""
-    if isinstance(node, dict):
-        return is_time_column(node) or any(names_time(value) for value in node.values())
-    if isinstance(node, list):
-        return any(names_time(item) for item in node)
-    return False
+    return tree_has(node, is_time_column)
 
 
 def is_time_column(node) -> bool:
@@ -3317,15 +3323,6 @@ def reads_newest_first(node) -> Optional[bool]:
         if found is not None:
             return found
     return None
-
-
-def tree_has(node, found: Callable[[dict], bool]) -> bool:
-    """Whether any node of a serialized statement is one that `found` says."""
-    if isinstance(node, dict):
-        return found(node) or any(tree_has(value, found) for value in node.values())
-    if isinstance(node, list):
-        return any(tree_has(item, found) for item in node)
-    return False
 
 
 def constant_int(node: Optional[dict]) -> Optional[int]:
