@@ -11,6 +11,7 @@ Data flow::
     HEP agents --UDP/TCP--> capture loop (Ingest): the bytes of each datagram or frame, per transport,
                             |   undecoded (a TCP frame of another layout is decoded here, for framing)
                             |   hand-off when a batch is full (rows, bytes) or old (FLUSH_INTERVAL_S)
+                            |   (compressed payloads in batches of their own, on MAX_INFLATING_BYTES)
                             v   queue.Queue; the loop pauses reading near MAX_PENDING_BYTES
                      writer thread (BatchWriter): decode the batch (Arrow over the common layout,
                             |   decode() for the rest) -> packet checks -> SIP columns -> one Parquet
@@ -52,12 +53,14 @@ Sections, in reading order; each uses only what is above it:
     Compaction      HourMerger, merge_folder and merge_files (the child process); Compactor (the timer
                     thread)
     Upload          the Uploader (the thread that fills the bucket)
-    Query           QueryEngine (the sandbox, the time window, views over listed files, the `calls`
+    Query           QueryEngine (the sandbox: refuse_sources lets a query read hepop's tables and no
+                    file; the time window, views over listed files, the `calls`
                     view that defines a call); plain_top_n (a top-N answered from the newest rows);
                     results as exact JSON values and ResultWriter; the query process (serve_queries,
                     QueryRun) and what the capture process keeps of it (QueryProcess, FileCatalog)
     Capture         Ingest (bytes to batches) and CaptureServer (sockets, the selectors loop, signals)
-    Access          users and their password hashes, login tokens (HS256 JWTs), the login limit
+    Access          users and their password hashes (read again on SIGHUP and when the file changes),
+                    login tokens (HS256 JWTs, signed by a key kept outside PARQUET_DIR), the login limit
     HOMER API       HOMER 7's searches, ladder and exports: their SQL, their answers' shapes, pcap
     HTTP            the route table, ApiHandler, ApiServer; the static files of hepop's own page (ui/
                     beside this module and inside the binary: HTML, CSS, JavaScript) or of UI_DIR
@@ -67,15 +70,20 @@ Threads and processes, and what each owns:
     main thread     the selectors loop: the sockets, Ingest's open batches and counts, TCP streams.
                     It hands batches to the writer through BatchWriter.queue and never waits for it.
     writer          the writing of raw files; BatchWriter.pending_bytes (under its lock, read by
-                    the loop to pause reading), `failing` (read by /health).
-    compactor       merges, retention, the disk guard; at most one merge child process at a time,
-                    started and killed under Compactor._merging_lock.
+                    the loop to pause reading), `failing` (read by /health).  After each file it wakes
+                    the disk guard (DiskSignals.look_now); while the guard says the disk is full
+                    (DiskSignals.full, read by /health) it drops what arrives.
+    compactor       merges, retention, the disk guard (at each pass and whenever the writer wrote); at
+                    most one merge child process at a time, started and killed under
+                    Compactor._merging_lock.
     uploader        with S3_URL: merging closed folders and putting them in the bucket; `failing`
                     (read by /health).
-    HTTP threads    one per connection (ThreadingHTTPServer), at most MAX_HTTP_CONNECTIONS; at most
-                    MAX_QUERIES of them relay a query at once.
-    query process   one child process (spawned at start, again if it dies) with its own DuckDB: a
-                    thread per query, each on its own cursor and its own socketpair to the HTTP thread
+    HTTP threads    one per connection (ThreadingHTTPServer), at most MAX_HTTP_CONNECTIONS; a request's
+                    head within HEAD_TIMEOUT_S; with every slot taken, a new connection takes the slot of
+                    the one waiting longest for a head (WaitingHeads); at most MAX_QUERIES of them relay
+                    a query at once.
+    query process   one child process (spawned at start, again if it dies) with its own DuckDB, its
+                    address space capped after a first query (warm_up): a thread per query, each on its own cursor and its own socketpair to the HTTP thread
                     that asked; at nice 10, and the first the kernel kills when memory runs out.
     compactor child one per merge, at nice 19.
     They meet in the storage layer: each TypeStore's file list and metadata.json change under its
@@ -193,6 +201,19 @@ def parse_positive_int(text: str) -> int:
     return value
 
 
+# Below this no sort could spill: DuckDB gets half of QUERY_MEMORY_MB, and a sort of 3 M rows of 64-character
+# strings (which spills 240 MB) failed to pin its blocks at 64 and answered at 80 (measured at 16 to 128).
+QUERY_MEMORY_MIN_MB = 96
+
+
+def parse_query_memory_mb(text: str) -> int:
+    value = parse_positive_int(text)
+    if value < QUERY_MEMORY_MIN_MB:
+        raise ValueError(f"at least {QUERY_MEMORY_MIN_MB} MB: below it a query that should spill to disk "
+                         "fails as out of memory")
+    return value
+
+
 def parse_seconds(text: str) -> float:
     message = "must be a number of seconds greater than 0 and under 1000000"
     value = number(text, float, message)
@@ -284,9 +305,16 @@ SETTINGS = (
     Setting("MAX_PENDING_BYTES", parse_bytes, lambda s: "256M",
             "bytes buffered and not yet written; near it reading pauses (UDP waits in the kernel, TCP agents "
             "are held back), and a packet that does not fit is dropped as buffer_full"),
+    Setting("MAX_INFLATING_BYTES", parse_bytes, lambda s: "64M",
+            "compressed payloads (chunk 16) not yet written, each counted as the 1 MiB it may inflate to: a "
+            "budget of their own beside MAX_PENDING_BYTES, so that a flood of them never costs uncompressed "
+            "traffic; one that does not fit is dropped as inflating_full"),
     Setting("MAX_TCP_CONNECTIONS", parse_positive_int, lambda s: "4096", "concurrent TCP agents accepted"),
     Setting("TCP_IDLE_TIMEOUT_S", parse_seconds, lambda s: "300",
             "a TCP agent silent this long gives up its connection when a new agent needs the slot"),
+    Setting("TCP_FRAME_TIMEOUT_S", parse_seconds, lambda s: "15",
+            "a TCP connection that sends bytes and no HEP frame this long is closed; with every slot taken, a "
+            "new connection takes the slot of the one that has done so longest"),
     Setting("MAX_HTTP_CONNECTIONS", parse_positive_int, lambda s: "64",
             "concurrent HTTP connections; more are closed at once (each takes a thread and a descriptor)"),
     Setting("COMPACT_INTERVAL_S", parse_seconds, lambda s: "60",
@@ -310,7 +338,7 @@ SETTINGS = (
     Setting("UPLOAD_DELAY_S", parse_seconds, lambda s: "60",
             "a 10-minute folder is uploaded this long after it closed (late packets still land in it)"),
     Setting("QUERY_TIMEOUT_S", parse_seconds, lambda s: "30", "a query running longer is stopped (HTTP 504)"),
-    Setting("QUERY_MEMORY_MB", parse_positive_int, lambda s: "512",
+    Setting("QUERY_MEMORY_MB", parse_query_memory_mb, lambda s: "512",
             "memory of the query process beyond its start, a hard limit; half of it is DuckDB's"),
     Setting("QUERY_SPILL_BYTES", parse_bytes, lambda s: "2G",
             "disk that queries may spill to, in WRITER_ID/.query-tmp; the disk guard does not count it"),
@@ -325,7 +353,10 @@ SETTINGS = (
             "users who may log in (POST /api/v3/auth): lines 'name:hash', the hash from 'hepop hash-password'; "
             "when set, every route but /health and the login needs their token or API_TOKEN"),
     Setting("JWT_SECRET", str, lambda s: "",
-            "key that signs login tokens (default: a random key kept in PARQUET_DIR/WRITER_ID/.jwt-secret)"),
+            "key that signs login tokens (default: a random key kept in JWT_SECRET_FILE)"),
+    Setting("JWT_SECRET_FILE", os.path.abspath, lambda s: s["parquet_dir"].rstrip("/") + ".jwt-secret",
+            "where the random key that signs login tokens is made once and kept; outside PARQUET_DIR, "
+            "where no query reaches it"),
     Setting("TOKEN_TTL", parse_duration, lambda s: "12h", "how long a login token is valid"),
     Setting("UI_DIR", str, lambda s: "", "a folder of static files served at / instead of hepop's own page "
             "(a built homer-ui), with index.html for any other path that is no file and no API route"),
@@ -352,8 +383,10 @@ class Config:
     flush_bytes: int
     flush_interval_s: float
     max_pending_bytes: int
+    max_inflating_bytes: int
     max_tcp_connections: int
     tcp_idle_timeout_s: float
+    tcp_frame_timeout_s: float
     max_http_connections: int
     compact_interval_s: float
     compact_grace_s: float
@@ -374,6 +407,7 @@ class Config:
     api_token: str
     api_users_file: str
     jwt_secret: str
+    jwt_secret_file: str
     token_ttl: float
     ui_dir: str
     http_host: str
@@ -381,12 +415,14 @@ class Config:
     stats_interval_s: float
     log_level: str
     retention_by_type: tuple = ()          # ((type, seconds), ...) from RETENTION_<type> variables
+    chosen: frozenset = frozenset()         # the names of the settings given by a flag or the environment
 
     @classmethod
     def load(cls, argv: list[str], environ: dict[str, str]) -> "Config":
         """Settings from --flags, else the environment, else the defaults; raises ConfigError."""
         flags = vars(argument_parser().parse_args(argv))
         values: dict[str, object] = {}
+        chosen = set()
         for setting in SETTINGS:
             key = setting.name.lower()
             text = flags.get(key)
@@ -394,6 +430,8 @@ class Config:
                 text = environ.get(setting.name)
             if text is None:
                 text = setting.default(values)
+            else:
+                chosen.add(setting.name)
             try:
                 values[key] = setting.parse(text)
             except ValueError as exc:
@@ -405,7 +443,11 @@ class Config:
                     by_type.append((int(name.split("_")[1]), parse_duration(text)))
                 except ValueError as exc:
                     raise ConfigError(f"{name}={text!r}: {exc}") from None
-        return cls(**values, retention_by_type=tuple(by_type))
+        key_file, data = os.path.realpath(values["jwt_secret_file"]), os.path.realpath(values["parquet_dir"])
+        if key_file == data or key_file.startswith(data.rstrip("/") + "/"):
+            raise ConfigError(f"JWT_SECRET_FILE={values['jwt_secret_file']!r}: it lies inside PARQUET_DIR, "
+                              "where queries read; keep the key outside it")
+        return cls(**values, retention_by_type=tuple(by_type), chosen=frozenset(chosen))
 
 
 # Descriptors kept beside the connections for what hepop opens itself: Parquet files being written,
@@ -413,23 +455,39 @@ class Config:
 FILE_DESCRIPTOR_RESERVE = 256
 
 
-def fit_descriptors(config: Config) -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard one and check that the connections allowed fit in it
-    beside FILE_DESCRIPTOR_RESERVE: an agent that connects must never take the descriptor a write
-    needs.  Returns the limit; raises ConfigError naming the settings when they do not fit."""
+# Below these, a limit the user did not set is not scaled down: too few to be of use, so hepop says so.
+MIN_FITTED_TCP_CONNECTIONS = 64
+MIN_FITTED_HTTP_CONNECTIONS = 8
+
+
+def fit_descriptors(config: Config) -> Config:
+    """Raise the soft RLIMIT_NOFILE to the hard one and fit the connections allowed in it beside
+    FILE_DESCRIPTOR_RESERVE: an agent that connects must never take the descriptor a write needs.
+    MAX_TCP_CONNECTIONS and MAX_HTTP_CONNECTIONS that the user did not set are lowered to fit (HTTP to
+    an eighth of what is left at most, TCP to the rest): the defaults need 4,416 descriptors, and a hard
+    limit of 1,024 or 4,096 is common.  Returns the config as fitted; raises ConfigError naming the
+    settings when those the user set do not fit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
     if soft < wanted:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             soft = wanted
-    needed = config.max_tcp_connections + config.max_http_connections + FILE_DESCRIPTOR_RESERVE
-    if needed > soft:
+    tcp, http = config.max_tcp_connections, config.max_http_connections
+    left = soft - FILE_DESCRIPTOR_RESERVE
+    if tcp + http > left and "MAX_HTTP_CONNECTIONS" not in config.chosen:
+        room = left - (tcp if "MAX_TCP_CONNECTIONS" in config.chosen else 0)
+        http = max(MIN_FITTED_HTTP_CONNECTIONS, min(http, room // 8 if "MAX_TCP_CONNECTIONS" not in
+                                                      config.chosen else room))
+    if tcp + http > left and "MAX_TCP_CONNECTIONS" not in config.chosen:
+        tcp = max(MIN_FITTED_TCP_CONNECTIONS, left - http)
+    if tcp + http > left:
         raise ConfigError(f"MAX_TCP_CONNECTIONS={config.max_tcp_connections} and MAX_HTTP_CONNECTIONS="
-                          f"{config.max_http_connections} need {needed} descriptors with "
-                          f"{FILE_DESCRIPTOR_RESERVE} kept for files, and the open-file limit is {soft}: lower "
-                          f"them, or raise the limit (LimitNOFILE= in the unit)")
-    return soft
+                          f"{config.max_http_connections} need at least {tcp + http + FILE_DESCRIPTOR_RESERVE} "
+                          f"descriptors with {FILE_DESCRIPTOR_RESERVE} "
+                          f"kept for files, and the open-file limit is {soft}: lower them, or raise the limit "
+                          f"(LimitNOFILE= in the unit)")
+    return dataclasses.replace(config, max_tcp_connections=tcp, max_http_connections=http)
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -441,7 +499,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hepop {__version__}")
     for setting in SETTINGS:
         default = {"HTTP_PORT": "PORT+1", "WRITER_ID": "host name", "HTTP_HOST": "127.0.0.1, or HOST with "
-                   "API_TOKEN or API_USERS_FILE"}.get(setting.name) or setting.default({})
+                   "API_TOKEN or API_USERS_FILE", "JWT_SECRET_FILE": "PARQUET_DIR.jwt-secret"}.get(setting.name) or \
+            setting.default({})
         parser.add_argument(setting.flag, dest=setting.name.lower(), metavar=setting.name,
                             help=f"{setting.help} [env {setting.name}, default {default or 'unset'}]")
     return parser
@@ -618,6 +677,7 @@ class CommonPrefix(NamedTuple):
     expected: tuple
     values: struct.Struct
     chunks: tuple                   # (kind, struct code, offset of the value) of each chunk
+    useconds_offset: int            # where the value of chunk 10, the microseconds, is
 
 
 # How the value of each chunk of a common prefix is read: addresses stay packed.
@@ -634,7 +694,8 @@ def common_prefix(kinds: tuple) -> CommonPrefix:
     values = struct.Struct("!6x" + "".join(f"6x{code}" for code in codes))
     expected = tuple(value for kind, size in zip(kinds, sizes) for value in (0, kind, size + 6))
     offsets = list(itertools.accumulate((size + 6 for size in sizes), initial=12))
-    return CommonPrefix(headers.size, headers, expected, values, tuple(zip(kinds, codes, offsets)))
+    return CommonPrefix(headers.size, headers, expected, values, tuple(zip(kinds, codes, offsets)),
+                        offsets[kinds.index(10)])
 
 
 # IP family, protocol, source and destination address, ports, seconds, microseconds, protocol type and
@@ -643,6 +704,15 @@ COMMON_PREFIXES = (common_prefix((1, 2, 3, 4, 7, 8, 9, 10, 11, 12)), common_pref
 # Where each field sits in a HepPacket, for the chunk loop that fills one in.
 (_VERSION, _TIME, _FAMILY, _PROTOCOL, _SRC_IP, _DST_IP, _SRC_PORT, _DST_PORT, _PROTO_TYPE, _CAPTURE_ID,
  _NODE_NAME, _CORRELATION_ID, _VLAN, _AUTH_KEY, _PAYLOAD) = range(len(HepPacket._fields))
+
+
+MAX_MICROSECONDS = 999_999       # more would move the time by up to 71 minutes: malformed
+
+
+# Every reason decode() gives, as hep_dropped_total{reason="malformed_<reason>"} counts them.
+HEP_ERRORS = ("unknown_version", "short", "length_mismatch", "truncated_chunk", "bad_chunk_length",
+              "embedded_frame", "bad_microseconds", "bad_compressed_payload", "compressed_payload_too_large",
+              "bad_family", *(f"bad_chunk_{kind}" for kind in sorted(_FIXED_CHUNK_BODY)))
 
 
 def decode(buf: bytes) -> HepPacket:
@@ -722,6 +792,8 @@ def _decode_v3(buf: bytes) -> HepPacket:
         # 13 (keep-alive), 20-24 (MACs, ethertype, TCP flags, TOS), 32-41 (QoS tags) and unknown
         # types are accepted and not stored.
     if seconds is not None:
+        if useconds > MAX_MICROSECONDS:
+            raise HepError("bad_microseconds")
         row[_TIME] = seconds * 1_000_000 + useconds
     row[_PAYLOAD] = bytes(row[_PAYLOAD])
     return tuple.__new__(HepPacket, row)      # HepPacket(*row) without the keyword-argument handling
@@ -748,6 +820,8 @@ def _decode_v1_v2(buf: bytes) -> HepPacket:
     time_us, capture_id = None, 0
     if version == 2:
         seconds, useconds, capture_id = _V2_TIME.unpack_from(buf, addresses_end)
+        if useconds > MAX_MICROSECONDS:
+            raise HepError("bad_microseconds")
         time_us = seconds * 1_000_000 + useconds
     return HepPacket(version, time_us, family, protocol, src_ip, dst_ip, src_port, dst_port, 1,
                      capture_id, None, None, None, None, bytes(buf[header_end:]))
@@ -900,6 +974,8 @@ def decode_common(datagrams: pa.BinaryArray, prefix: CommonPrefix) -> tuple[pa.B
     for kind, code, offset in prefix.chunks:
         header = _CHUNK_HEADER.pack(0, kind, struct.calcsize("!" + code) + 6)
         checks.append(pc.equal(pc.binary_slice(head, offset - 6, offset), pa.scalar(header)))
+    # What is over MAX_MICROSECONDS is left to decode(), which says why.
+    checks.append(pc.less_equal(big_endian(head, prefix.useconds_offset, 4), MAX_MICROSECONDS))
     picked = functools.reduce(pc.and_, checks)
     head, datagrams = kept(head, picked), kept(datagrams, picked)
     columns = {field.name: pa.nulls(len(datagrams), field.type) for field in PACKET_SCHEMA}
@@ -931,7 +1007,8 @@ def has_common_layout(message: bytes) -> bool:
     for prefix in COMMON_PREFIXES:
         if (size >= prefix.size + 6 and message[:4] == HEP3_MAGIC and _U16.unpack_from(message, 4)[0] == size
                 and prefix.headers.unpack_from(message) == prefix.expected
-                and _CHUNK_HEADER.unpack_from(message, prefix.size) == (0, PAYLOAD_CHUNK, size - prefix.size)):
+                and _CHUNK_HEADER.unpack_from(message, prefix.size) == (0, PAYLOAD_CHUNK, size - prefix.size)
+                and _U32.unpack_from(message, prefix.useconds_offset)[0] <= MAX_MICROSECONDS):
             return True
     return False
 
@@ -964,6 +1041,17 @@ def publish_received(counters: Counters, received: collections.Counter) -> None:
     """Add packets counted by (transport, version) to hep_received_total."""
     for (transport, version), count in received.items():
         counters.add("hep_received_total", count, transport=transport, version=str(version))
+
+
+# Every reason a packet is dropped for: each series of hep_dropped_total is there from the start, at 0, so
+# that rate() and increase() alert on its first drop.
+DROP_REASONS = (*(f"malformed_{error}" for error in HEP_ERRORS), "auth", "buffer_full", "inflating_full",
+                "partial_frames_full", "decode_error", "write_error", "disk_full")
+
+
+def count_drops_from_zero(counters: Counters) -> None:
+    for reason in DROP_REASONS:
+        counters.add("hep_dropped_total", 0, reason=reason)
 
 
 class PacketCheck:
@@ -1257,7 +1345,8 @@ class TreeLayout:
     def writer_dir(self, writer_id: str) -> str:
         return os.path.join(self.root, writer_id)
 
-    def jwt_secret_path(self, writer_id: str) -> str:
+    def old_jwt_secret_path(self, writer_id: str) -> str:
+        """Where hepop kept its login key before JWT_SECRET_FILE: inside the tree, which queries read."""
         return os.path.join(self.root, writer_id, ".jwt-secret")
 
     def dashboards_path(self, writer_id: str) -> str:
@@ -1455,6 +1544,11 @@ class FileStore(abc.ABC):
         """What a reader outside this module is given for a key: DuckDB's read_parquet, the compaction
         process."""
 
+    def leads_outside(self, key: str) -> bool:
+        """Whether a key's folder or file is, through a link, outside where the store keeps its files:
+        the query sandbox cannot read it.  A store without links has none."""
+        return False
+
     @abc.abstractmethod
     def local_path(self, key: str, scratch_dir: str) -> str:
         """A path on this disk where another process (the compaction's) reads the file: the file itself,
@@ -1470,6 +1564,10 @@ class LocalFileStore(FileStore):
 
     def reader_path(self, key: str) -> str:
         return os.path.join(self.root, *key.split("/"))
+
+    def leads_outside(self, key: str) -> bool:
+        root = os.path.realpath(self.root)
+        return not os.path.realpath(self.reader_path(key)).startswith(root.rstrip("/") + "/")
 
     def local_path(self, key: str, scratch_dir: str) -> str:
         return self.reader_path(key)
@@ -2172,6 +2270,19 @@ def readable(file_store: FileStore, key: str) -> bool:
         return False
 
 
+class DiskSignals:
+    """What the writer and the disk guard (Compactor.guard_disk) tell each other.  The writer sets
+    `look_now` after each file (and each batch it drops), so the guard looks at once, not at its next
+    pass: a flood inside the current hour grew this writer's files from a 3 MB MAX_DISK_BYTES to 28 MB
+    between passes.  The guard sets `full` once only the current hour is left and the limit is still
+    passed; the writer then drops what arrives (hep_dropped_total{reason="disk_full"}), /health says so,
+    and the guard clears it when there is room again (the hour has closed and can go)."""
+
+    def __init__(self):
+        self.look_now = threading.Event()
+        self.full = threading.Event()
+
+
 class Storage:
     """All HEP types of this writer, opened on first use; existing ones recovered at start.  Their files
     are kept by `file_store`, by default on this disk under PARQUET_DIR.
@@ -2191,6 +2302,7 @@ class Storage:
         self.bucket = bucket
         self.writer_id = writer_id
         self.leases = FileLeases()
+        self.disk = DiskSignals()
         self.types: dict[int, TypeStore] = {}
         self.uploaded: dict[int, TypeStore] = {}
         self._lock_file = self._lock_writer_dir()
@@ -2310,10 +2422,11 @@ class ReceivedBatch:
     messages: list = dataclasses.field(default_factory=list)     # bytes of each datagram or frame
     senders: list = dataclasses.field(default_factory=list)      # Sender where the peer changes
     nbytes: int = 0
+    inflating: bool = False     # its messages have compressed payloads: MAX_INFLATING_BYTES counts it
 
     @property
-    def key(self) -> str:
-        return self.transport
+    def key(self) -> tuple:
+        return self.transport, self.inflating
 
     def sender_of(self, index: int):
         """The peer that sent message `index`."""
@@ -2328,6 +2441,7 @@ class DecodedBatch:
     times_us: list = dataclasses.field(default_factory=list)     # the checked capture time of each
     packets: list = dataclasses.field(default_factory=list)      # HepPacket
     nbytes: int = 0
+    inflating = False           # its payloads are decoded: they take what they are charged
 
     @property
     def key(self) -> int:
@@ -2357,15 +2471,22 @@ class BatchWriter(threading.Thread):
         self.check = check
         self.queue: queue.Queue = queue.Queue()
         self.pending_bytes = 0
+        self.pending_inflating_bytes = 0        # of batches of compressed payloads: their own budget
         self.last_flush = None
         self.failing: Optional[str] = None
         self.stop_by: Optional[float] = None         # time.monotonic() by which the process must be gone
         self._lock = threading.Lock()
 
     def submit(self, batch) -> None:
-        with self._lock:
-            self.pending_bytes += batch.nbytes
+        self._count_pending(batch, batch.nbytes)
         self.queue.put(batch)
+
+    def _count_pending(self, batch, nbytes: int) -> None:
+        with self._lock:
+            if batch.inflating:
+                self.pending_inflating_bytes += nbytes
+            else:
+                self.pending_bytes += nbytes
 
     def close(self) -> None:
         """Write everything submitted so far, then stop."""
@@ -2375,8 +2496,7 @@ class BatchWriter(threading.Thread):
     def run(self) -> None:
         while (batch := self.queue.get()) is not None:
             self._write(batch)
-            with self._lock:
-                self.pending_bytes -= batch.nbytes
+            self._count_pending(batch, -batch.nbytes)
 
     def _write(self, batch) -> None:
         try:
@@ -2428,7 +2548,12 @@ class BatchWriter(threading.Thread):
         return {proto_type: table.filter(pc.equal(table["proto_type"], proto_type)) for proto_type in types}
 
     def _store(self, proto_type: int, table: pa.Table) -> None:
-        """Write the rows of one type: each 10-minute folder's file once, then metadata.json."""
+        """Write the rows of one type: each 10-minute folder's file once, then metadata.json; nothing
+        while the disk guard says the disk is full (DiskSignals)."""
+        self.storage.disk.look_now.set()
+        if self.storage.disk.full.is_set():
+            self.counters.add("hep_dropped_total", len(table), reason="disk_full")
+            return
         started = time.perf_counter()
         what = f"{len(table)} rows of hep_{proto_type}"
         store = self._attempt(f"opening hep_{proto_type}", lambda: self.storage.store(proto_type))
@@ -2455,6 +2580,7 @@ class BatchWriter(threading.Thread):
         self.counters.add("bytes_written_total", sum(entry["size_bytes"] for entry in entries))
         self.counters.add("flush_seconds_total", elapsed)
         self.counters.maximum("flush_seconds_max", elapsed)
+        self.storage.disk.look_now.set()
 
     def _attempt(self, what: str, step: Callable[[], object]):
         """step()'s result, tried up to RETRIES times (with pauses that end at `stop_by`); None if it
@@ -2677,8 +2803,15 @@ class Compactor(threading.Thread):
     def run(self) -> None:
         lower_priority(COMPACTION_NICE)     # compaction takes the CPU that capture leaves
         next_pass = time.monotonic() + self.config.compact_interval_s
-        while not self.stopping.wait(min(next_pass - time.monotonic(), self.DELETE_POLL_S)
-                                     if self.storage.leases.waiting() else next_pass - time.monotonic()):
+        look_now = self.storage.disk.look_now
+        while True:
+            look_now.wait(max(0.0, min(next_pass - time.monotonic(), self.DELETE_POLL_S)
+                              if self.storage.leases.waiting() else next_pass - time.monotonic()))
+            if self.stopping.is_set():
+                return
+            if look_now.is_set():               # the writer wrote: a flood must not wait for the pass
+                look_now.clear()
+                self._step("the disk guard", lambda: self.guard_disk(time.time_ns() // 1000))
             self.storage.leases.delete_due()
             if time.monotonic() >= next_pass:
                 self.run_once()
@@ -2687,6 +2820,7 @@ class Compactor(threading.Thread):
     def stop(self) -> None:
         """Stop at once: a merge under way is killed (its temp file is removed) and no other starts."""
         self.stopping.set()
+        self.storage.disk.look_now.set()        # wakes run()
         with self._merging_lock:
             if self.merging is not None:
                 self.merging.kill()
@@ -2808,19 +2942,28 @@ class Compactor(threading.Thread):
     def guard_disk(self, now_us: int) -> None:
         """While this writer's files (on this disk and in the bucket) take more than MAX_DISK_BYTES, or
         the filesystem is fuller than MAX_DISK_PERCENT, delete the oldest hour of every type, of all the
-        stores or of this disk's only; never this hour."""
-        self._delete_oldest_hours(self.storage.stores(), self.files_over_limit, now_us)
-        self._delete_oldest_hours(list(self.storage.types.values()), self.disk_over_limit, now_us)
+        stores or of this disk's only; never this hour.  With only this hour left and the limit still
+        passed, the disk is full (DiskSignals.full) until there is room."""
+        full = self._delete_oldest_hours(self.storage.stores(), self.files_over_limit, now_us)
+        full = self._delete_oldest_hours(list(self.storage.types.values()), self.disk_over_limit, now_us) or full
+        signal_full = self.storage.disk.full
+        if full and not signal_full.is_set():
+            signal_full.set()
+            log.error("disk over its limit (MAX_DISK_PERCENT / MAX_DISK_BYTES) with only this hour left: what "
+                      "arrives is dropped (hep_dropped_total{reason=\"disk_full\"}) until there is room")
+        elif not full and signal_full.is_set():
+            signal_full.clear()
+            log.info("disk back under its limit: writing again")
 
-    def _delete_oldest_hours(self, stores: list[TypeStore], over_limit: Callable[[], bool], now_us: int) -> None:
+    def _delete_oldest_hours(self, stores: list[TypeStore], over_limit: Callable[[], bool], now_us: int) -> bool:
+        """Whether the limit is still passed with only this hour left."""
         current_hour_ns = now_us // HOUR_US * HOUR_US * 1000
         while over_limit() and not self.stopping.is_set():
             entries = [(store, e) for store in stores for e in store.snapshot()]
             hours = sorted({e["chunk_time"] // 1000 // HOUR_US for _, e in entries
                             if e["chunk_time"] < current_hour_ns})
             if not hours:
-                log.error("disk over its limit (MAX_DISK_PERCENT / MAX_DISK_BYTES) with only this hour left")
-                return
+                return True
             for store in stores:
                 self.delete(store, [e for s, e in entries if s is store and e["chunk_time"] // 1000 // HOUR_US
                                     == hours[0]], "disk_full")
@@ -2962,11 +3105,13 @@ class Uploader(threading.Thread):
 # ---------------------------------------------------------------------------------------------------------
 
 class QueryError(Exception):
-    """A query refused or failed; `status` is the HTTP status to answer with."""
+    """A query refused or failed; `status` is the HTTP status to answer with, `unknown_table` the table it
+    named that is not there (the capture process, which knows the tables, names them in the answer)."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, unknown_table: Optional[str] = None):
         super().__init__(message)
         self.status = status
+        self.unknown_table = unknown_table
 
 
 DEFAULT_WINDOW_US = 600 * 1_000_000          # no time condition: the last 10 minutes
@@ -3028,6 +3173,7 @@ class TimeWindow(NamedTuple):
     high_us: Optional[int]
     default: bool                # the query constrains time nowhere: the last 10 minutes
     unread: bool = False         # the query names time in a condition that could not be read as a range
+    lookup: Optional[str] = None     # no time named, and every row pinned by this column: all retention
 
     def overlaps(self, entry: dict) -> bool:
         return ((self.low_us is None or entry["max_time"] >= self.low_us * 1000) and
@@ -3036,7 +3182,8 @@ class TimeWindow(NamedTuple):
     def header(self) -> str:
         show = lambda us: "" if us is None else format_time(us)
         note = (" (default: last 10 minutes)" if self.default else
-                " (all files: the condition on time is not one the pruning reads)" if self.unread else "")
+                " (all files: the condition on time is not one the pruning reads)" if self.unread else
+                f" (all retention, newest files first: a lookup by {self.lookup})" if self.lookup else "")
         return f"{show(self.low_us)}/{show(self.high_us)}{note}"
 
 
@@ -3045,8 +3192,8 @@ class QueryEngine:
 
     The sandbox: DuckDB with external access off except PARQUET_DIR (allowed_directories), its
     configuration locked, memory and threads capped; one statement, and only a query (SELECT, WITH,
-    VALUES, FROM, DESCRIBE, SUMMARIZE, EXPLAIN of a query); QUERY_TIMEOUT_S; QUERY_MAX_ROWS; QUERY_THREADS.
-    Rows still in memory are not visible: they are at most one flush interval behind.
+    VALUES, FROM, DESCRIBE, SUMMARIZE, EXPLAIN of a query) that reads hepop's tables and no file
+    (refuse_sources); QUERY_TIMEOUT_S; QUERY_MAX_ROWS; QUERY_THREADS.  Rows still in memory are not visible: they are at most one flush interval behind.
     """
 
     def __init__(self, config: Config):
@@ -3109,12 +3256,12 @@ class QueryEngine:
         tree = json.loads(cursor.execute("SELECT json_serialize_sql($sql)", {"sql": sql}).fetchall()[0][0])
         if tree.get("error"):
             raise QueryError(tree.get("error_message", "cannot parse the query"))
-        refuse_functions(tree)
+        refuse_sources(tree)
         return tree
 
     def time_window(self, cursor, tree: dict, now_us: int) -> TimeWindow:
-        """The time range the query (its statement_tree) asks for, from its WHERE clauses; the last 10
-        minutes without one.
+        """The time range the query (its statement_tree) asks for, from its WHERE clauses; without one,
+        all retention for a lookup (looked_up), else the last 10 minutes.
 
         A comparison of `time` or `timestamp` with a constant expression bounds the range; AND narrows,
         OR widens (an OR branch without a bound opens the range), and a comparison with anything but a
@@ -3127,6 +3274,10 @@ class QueryEngine:
         if not ranges:
             if any(names_time(where) for where in wheres):
                 return TimeWindow(None, None, False, unread=True)
+            top_where = (tree.get("statements") or [{}])[0].get("node", {}).get("where_clause")
+            pinned = looked_up(top_where) if isinstance(top_where, dict) else None
+            if pinned:
+                return TimeWindow(None, None, False, lookup=pinned)
             return TimeWindow(now_us - DEFAULT_WINDOW_US, None, True)
         low = None if any(r[0] is None for r in ranges) else min(r[0] for r in ranges)
         high = None if any(r[1] is None for r in ranges) else max(r[1] for r in ranges)
@@ -3250,34 +3401,65 @@ FLIPPED = {"COMPARE_GREATERTHAN": "COMPARE_LESSTHAN", "COMPARE_LESSTHAN": "COMPA
 EXPLAIN_PREFIX = re.compile(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", re.IGNORECASE)
 
 
-# Functions that show the server's own settings and paths (PARQUET_DIR, the spill folder, the memory and
-# thread limits), or run SQL text that the statement check never saw (query()): a user needs none of them
-# to search calls, and DESCRIBE shows the tables.
-REFUSED_FUNCTIONS = frozenset({"current_setting", "duckdb_settings", "duckdb_temporary_files", "duckdb_databases",
-                               "duckdb_secrets", "which_secret", "duckdb_extensions", "pragma_database_list",
-                               "getenv", "query"})
-
-
-def refuse_functions(node) -> None:
-    """QueryError if a serialized statement calls one of REFUSED_FUNCTIONS, anywhere in it."""
+def tree_nodes(node) -> Iterable[dict]:
+    """Every node of a serialized statement (json_serialize_sql), the outermost first."""
     if isinstance(node, dict):
-        name = str(node.get("function_name", "")).lower()
-        if node.get("class") == "FUNCTION" and name in REFUSED_FUNCTIONS:
-            raise QueryError(f"{name}() is not available here: it shows the server's settings or runs other SQL")
+        yield node
         for value in node.values():
-            refuse_functions(value)
+            yield from tree_nodes(value)
     elif isinstance(node, list):
         for item in node:
-            refuse_functions(item)
+            yield from tree_nodes(item)
 
 
 def tree_has(node, found: Callable[[dict], bool]) -> bool:
     """Whether any node of a serialized statement is one that `found` says."""
-    if isinstance(node, dict):
-        return found(node) or any(tree_has(value, found) for value in node.values())
-    if isinstance(node, list):
-        return any(tree_has(item, found) for item in node)
-    return False
+    return any(found(each) for each in tree_nodes(node))
+
+
+# What a query may read: the tables hepop makes for it (hep_<type>, `calls`) and its own CTEs, and the
+# table functions that make rows from their arguments alone.  Every other table function is refused: those
+# that read files (read_text, read_csv, read_json, read_blob, read_parquet, glob, parquet_metadata, ...)
+# would reach what else lies under PARQUET_DIR (metadata.json, the lock, spill files), those that run SQL
+# given as text (query, query_table, json_execute_serialized_sql) would run what this check never saw, and
+# the rest show the server's settings and state.  So are names of other tables: a path in FROM is read as a
+# file by DuckDB's replacement scan, and system views (pg_catalog.pg_settings) show the settings.
+ALLOWED_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest", "json_each", "json_tree", "repeat",
+                                     "repeat_row", "duckdb_functions", "duckdb_keywords", "duckdb_types",
+                                     "pg_timezone_names", "icu_calendar_names"})
+# Scalar functions that show the server's settings or environment.
+REFUSED_FUNCTIONS = frozenset({"current_setting", "getenv", "getvariable"})
+TABLE_NAME = re.compile(rf"hep_\d+|{CALLS_VIEW}", re.IGNORECASE)
+
+
+def refuse_sources(tree: dict) -> None:
+    """QueryError if a serialized statement reads anything but what a query may (ALLOWED_TABLE_FUNCTIONS,
+    REFUSED_FUNCTIONS, TABLE_NAME and its own CTEs), anywhere in it."""
+    nodes = list(tree_nodes(tree))
+    cte_names = {str(entry.get("key", "")).lower() for node in nodes if isinstance(node.get("cte_map"), dict)
+                 for entry in node["cte_map"].get("map", [])}
+    for node in nodes:
+        refuse_source(node, cte_names)
+
+
+def refuse_source(node: dict, cte_names: set) -> None:
+    """QueryError for a node of a statement that reads what a query may not."""
+    kind = node.get("type")
+    if kind == "TABLE_FUNCTION":
+        name = str((node.get("function") or {}).get("function_name", "")).lower()
+        if name not in ALLOWED_TABLE_FUNCTIONS:
+            raise QueryError(f"{name}() is not available here: a query reads the tables hep_<type> and "
+                             f"{CALLS_VIEW}, and makes rows with {', '.join(sorted(ALLOWED_TABLE_FUNCTIONS))}")
+    elif kind == "BASE_TABLE":
+        name = str(node.get("table_name", ""))
+        qualified = node.get("schema_name") or node.get("catalog_name")
+        if qualified or not (TABLE_NAME.fullmatch(name) or name.lower() in cte_names):
+            raise QueryError(f"{name!r} is not a table here: a query reads hep_<type> (hep_1 is SIP, hep_5 "
+                             f"RTCP, hep_100 logs, ...) and {CALLS_VIEW}", unknown_table=".".join(
+                                 part for part in (qualified and node.get("catalog_name"), qualified and
+                                                   node.get("schema_name"), name) if part))
+    elif node.get("class") == "FUNCTION" and str(node.get("function_name", "")).lower() in REFUSED_FUNCTIONS:
+        raise QueryError(f"{node['function_name']}() is not available here: it shows the server's settings")
 
 
 def names_time(node) -> bool:
@@ -3299,6 +3481,32 @@ def is_constant(node) -> bool:
     if isinstance(node, list):
         return all(is_constant(item) for item in node)
     return True
+
+
+# Columns a query looks a call, a correlation or a number up by.  One that pins every row with = or IN
+# and names no time reads the whole retention, newest files first, pruned by their bloom filters and
+# statistics: a Call-ID 10 minutes and 14 s old answered [] under the default window of 10 minutes.
+LOOKUP_COLUMNS = ("call_id", "correlation_id", "from_user", "to_user", "ruri_user")
+
+
+def looked_up(node: dict) -> Optional[str]:
+    """The lookup column that a WHERE clause pins every row to, by = or IN of constants; None if none."""
+    kind = node.get("type")
+    if kind == "CONJUNCTION_AND":
+        return next((column for column in map(looked_up, node["children"]) if column), None)
+    if kind == "CONJUNCTION_OR":
+        found = [looked_up(child) for child in node["children"]]
+        return found[0] if all(found) else None
+    pairs = []
+    if kind == "COMPARE_EQUAL":
+        pairs = [(node["left"], [node["right"]]), (node["right"], [node["left"]])]
+    elif kind == "COMPARE_IN":
+        pairs = [(node["children"][0], node["children"][1:])]
+    for column, values in pairs:
+        if column.get("class") == "COLUMN_REF" and column["column_names"][-1].lower() in LOOKUP_COLUMNS \
+                and all(is_constant(value) for value in values):
+            return column["column_names"][-1].lower()
+    return None
 
 
 def reads_newest_first(node) -> Optional[bool]:
@@ -3662,6 +3870,7 @@ class QueryEnd(NamedTuple):
 class QueryFailed(NamedTuple):
     status: int
     message: str
+    unknown_table: Optional[str] = None     # the table it named that is not there: the answer names those that are
 
 
 def start_thread(thread: threading.Thread) -> None:
@@ -3696,7 +3905,7 @@ class QueryRun:
             start_thread(timer)
             self._run()
         except QueryError as exc:
-            self._answer(QueryFailed(exc.status, str(exc)))
+            self._answer(QueryFailed(exc.status, str(exc), exc.unknown_table))
         except (duckdb.Error, ResultError) as exc:
             self._failed(exc)
         except RecursionError:
@@ -3726,7 +3935,9 @@ class QueryRun:
         plan = job.plan or QueryPlan(engine.types_named(job.sql), engine.time_window(self.cursor, tree, job.now_us))
         self.conn.send(plan)
         files = self.conn.recv()
-        newest_first, calls = bool(reads_newest_first(tree)), engine.names_calls(job.sql)
+        newest_first, calls = reads_newest_first(tree), engine.names_calls(job.sql)
+        if newest_first is None:            # a lookup's newest rows are the likeliest: it may stop there
+            newest_first = plan.window.lookup is not None
         engine.create_views(self.cursor, files, plan.window, newest_first, calls)
         self.watching = True
         start_thread(threading.Thread(target=self._watch, name="hepop-query-watch", daemon=True))
@@ -3787,7 +3998,8 @@ class QueryRun:
             self._answer(QueryFailed(504, f"the query ran past QUERY_TIMEOUT_S "
                                           f"({self.config.query_timeout_s:g} s) and was stopped"))
         elif not self.cancelled.is_set():
-            self._answer(QueryFailed(400, str(exc)))
+            missing = re.match(r"Catalog Error: Table with name (\S+) does not exist", str(exc))
+            self._answer(QueryFailed(400, str(exc), missing.group(1) if missing else None))
 
     def _send_bytes(self, data: bytes) -> None:
         for start in range(0, len(data), QUERY_DATA_BYTES):
@@ -3838,6 +4050,25 @@ def cap_address_space(extra_bytes: int) -> None:
         log.warning("cannot cap the query process's memory (%s): QUERY_MEMORY_MB bounds only DuckDB", exc)
 
 
+def warm_up(config: Config, engine: QueryEngine) -> None:
+    """Run one query through QueryRun, as the capture process would, before the address space is capped.
+    The first query starts threads that stay as long as the process (11 here, DuckDB's and Arrow's, each
+    with 8 MiB of stack): counted against the cap, they took 88 of QUERY_MEMORY_MB=128's MiB, and a sort
+    of 3 M rows that DuckDB would have spilled failed as out of memory instead."""
+    ours, theirs = multiprocessing.Pipe()
+    run = threading.Thread(target=QueryRun(config, engine, ours).run, name="hepop-query-warm-up")
+    run.start()
+    theirs.send(QueryJob("SELECT 1 AS warm_up", "json", time.time_ns() // 1000))
+    theirs.recv()                           # the plan: no files to read
+    theirs.send({})                         # the files of no type
+    while not isinstance(answer := theirs.recv(), (QueryEnd, QueryFailed)):
+        pass
+    run.join()
+    if isinstance(answer, QueryFailed):
+        log.warning("the query process's first query failed: %s", answer)
+    theirs.close()
+
+
 def serve_queries(config: Config, control: socket.socket, parent_pid: int) -> None:
     """The query process.  It takes each query's connection from the control socket and runs the query
     in a thread of its own; the capture process lets at most MAX_QUERIES run at once.
@@ -3855,6 +4086,7 @@ def serve_queries(config: Config, control: socket.socket, parent_pid: int) -> No
         ctypes.CDLL(None).mallopt(M_ARENA_MAX, 2)
     threading.stack_size(QUERY_THREAD_STACK_BYTES)
     engine = QueryEngine(config)
+    warm_up(config, engine)
     cap_address_space(config.query_memory_mb << 20)
     while True:
         try:
@@ -3947,6 +4179,7 @@ class QueryCall:
         self.limit_s = limit_s
         self.conn = queries.connect()
         self.held: list[str] = []
+        self.left_out: list[str] = []
         self.plan: Optional[QueryPlan] = None
         self.truncated: Optional[bool] = None
         self._started = False
@@ -3961,9 +4194,10 @@ class QueryCall:
     def start(self, job: QueryJob) -> QueryStart:
         self.conn.send(job)
         self.plan = self._answer(QueryPlan)
-        files_by_type, self.held = self.catalog.hold(self.plan)
+        files = self.catalog.hold(self.plan)
+        self.held, self.left_out = files.held, files.left_out
         self.counters.add("query_files_total", len(self.held))
-        self.conn.send(files_by_type)
+        self.conn.send(files.paths_by_type)
         start = self._answer(QueryStart)
         self._started = True
         if start.finished:
@@ -3995,6 +4229,9 @@ class QueryCall:
             answer = QueryFailed(500, f"the query process answered {type(answer).__name__}")
         if self._started:
             raise QueryCut(answer.message)
+        if answer.unknown_table:            # DuckDB's words suggest sqlite_temp_master
+            raise QueryError(f"there is no table {answer.unknown_table}: the tables are "
+                             f"{', '.join(self.catalog.table_names())}", answer.status)
         raise QueryError(answer.message, answer.status)
 
 
@@ -4017,6 +4254,12 @@ def oldest_first(files: list[ListedFile]) -> list[ListedFile]:
     return sorted(files, key=lambda listed: (listed.entry["min_time"], listed.entry["max_time"]))
 
 
+class HeldFiles(NamedTuple):
+    paths_by_type: dict             # hep_<type> -> where the query process reads its files, oldest first
+    held: list                      # this writer's keys, held until released
+    left_out: list                  # other writers whose files the sandbox cannot read
+
+
 class FileCatalog:
     """The files that every writer lists, for the query process to read: kept in the capture process,
     which holds the files of a running query (FileLeases) so that compaction and retention leave them be.
@@ -4036,18 +4279,30 @@ class FileCatalog:
         self.leases = storage.leases
         self._metadata_cache: dict[str, tuple[tuple, list[dict]]] = {}
         self._cache_lock = threading.Lock()
+        self.notices = RateLimitedLog()
 
-    def hold(self, plan: QueryPlan) -> tuple[dict[int, list[str]], list[str]]:
+    def hold(self, plan: QueryPlan) -> HeldFiles:
         """Where the query process reads the files of each type the plan names that overlap its window,
         and the keys of this writer's, held until the caller passes them to `leases.release`.  Other
         writers' listings are read first, outside FileLeases.lock: from a bucket they take a request,
         during which no deletion should wait (and those writers delete their own files)."""
-        others = {proto_type: self._others(proto_type, plan.window) for proto_type in plan.types}
+        left_out = self.unreadable_writers()
+        others = {proto_type: self._others(proto_type, plan.window, left_out) for proto_type in plan.types}
         own: dict[int, list[ListedFile]] = {}
         held = self.leases.hold(lambda: [listed.key for proto_type in plan.types for listed in
                                          own.setdefault(proto_type, self._own(proto_type, plan.window))])
-        return {proto_type: [listed.reader_path for listed in oldest_first(own[proto_type] + others[proto_type])]
-                for proto_type in plan.types}, held
+        return HeldFiles({proto_type: [listed.reader_path for listed in oldest_first(own[proto_type] + others[proto_type])]
+                          for proto_type in plan.types}, held, left_out)
+
+    def unreadable_writers(self) -> list[str]:
+        """The other writers whose folder is a link out of PARQUET_DIR: the sandbox cannot read their
+        files, and one such folder made every query of its types fail.  Left out, and said so."""
+        left_out = [writer_id for writer_id in self._writers() if writer_id != self.storage.writer_id
+                    and self.shared_store.leads_outside(writer_id)]
+        if left_out:
+            self.notices.warning("left_out", "queries leave out the files of writers %s: their folders lead "
+                                 "outside PARQUET_DIR, which queries may not read", ", ".join(left_out))
+        return left_out
 
     def files(self, proto_type: int, window: TimeWindow) -> list[ListedFile]:
         """The files of a type that every writer lists (this one in memory, the others in their
@@ -4060,12 +4315,24 @@ class FileCatalog:
                 for store in (self.storage.types.get(proto_type), self.storage.uploaded.get(proto_type))
                 if store is not None for entry in store.listed() if window.overlaps(entry)]
 
-    def _others(self, proto_type: int, window: TimeWindow) -> list[ListedFile]:
+    def table_names(self) -> list[str]:
+        """hep_<type> for each type that this writer or another holds files of, and `calls`."""
+        types = set(self.storage.types) | set(self.storage.uploaded)
+        for writer_id in self._writers():
+            with contextlib.suppress(OSError):
+                types |= {int(match.group(1)) for match in map(self.layout.TYPE_FOLDER.fullmatch,
+                          self.shared_store.folders(self.layout.types_key(writer_id))) if match}
+        return [f"hep_{proto_type}" for proto_type in sorted(types)] + [CALLS_VIEW]
+
+    def _writers(self) -> list[str]:
         try:
-            writers = self.shared_store.folders("")
+            return self.shared_store.folders("")
         except OSError as exc:
             raise QueryError(f"cannot list the writers in the bucket: {exc}", 503) from None
-        return [ListedFile(entry, self.shared_store) for writer_id in writers if writer_id != self.storage.writer_id
+
+    def _others(self, proto_type: int, window: TimeWindow, left_out: list[str] = ()) -> list[ListedFile]:
+        return [ListedFile(entry, self.shared_store) for writer_id in self._writers()
+                if writer_id != self.storage.writer_id and writer_id not in left_out
                 for entry in self._listed(self.layout.metadata_key(writer_id, proto_type)) if window.overlaps(entry)]
 
     def _listed(self, metadata_key: str) -> list[dict]:
@@ -4137,6 +4404,7 @@ class Ingest:
         self.check = check
         self.batches: dict[object, ReceivedBatch | DecodedBatch] = {}     # by their key: transport or type
         self.buffered_bytes = 0
+        self.inflating_bytes = 0        # of the batches of compressed payloads, counted apart
         self.partial_bytes = 0          # the incomplete TCP frames the loop holds, which the budget counts
         self.received: collections.Counter = collections.Counter()     # (transport, version) -> packets
         self.max_pending_bytes = config.max_pending_bytes               # read at every read of the loop
@@ -4147,20 +4415,29 @@ class Ingest:
         that one wake-up of the loop read, so that a datagram costs the loop little more than its
         recvfrom.  Those that would pass MAX_PENDING_BYTES are dropped.
 
-        A message is charged what it will occupy once decoded: its bytes, and MAX_INFLATED_BYTES more
-        when it may hold a compressed payload (chunk 16), which the writer inflates.  Charged at wire
-        size, 3,000 datagrams of 1,145 bytes that each inflate to 1 MiB took a 2 GiB box down."""
-        size = sum(map(len, messages)) + 64 * len(messages)
-        compressed = 0
+        A message that may hold a compressed payload (chunk 16), which the writer inflates, goes to a
+        batch of its own, charged MAX_INFLATED_BYTES more than its bytes against MAX_INFLATING_BYTES
+        (_take_inflating).  Charged at wire size, 3,000 datagrams of 1,145 bytes that each inflate to 1 MiB
+        took a 2 GiB box down; charged against MAX_PENDING_BYTES, they had the ordinary traffic beside
+        them dropped (1,782 of 3,000 INVITEs stored)."""
         if any(map(bytes.__contains__, messages, itertools.repeat(COMPRESSED_CHUNK))):   # rare: then walk
-            compressed = sum(map(has_compressed_payload, messages))
-            size += MAX_INFLATED_BYTES * compressed
+            plain, plain_senders = [], []
+            for index, data in enumerate(messages):
+                peer = sender_of(senders, index)
+                if has_compressed_payload(data):
+                    self._take_inflating(transport, data, peer)
+                    continue
+                if not plain_senders or plain_senders[-1].peer != peer:
+                    plain_senders.append(Sender(len(plain), peer))
+                plain.append(data)
+            messages, senders = plain, plain_senders
+        size = sum(map(len, messages)) + 64 * len(messages)
         room = self.room()
         if size > room:
             fitting, fitting_senders = [], []
             for index, data in enumerate(messages):
                 peer = sender_of(senders, index)
-                charge = charged_bytes(data)
+                charge = len(data) + 64
                 if charge <= room:
                     if not fitting_senders or fitting_senders[-1].peer != peer:
                         fitting_senders.append(Sender(len(fitting), peer))
@@ -4170,18 +4447,28 @@ class Ingest:
                     self.received[transport, version_of(data)] += 1
             self._drop_for_room(len(messages) - len(fitting))
             messages, senders = fitting, fitting_senders
-            size = sum(map(charged_bytes, messages))
-        if compressed:          # rare: one at a time, so that a batch is handed over at FLUSH_BYTES of them
-            for index, data in enumerate(messages):
-                self._append_received(transport, [data], [Sender(0, sender_of(senders, index))],
-                                      charged_bytes(data))
-        elif messages:
+            size = sum(map(len, messages)) + 64 * len(messages)
+        if messages:
             self._append_received(transport, messages, senders, size)
 
-    def _append_received(self, transport: str, messages: list, senders: list[Sender], size: int) -> None:
-        batch = self.batches.get(transport)
+    def _take_inflating(self, transport: str, data: bytes, peer) -> None:
+        """One message with a compressed payload, into its transport's batch of them (handed over at
+        FLUSH_BYTES of charges, so a few at a time), or dropped as inflating_full."""
+        charge = charged_bytes(data)
+        if charge > self.inflating_room():
+            self.received[transport, version_of(data)] += 1
+            self.counters.add("hep_dropped_total", reason="inflating_full")
+            self.check.bad_packets.warning("inflating_full", "compressed payloads fill MAX_INFLATING_BYTES: "
+                                           "dropping them (uncompressed traffic is not affected)")
+            return
+        self._append_received(transport, [data], [Sender(0, peer)], charge, inflating=True)
+
+    def _append_received(self, transport: str, messages: list, senders: list[Sender], size: int,
+                         inflating: bool = False) -> None:
+        batch = self.batches.get((transport, inflating))
         if batch is None:
-            batch = self.batches[transport] = ReceivedBatch(transport, time.time_ns() // 1000, self._due())
+            batch = ReceivedBatch(transport, time.time_ns() // 1000, self._due(), inflating=inflating)
+            self.batches[batch.key] = batch
         offset = len(batch.messages)
         same_peer_goes_on = offset and len(senders) == 1 and senders[0].peer == batch.senders[-1].peer
         if not same_peer_goes_on:
@@ -4215,13 +4502,20 @@ class Ingest:
     def _added(self, batch: ReceivedBatch | DecodedBatch, rows: int, size: int) -> None:
         """Account for what was appended to a batch, and hand it over when it is full."""
         batch.nbytes += size
-        self.buffered_bytes += size
+        if batch.inflating:
+            self.inflating_bytes += size
+        else:
+            self.buffered_bytes += size
         if rows >= self.flush_rows or batch.nbytes >= self.flush_bytes:
             self.flush(batch.key)
 
     def room(self) -> int:
         """The bytes that may still be buffered before MAX_PENDING_BYTES."""
         return self.max_pending_bytes - self.buffered_bytes - self.partial_bytes - self.writer.pending_bytes
+
+    def inflating_room(self) -> int:
+        """The charges of compressed payloads that may still be buffered before MAX_INFLATING_BYTES."""
+        return self.config.max_inflating_bytes - self.inflating_bytes - self.writer.pending_inflating_bytes
 
     def _drop_for_room(self, count: int) -> None:
         """Count and log `count` packets dropped because they would pass MAX_PENDING_BYTES."""
@@ -4237,7 +4531,10 @@ class Ingest:
     def flush(self, key) -> None:
         """Hand one batch to the writer thread: no copy, no I/O on the loop."""
         batch = self.batches.pop(key)
-        self.buffered_bytes -= batch.nbytes
+        if batch.inflating:
+            self.inflating_bytes -= batch.nbytes
+        else:
+            self.buffered_bytes -= batch.nbytes
         self.writer.submit(batch)
 
     def flush_due(self, now: float) -> Optional[float]:
@@ -4263,6 +4560,7 @@ class Agent:
     peer: object
     last_read_s: float          # time.monotonic() when it last sent anything
     partial_bytes: int = 0      # the bytes of an incomplete frame held for it, charged to Ingest.partial_bytes
+    unframed_since_s: Optional[float] = None    # it has sent bytes and no HEP frame since then
 
 
 class CaptureServer:
@@ -4296,6 +4594,8 @@ class CaptureServer:
         self.notices = RateLimitedLog()
         self.accepting_again_at: Optional[float] = None      # while accepting is paused (_pause_accepting)
         self._no_idle_agent_before = 0.0    # time.monotonic() before which no agent can be idle enough
+        self._no_unframed_agent_before = 0.0    # ... when the last look found no unframed agent
+        self._next_unframed_check_s = 0.0
         self._stalled = False               # at shutdown: the writer made no progress for DRAIN_STALL_S
         self._drain_pending, self._drain_progress_at = 0, 0.0
         self._logged: dict[str, float] = {}            # the counters as log_growth() last saw them
@@ -4363,6 +4663,7 @@ class CaptureServer:
             next_flush = self.ingest.flush_due(started)
             self._pace_reading()
             self._resume_accepting(started)
+            self._close_unframed_agents(started)
             if started >= next_stats:
                 self.log_growth()
                 next_stats = started + self.config.stats_interval_s
@@ -4461,7 +4762,8 @@ class CaptureServer:
                     continue                    # that one connection failed (ECONNABORTED, ...)
                 self._pause_accepting(exc)
                 return
-            if len(self.connections) >= self.config.max_tcp_connections and not self._evict_idle_agent():
+            if len(self.connections) >= self.config.max_tcp_connections and not self._evict_unframed_agent() \
+                    and not self._evict_idle_agent():
                 self.counters.add("tcp_connections_refused_total")
                 self.notices.warning("tcp_full", "refusing TCP agent %s: MAX_TCP_CONNECTIONS (%d) reached", peer,
                                      self.config.max_tcp_connections)
@@ -4489,6 +4791,38 @@ class CaptureServer:
         if self.accepting_again_at is not None and now >= self.accepting_again_at:
             self.accepting_again_at = None
             self.selector.register(self.tcp, selectors.EVENT_READ, self._on_accept)
+
+    def _evict_unframed_agent(self) -> bool:
+        """With every slot taken: close the connection that has sent bytes and no frame longest, so that
+        connections that trickle garbage, never idle and never framed, cannot lock agents out."""
+        if time.monotonic() < self._no_unframed_agent_before:
+            return False                # a flood of connects at the limit does not rescan every agent
+        unframed = [(agent.unframed_since_s, conn) for conn, agent in self.connections.items()
+                    if agent.unframed_since_s is not None and conn not in self.held_back]
+        if not unframed:
+            self._no_unframed_agent_before = time.monotonic() + 0.1
+            return False
+        since_s, conn = min(unframed, key=lambda pair: pair[0])
+        self._close_unframed(conn, f"sending no HEP frame for {time.monotonic() - since_s:.0f} s: a new agent "
+                                   "needs its slot")
+        return True
+
+    def _close_unframed_agents(self, now: float) -> None:
+        """Close the connections that have sent bytes and no frame for TCP_FRAME_TIMEOUT_S (once a second)."""
+        if now < self._next_unframed_check_s:
+            return
+        self._next_unframed_check_s = now + 1.0
+        limit_s = now - self.config.tcp_frame_timeout_s
+        for conn, agent in list(self.connections.items()):
+            if agent.unframed_since_s is not None and agent.unframed_since_s < limit_s and conn not in self.held_back:
+                self._close_unframed(conn, f"no HEP frame in {self.config.tcp_frame_timeout_s:g} s "
+                                           "(TCP_FRAME_TIMEOUT_S)")
+
+    def _close_unframed(self, conn, why: str) -> None:
+        agent = self.connections[conn]
+        self.counters.add("tcp_unframed_closed_total")
+        self.notices.warning("tcp_unframed", "closing TCP connection %s, %s", agent.peer, why)
+        self._close_agent(conn, keep_partial=False)
 
     def _evict_idle_agent(self) -> bool:
         """With every slot taken: close the connection silent longest, if it has been for
@@ -4524,6 +4858,8 @@ class CaptureServer:
             self._close_agent(conn)
             return False
         agent.last_read_s = time.monotonic()
+        if agent.unframed_since_s is None:
+            agent.unframed_since_s = agent.last_read_s
         agent.stream.feed(data)
         if not self._take_fitting_frames(agent):
             self._hold_back(conn)
@@ -4556,7 +4892,8 @@ class CaptureServer:
                         fitted = False
                         return
                 yield frame
-        self._take_frames(stream, agent.peer, fitting())
+        if self._take_frames(stream, agent.peer, fitting()):
+            agent.unframed_since_s = None
         return fitted
 
     def _take_held_back(self) -> None:
@@ -4602,18 +4939,21 @@ class CaptureServer:
         conn.close()
         log.debug("TCP agent %s disconnected", agent.peer)
 
-    def _take_frames(self, stream: HepStream, peer, frames: Iterable[bytes]) -> None:
+    def _take_frames(self, stream: HepStream, peer, frames: Iterable[bytes]) -> int:
         """Frames of the common layout surely decode: buffered as they are, like datagrams, all in one call.
         Any other frame is decoded now, and when it does not decode, the stream searches inside it (its
-        length may have swallowed good frames)."""
-        common = []
+        length may have swallowed good frames).  Returns how many decoded."""
+        common, decoded = [], 0
         for frame in frames:
             if has_common_layout(frame):
                 common.append(frame)
-            elif not self.ingest.packet(frame, "tcp", peer):
+            elif self.ingest.packet(frame, "tcp", peer):
+                decoded += 1
+            else:
                 stream.reject()
         if common:
             self.ingest.messages(common, [Sender(0, peer)], "tcp")
+        return decoded + len(common)
 
     def _count_garbage(self, stream: HepStream) -> None:
         if stream.garbage_bytes:
@@ -4771,11 +5111,17 @@ class Tokens:
 
 
 def token_secret(config: Config) -> bytes:
-    """JWT_SECRET, or the random key made once in the writer's folder (mode 0600), so that tokens
-    outlive a restart."""
+    """JWT_SECRET, or the random key made once in JWT_SECRET_FILE (mode 0600), so that tokens outlive a
+    restart.  A key that an older hepop kept inside the tree, where queries could read it, is deleted:
+    the tokens it signed are no longer good, and their users log in again."""
+    old_path = TreeLayout(config.parquet_dir).old_jwt_secret_path(config.writer_id)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(old_path)
+        log.warning("deleted the login key %s, which queries could read: tokens issued before are no longer "
+                    "valid (log in again); the key is now %s", old_path, config.jwt_secret_file)
     if config.jwt_secret:
         return config.jwt_secret.encode()
-    path = TreeLayout(config.parquet_dir).jwt_secret_path(config.writer_id)
+    path = config.jwt_secret_file
     with contextlib.suppress(FileExistsError):
         fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
@@ -4789,22 +5135,62 @@ def token_secret(config: Config) -> bytes:
         return source.read().strip()
 
 
-class Access:
-    """Who may use the HTTP API: API_TOKEN, the users of API_USERS_FILE and the tokens they log in for.
-    With neither set, every route is open (and HTTP listens on loopback only)."""
+class Users:
+    """API_USERS_FILE as it is now: read again when it changes (its size, time or inode) and on SIGHUP
+    (reload); a file that no longer parses keeps the users read before, and says why in the log."""
 
-    def __init__(self, config: Config, users: dict[str, str], tokens: Tokens):
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp = self._file_stamp()
+        self._users = read_users(path) if path else {}
+
+    def _file_stamp(self) -> Optional[tuple]:
+        try:
+            facts = os.stat(self.path)
+        except OSError:
+            return None
+        return facts.st_ino, facts.st_size, facts.st_mtime_ns
+
+    def current(self) -> dict[str, str]:
+        if self.path and self._file_stamp() != self._stamp:
+            self.reload()
+        return self._users
+
+    def reload(self) -> None:
+        if not self.path:
+            return
+        with self._lock:
+            stamp = self._file_stamp()
+            try:
+                users = read_users(self.path)
+            except ConfigError as exc:
+                log.error("%s: keeping the %d users read before", exc, len(self._users))
+                self._stamp = stamp
+                return
+            removed = sorted(set(self._users) - set(users))
+            self._users, self._stamp = users, stamp
+        log.info("read %s: %d users%s", self.path, len(users),
+                 f"; removed, with their tokens: {', '.join(removed)}" if removed else "")
+
+
+class Access:
+    """Who may use the HTTP API: API_TOKEN, the users of API_USERS_FILE and the tokens they log in for;
+    a token is good only while its user is in the file.  With neither set, every route is open (and
+    HTTP listens on loopback only)."""
+
+    def __init__(self, config: Config, users: Users, tokens: Tokens):
         self.api_token = config.api_token
         self.users = users
         self.tokens = tokens
         self.checks = threading.BoundedSemaphore(LOGIN_CHECKS)
-        self._failures: dict[str, list[float]] = {}
+        self._attempts: dict[str, list[float]] = {}
         self._lock = threading.Lock()
         self._decoy = hash_password(os.urandom(8).hex())   # an unknown name costs a check as a known one
 
     @property
     def closed(self) -> bool:
-        return bool(self.api_token or self.users)
+        return bool(self.api_token or self.users.path)
 
     def allows(self, authorization: str) -> bool:
         """Whether an Authorization header opens the closed routes."""
@@ -4815,30 +5201,35 @@ class Access:
             return False
         if self.api_token and hmac.compare_digest(credential.encode(), self.api_token.encode()):
             return True
-        return self.users and self.tokens.check(credential) is not None
+        claims = self.tokens.check(credential) if self.users.path else None
+        return claims is not None and claims.get("username") in self.users.current()
 
-    def retry_after_s(self, address: str) -> float:
-        """0 if `address` may try to log in now, else the seconds until it may."""
-        with self._lock:
-            recent = [t for t in self._failures.get(address, []) if t > time.monotonic() - LOGIN_WINDOW_S]
-            if len(recent) < LOGIN_FAILURES_MAX:
-                return 0.0
-            return recent[0] + LOGIN_WINDOW_S - time.monotonic()
-
-    def login(self, address: str, username: str, password: str) -> Optional[str]:
-        """A token for a right name and password; None (and the failure counted for `address`) else."""
-        with self.checks:
-            stored = self.users.get(username)
-            right = password_matches(password, stored or self._decoy) and stored is not None
-        if right:
-            return self.tokens.issue(username)
+    def start_attempt(self, address: str) -> float:
+        """0 if `address` may try to log in now, the attempt then counted as failed until `login` says
+        otherwise; else the seconds until it may.  Counted before the password is checked, so that
+        attempts sent at the same moment are limited as ones sent one after the other."""
         with self._lock:
             now = time.monotonic()
-            recent = [t for t in self._failures.pop(address, []) if t > now - LOGIN_WINDOW_S]
-            while len(self._failures) >= LOGIN_ADDRESSES_MAX:         # the address that failed longest ago
-                del self._failures[next(iter(self._failures))]
-            self._failures[address] = recent + [now]
-        return None
+            recent = [t for t in self._attempts.pop(address, []) if t > now - LOGIN_WINDOW_S]
+            wait_s = recent[0] + LOGIN_WINDOW_S - now if len(recent) >= LOGIN_FAILURES_MAX else 0.0
+            while len(self._attempts) >= LOGIN_ADDRESSES_MAX:         # the address that tried longest ago
+                del self._attempts[next(iter(self._attempts))]
+            self._attempts[address] = recent + ([] if wait_s else [now])
+            return wait_s
+
+    def login(self, address: str, username: str, password: str) -> Optional[str]:
+        """A token for a right name and password (the attempt started by start_attempt then no longer
+        counts); None for a wrong one."""
+        users = self.users.current()
+        with self.checks:
+            stored = users.get(username)
+            right = password_matches(password, stored or self._decoy) and stored is not None
+        if not right:
+            return None
+        with self._lock:
+            if self._attempts.get(address):
+                self._attempts[address].pop()
+        return self.tokens.issue(username)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -4943,6 +5334,9 @@ class HomerSearch(NamedTuple):
     params: dict
 
 
+HOMER_LATEST_MS = 253_402_300_799_999
+
+
 def homer_window(request: dict) -> TimeWindow:
     """timestamp.from/to (ms, as the UI sends them) as a TimeWindow."""
     try:
@@ -4950,6 +5344,9 @@ def homer_window(request: dict) -> TimeWindow:
         low_ms, high_ms = int(stamps["from"]), int(stamps["to"])
     except (KeyError, TypeError, ValueError):
         raise HomerError('the request needs "timestamp": {"from": ms, "to": ms}') from None
+    if not 0 <= low_ms <= HOMER_LATEST_MS or not 0 <= high_ms <= HOMER_LATEST_MS:
+        raise HomerError(f"timestamp.from and timestamp.to are milliseconds since 1970, from 0 to "
+                         f"{HOMER_LATEST_MS} (the end of year 9999)")
     if low_ms > high_ms:
         raise HomerError("timestamp.from is after timestamp.to")
     return TimeWindow(low_ms * 1000, high_ms * 1000 + 999, False)
@@ -5308,6 +5705,40 @@ MAX_BODY_BYTES = 1 << 20
 DISCARD_BODY_BYTES = 16 << 20
 QUERY_WAIT_S = 2.0                  # how long a query waits for one of MAX_QUERIES turns before its 503
 LINGER_S = 2.0                      # how long a connection closed on an unread body drops what still comes
+# A request's line and headers must all arrive within this, however slowly each line comes: a per-read
+# timeout let connections that send a header line every 5 s hold every slot (slowloris).
+HEAD_TIMEOUT_S = 10.0
+
+
+class HeadReader:
+    """A handler's rfile that bounds the reading of a request's head in time: each line read while
+    `deadline` is set waits only for what is left of it (TimeoutError after), the rest as the socket's
+    own timeout says."""
+
+    def __init__(self, rfile, sock: socket.socket):
+        self.rfile = rfile
+        self.sock = sock
+        self.deadline: Optional[float] = None
+        self.head_bytes = 0             # of the head being read
+        self.timed_out = False          # a head had begun and did not end in time
+
+    def readline(self, size: int = -1) -> bytes:
+        if self.deadline is None:
+            return self.rfile.readline(size)
+        try:
+            left_s = self.deadline - time.monotonic()
+            if left_s <= 0:
+                raise TimeoutError("the request's head took too long")
+            self.sock.settimeout(left_s)
+            line = self.rfile.readline(size)
+        except TimeoutError:
+            self.timed_out = self.head_bytes > 0        # not an idle connection's end
+            raise
+        self.head_bytes += len(line)
+        return line
+
+    def __getattr__(self, name: str):
+        return getattr(self.rfile, name)
 
 
 class Api:
@@ -5320,6 +5751,7 @@ class Api:
         self.access = access
         self.counters = counters
         self.writer = writer
+        self.storage = storage
         self.udp_inode = udp_inode
         self.catalog = FileCatalog(storage)
         self.dashboards = Dashboards(storage.layout.dashboards_path(config.writer_id))
@@ -5331,10 +5763,13 @@ class Api:
         return QueryCall(self.queries, self.catalog, self.counters, self.config.query_timeout_s + QUERY_GRACE_S)
 
     def health(self) -> tuple[int, dict]:
-        """200 while writes succeed; 503 with the reason while they fail."""
+        """200 while writes succeed; 503 with the reason while they fail or the disk is full."""
         last = self.writer.last_flush
-        failing = self.writer.failing
-        body = {"status": "failing" if failing else "ok", "version": __version__,
+        failing = self.writer.failing or ("the disk is over MAX_DISK_BYTES / MAX_DISK_PERCENT with only the "
+                                          "current hour left: what arrives is dropped until there is room"
+                                          if self.storage.disk.full.is_set() else None)
+        body = {"status": ("disk_full" if self.storage.disk.full.is_set() else "failing") if failing else "ok",
+                "version": __version__,
                 "writer_id": self.config.writer_id, "uptime_s": round(time.time() - self.started, 1),
                 "last_flush": None if last is None else format_time(int(last * 1e6))}
         if failing:
@@ -5455,12 +5890,37 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     def api(self) -> Api:
         return self.server.api
 
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = HeadReader(self.rfile, self.connection)
+
+    def handle_one_request(self) -> None:
+        """One request, its head (line and headers) within HEAD_TIMEOUT_S from when the server waits for
+        it; while it waits, a new connection may take its slot (ApiServer.process_request)."""
+        self.rfile.deadline = time.monotonic() + HEAD_TIMEOUT_S
+        self.server.heads.waiting(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self._head_read()
+        if self.rfile.timed_out:
+            self.server.api.counters.add("http_head_timeouts_total")
+
+    def _head_read(self) -> None:
+        self.rfile.deadline, self.rfile.head_bytes = None, 0
+        self.server.heads.done(self.connection)
+        with contextlib.suppress(OSError):
+            self.connection.settimeout(self.timeout)
+
     def parse_request(self) -> bool:
-        """Also take a request line whose URL has raw spaces (a query typed as is), as %20."""
+        """Also take a request line whose URL has raw spaces (a query typed as is), as %20.  The head
+        is read once this returns: the body and the answer go by the socket's own timeout."""
         words = self.raw_requestline.split()
         if len(words) > 3 and words[-1].startswith(b"HTTP/"):
             self.raw_requestline = b" ".join([words[0], b"%20".join(words[1:-1]), words[-1]]) + b"\r\n"
-        return super().parse_request()
+        parsed = super().parse_request()
+        self._head_read()
+        return parsed
 
     def send_response(self, code: int, message: Optional[str] = None) -> None:
         """An answer given without reading the request's body (a 401, a route that takes none) closes the
@@ -5475,6 +5935,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         self.body_read = False
         url = urllib.parse.urlsplit(self.path)
         try:
+            if len(set(self.headers.get_all("Content-Length") or [])) > 1:    # a proxy may read the other
+                self.unread_body = self.close_connection = True
+                raise HttpError(400, "the request has Content-Length headers that disagree")
             route, groups = self.find_route(url.path)
             if not route.open and not self.api.access.allows(self.headers.get("Authorization", "")):
                 raise HttpError(401, "this server needs 'Authorization: Bearer <token>': a login's token "
@@ -5554,7 +6017,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         """POST /api/v3/auth {"username", "password"}: 201 with a token, as homer-app answers; 401 in its
         error shape; 429 once an address failed LOGIN_FAILURES_MAX times within LOGIN_WINDOW_S."""
         access, address = self.api.access, self.client_address[0]
-        wait_s = access.retry_after_s(address)
+        wait_s = access.start_attempt(address)
         if wait_s > 0:
             self.api.counters.add("logins_total", result="limited")
             raise HttpError(429, f"too many failed logins from {address}: try again in {wait_s:.0f} s",
@@ -5564,11 +6027,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             username, password = str(request["username"]), str(request["password"])
         except (ValueError, KeyError, TypeError):
             raise HttpError(400, 'the body is not {"username": ..., "password": ...}') from None
-        token = access.login(address, username, password) if access.users else None
+        token = access.login(address, username, password) if access.users.path else None
         if token is None:
             self.api.counters.add("logins_total", result="failed")
             self.send_json(401, {"statuscode": 401, "error": "Unauthorized", "message": "wrong username or "
-                                 "password" if access.users else "no users are set up (API_USERS_FILE)"})
+                                 "password" if access.users.path else "no users are set up (API_USERS_FILE)"})
             return
         self.api.counters.add("logins_total", result="ok")
         self.send_json(201, {"token": token, "scope": user_guid(username), "user": {"admin": True}})
@@ -5647,6 +6110,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                        "X-Hepop-Row-Cap": str(api.config.query_max_rows)}
             if start.read_since_us is not None:      # the rows before it could not be in the answer
                 headers["X-Hepop-Read-From"] = format_time(start.read_since_us)
+            if call.left_out:                       # their folders lead where the sandbox may not read
+                headers["X-Hepop-Left-Out"] = ", ".join(call.left_out)
             if start.finished:
                 headers["X-Hepop-Truncated"] = "true" if start.truncated else "false"
             else:
@@ -5828,6 +6293,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         """UI_DIR's files at /, and its index.html for any other path (the UI's own routes); without
         UI_DIR, hepop's own page, whose views are in the URL's fragment: its files, and 404 for others."""
         root = os.path.realpath(self.api.config.ui_dir or BUILTIN_UI_DIR)
+        if "\x00" in urllib.parse.unquote(path):
+            raise HttpError(400, "a file's name has no NUL byte in it")
         target = os.path.realpath(os.path.join(root, urllib.parse.unquote(path)))
         if not target.startswith(root + os.sep) or not os.path.isfile(target):
             if not self.api.config.ui_dir and path:
@@ -5896,9 +6363,36 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         log.debug("HTTP %s: " + fmt, self.client_address[0], *args)
 
 
+class WaitingHeads:
+    """The connections waiting for a request's head (line and headers): none of them has been let in by
+    a token yet, so with every slot taken the one waiting longest gives its slot to a new connection."""
+
+    def __init__(self):
+        self._since: dict[socket.socket, float] = {}    # in the order they began to wait
+        self._lock = threading.Lock()
+
+    def waiting(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._since[conn] = time.monotonic()
+
+    def done(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._since.pop(conn, None)
+
+    def oldest(self) -> Optional[socket.socket]:
+        """The connection waiting longest, no longer counted as waiting; None when none is."""
+        with self._lock:
+            if not self._since:
+                return None
+            conn = next(iter(self._since))
+            del self._since[conn]
+            return conn
+
+
 class ApiServer(http.server.ThreadingHTTPServer):
     """The threaded HTTP server; '::' takes IPv4 too, as the HEP sockets do.  At most
-    MAX_HTTP_CONNECTIONS connections (a thread each); more are closed at once and counted.  An accept
+    MAX_HTTP_CONNECTIONS connections (a thread each); past them a new connection takes the slot of the
+    one waiting longest for a request's head (WaitingHeads), or is closed at once, and counted.  An accept
     that finds the process out of descriptors pauses instead of spinning; what goes wrong with one
     connection is counted and logged at a bounded rate, never printed to stderr."""
 
@@ -5912,6 +6406,7 @@ class ApiServer(http.server.ThreadingHTTPServer):
         self.api = api
         self.max_connections = config.max_http_connections
         self.connections = 0
+        self.heads = WaitingHeads()
         self._connections_lock = threading.Lock()
         self.notices = RateLimitedLog()
         super().__init__((config.http_host, config.http_port), ApiHandler)
@@ -5929,9 +6424,17 @@ class ApiServer(http.server.ThreadingHTTPServer):
     def process_request(self, request, client_address) -> None:
         with self._connections_lock:
             full = self.connections >= self.max_connections
-            if not full:
+            slowest = self.heads.oldest() if full else None
+            if not full or slowest:
                 self.connections += 1
-        if full:
+        if slowest:                     # it ends at once, and gives back its count
+            self.api.counters.add("http_connections_evicted_total")
+            self.notices.warning("http_evicted", "MAX_HTTP_CONNECTIONS (%d) reached: closing the connection "
+                                 "waiting longest for a request's head, for %s", self.max_connections,
+                                 client_address[0])
+            with contextlib.suppress(OSError):
+                slowest.shutdown(socket.SHUT_RDWR)
+        elif full:
             self.api.counters.add("http_connections_refused_total")
             self.notices.warning("http_full", "refusing HTTP from %s: MAX_HTTP_CONNECTIONS (%d) reached",
                                  client_address[0], self.max_connections)
@@ -6029,15 +6532,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[:1] == ["hash-password"]:
         return print_password_hash()
     try:
-        config = Config.load(argv, dict(os.environ))
-        fit_descriptors(config)
-        users = read_users(config.api_users_file) if config.api_users_file else {}
+        asked = Config.load(argv, dict(os.environ))
+        config = fit_descriptors(asked)
+        users = Users(config.api_users_file)
     except ConfigError as exc:
         print(f"hepop: bad setting {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
     log.info("hepop %s: writer %s, data in %s", __version__, config.writer_id, config.parquet_dir)
+    if config != asked:
+        log.warning("the open-file limit is %d: MAX_TCP_CONNECTIONS=%d and MAX_HTTP_CONNECTIONS=%d were chosen "
+                    "to fit it (set them, or raise the limit: LimitNOFILE= in the unit)",
+                    resource.getrlimit(resource.RLIMIT_NOFILE)[0], config.max_tcp_connections,
+                    config.max_http_connections)
     counters = Counters()
+    count_drops_from_zero(counters)
     try:
         bucket = open_bucket(config)
         storage = Storage(config.parquet_dir, config.writer_id, bucket=bucket)
@@ -6058,6 +6567,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     api = Api(config, counters, writer, storage, uploader, server.udp_inode,
               Access(config, users, Tokens(token_secret(config), config.token_ttl)))
+    signal.signal(signal.SIGHUP, lambda signum, frame: users.reload())     # was: the default, which kills
     try:
         http_server = ApiServer(config, api)
     except OSError as exc:
