@@ -365,6 +365,8 @@ SETTINGS = (
             "only unless set here"),
     Setting("HEP_AUTH_KEY", str, lambda s: "",
             "when set, only HEP3 packets whose chunk 14 equals it are kept (never written to disk)"),
+    Setting("QUIET_WARNING_S", parse_seconds, lambda s: "60",
+            "with nothing received this long, say so in the log and on /health (an agent that sends nothing)"),
     Setting("STATS_INTERVAL_S", parse_seconds, lambda s: "60", "log the counters this often while non-zero"),
     Setting("LOG_LEVEL", parse_log_level, lambda s: "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
@@ -412,6 +414,7 @@ class Config:
     ui_dir: str
     http_host: str
     hep_auth_key: str
+    quiet_warning_s: float
     stats_interval_s: float
     log_level: str
     retention_by_type: tuple = ()          # ((type, seconds), ...) from RETENTION_<type> variables
@@ -549,9 +552,13 @@ class RateLimitedLog:
 
     def warning(self, reason: str, message: str, *args) -> None:
         with self._lock:
-            self._warning(reason, message, *args)
+            self._log(logging.WARNING, reason, message, *args)
 
-    def _warning(self, reason: str, message: str, *args) -> None:
+    def info(self, reason: str, message: str, *args) -> None:
+        with self._lock:
+            self._log(logging.INFO, reason, message, *args)
+
+    def _log(self, level: int, reason: str, message: str, *args) -> None:
         now = time.monotonic()
         window = self._windows.setdefault(reason, [now, 0, 0])   # start, logged, suppressed
         if now - window[0] >= self.interval_s:
@@ -560,7 +567,7 @@ class RateLimitedLog:
             window[:] = [now, 0, 0]
         if window[1] < self.burst:
             window[1] += 1
-            log.warning(message, *args)
+            log.log(level, message, *args)
         else:
             window[2] += 1
 
@@ -1242,6 +1249,7 @@ BASE_FIELDS = [
 SIP_FIELDS = [pa.field(name, pa.uint16() if name == "sip_status" else pa.string()) for name in SIP_COLUMNS]
 PAYLOAD_FIELDS = [
     pa.field("payload_raw", pa.binary()),   # the exact bytes, only where the payload is not valid UTF-8
+                                            # (payload is then null: queries show these bytes, PAYLOAD_SQL)
     pa.field("payload", pa.string()),       # the payload as text (invalid bytes shown as U+FFFD)
 ]
 SIP_TYPE = 1
@@ -1296,6 +1304,8 @@ def complete_table(proto_type: int, packets: pa.Table) -> pa.Table:
                         for p, t in zip(payloads, text.to_pylist())], pa.binary())
     if proto_type == SIP_TYPE:
         arrays.update(extract_sip_fields(text))
+    if raw.null_count < len(raw):       # one form stored: the bytes (both took 1.9 times the disk)
+        text = pc.if_else(pc.is_null(raw), text, pa.scalar(None, pa.string()))
     arrays["payload_raw"] = raw
     arrays["payload"] = text
     return pa.Table.from_pydict(arrays, schema=table_schema(proto_type))
@@ -3137,11 +3147,16 @@ RCINFO_SQL = ("json_object('protocolFamily', ip_family, 'protocol', protocol, 's
 # ASR is then `avg((status BETWEEN 200 AND 299)::INT)` and ACD `avg(duration_s)`, over any GROUP BY.
 # The first request's fields are one arg_min of a struct, not nine: the newest 51 calls of four hours
 # (1.7 M rows, one thread) took 4.0-4.9 s with nine, 2.9-3.8 s with one, the same calls to the row.
+# A payload that is not valid UTF-8 is stored once, as its bytes in payload_raw; queries see them as text
+# too, in DuckDB's escapes (\xFF) for what is not ASCII.
+PAYLOAD_SQL = "coalesce(payload, CAST(payload_raw AS VARCHAR))"
 CALLS_VIEW = "calls"
+# The method in CSeq, on responses too ("how many 486 to INVITE"): a column of hep_1's view, not stored.
+CSEQ_METHOD_SQL = "upper(split_part(cseq, ' ', 2))"
 CALLS_SQL = f"""
 WITH messages AS (
     SELECT time, call_id, sip_method, sip_status, from_user, to_user, ruri_user, user_agent, src_ip, src_port,
-           dst_ip, dst_port, upper(split_part(cseq, ' ', 2)) AS cseq_method
+           dst_ip, dst_port, cseq_method
     FROM hep_{SIP_TYPE} WHERE call_id IS NOT NULL),
 per_call AS (
     SELECT call_id, min(time) AS time, max(time) AS last_time, count(*) AS messages,
@@ -3363,8 +3378,9 @@ class QueryEngine:
             source = self._source(cursor, proto_type, files)
             lows = [low for low in (window.low_us if window.default else None, since_us) if low is not None]
             condition = f" WHERE time >= make_timestamp({max(lows)})" if lows else ""
-            cursor.execute(f'CREATE OR REPLACE TEMP VIEW hep_{proto_type} AS SELECT *, time AS "timestamp", '
-                           f"{RCINFO_SQL} AS rcinfo FROM {source}{condition}")
+            derived = f", {CSEQ_METHOD_SQL} AS cseq_method" if proto_type == SIP_TYPE else ""
+            cursor.execute(f'CREATE OR REPLACE TEMP VIEW hep_{proto_type} AS SELECT * REPLACE ({PAYLOAD_SQL} AS '
+                           f'payload), time AS "timestamp", {RCINFO_SQL} AS rcinfo{derived} FROM {source}{condition}')
         if calls and SIP_TYPE in files_by_type:
             cursor.execute(f"CREATE TEMP VIEW {CALLS_VIEW} AS {CALLS_SQL}")
 
@@ -4392,6 +4408,42 @@ def charged_bytes(data: bytes) -> int:
     return len(data) + 64 + (MAX_INFLATED_BYTES if has_compressed_payload(data) else 0)
 
 
+class AgentsHeard:
+    """Who has sent HEP, and when the last of it came: each new address is logged once (at most
+    SENDERS_REMEMBERED of them remembered), and QUIET_WARNING_S without anything received is logged and
+    shown on /health, so that an agent whose configuration sends nothing is seen here too (Kamailio
+    without trace_on sends nothing, and says nothing)."""
+
+    SENDERS_REMEMBERED = 10_000
+
+    def __init__(self, config: Config):
+        self.quiet_after_s = config.quiet_warning_s
+        self.port = config.port
+        self.known: set[str] = set()
+        self.last_s = time.monotonic()          # from the start: one that never heard anything is quiet too
+        self.last_received_us: Optional[int] = None     # for /health
+        self.quiet = False
+        self.notices = RateLimitedLog()
+
+    def heard(self, peers: Iterable, transport: str) -> None:
+        self.last_s = time.monotonic()
+        self.last_received_us = time.time_ns() // 1000
+        if self.quiet:
+            self.quiet = False
+            log.info("receiving HEP again")
+        for peer in peers:
+            address = peer[0] if isinstance(peer, tuple) else str(peer)
+            if address not in self.known and len(self.known) < self.SENDERS_REMEMBERED:
+                self.known.add(address)
+                self.notices.info("new_sender", "HEP from a new sender: %s over %s", address, transport)
+
+    def check_quiet(self, now_s: float) -> None:
+        if not self.quiet and now_s - self.last_s >= self.quiet_after_s:
+            self.quiet = True
+            log.warning("nothing received for %.0f s on port %d: are the agents pointed at hepop? (README: "
+                        "Point your agents at hepop)", now_s - self.last_s, self.port)
+
+
 class Ingest:
     """From raw HEP bytes to the batch buffers: UDP datagrams, and TCP frames of the common layout,
     buffered as they come, for the writer to decode in batches; other TCP frames decoded and checked
@@ -4399,6 +4451,7 @@ class Ingest:
 
     def __init__(self, config: Config, writer: BatchWriter, counters: Counters, check: PacketCheck):
         self.config = config
+        self.heard = AgentsHeard(config)
         self.writer = writer
         self.counters = counters
         self.check = check
@@ -4420,6 +4473,7 @@ class Ingest:
         (_take_inflating).  Charged at wire size, 3,000 datagrams of 1,145 bytes that each inflate to 1 MiB
         took a 2 GiB box down; charged against MAX_PENDING_BYTES, they had the ordinary traffic beside
         them dropped (1,782 of 3,000 INVITEs stored)."""
+        self.heard.heard((sender.peer for sender in senders), transport)
         if any(map(bytes.__contains__, messages, itertools.repeat(COMPRESSED_CHUNK))):   # rare: then walk
             plain, plain_senders = [], []
             for index, data in enumerate(messages):
@@ -4478,6 +4532,7 @@ class Ingest:
 
     def packet(self, data: bytes, transport: str, peer) -> bool:
         """Take in one HEP message; False when it does not decode (it is then counted as malformed)."""
+        self.heard.heard((peer,), transport)
         packet = self.check.decode(data, transport, peer, self.received)
         if packet is None:
             return False
@@ -4664,6 +4719,7 @@ class CaptureServer:
             self._pace_reading()
             self._resume_accepting(started)
             self._close_unframed_agents(started)
+            self.ingest.heard.check_quiet(started)
             if started >= next_stats:
                 self.log_growth()
                 next_stats = started + self.config.stats_interval_s
@@ -5248,7 +5304,6 @@ DEFAULT_SEARCH_LIMIT = 200
 # 50 ms for 10,000 rows here, which the kernel's receive buffer covers at 20,000 packets/s.
 MAX_SEARCH_LIMIT = 10_000
 CALL_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "UPDATE", "PRACK", "REFER", "INFO", "NOTIFY")
-CSEQ_METHOD_SQL = "upper(split_part(cseq, ' ', 2))"
 
 
 class SipProfile(NamedTuple):
@@ -5745,7 +5800,7 @@ class Api:
     """What the HTTP handlers serve: the query engine, the counters, and the state /health reports."""
 
     def __init__(self, config: Config, counters: Counters, writer: BatchWriter, storage: Storage,
-                 uploader: Optional[Uploader], udp_inode: Callable, access: Access):
+                 uploader: Optional[Uploader], udp_inode: Callable, access: Access, heard: AgentsHeard):
         self.config = config
         self.uploader = uploader
         self.access = access
@@ -5753,6 +5808,7 @@ class Api:
         self.writer = writer
         self.storage = storage
         self.udp_inode = udp_inode
+        self.heard = heard
         self.catalog = FileCatalog(storage)
         self.dashboards = Dashboards(storage.layout.dashboards_path(config.writer_id))
         self.queries = QueryProcess(config, counters)
@@ -5774,6 +5830,9 @@ class Api:
                 "last_flush": None if last is None else format_time(int(last * 1e6))}
         if failing:
             body["error"] = failing
+        # Nothing received for QUIET_WARNING_S: not a failure of hepop's, but the first thing to look at.
+        body["receiving"] = not self.heard.quiet
+        body["last_received"] = None if self.heard.last_received_us is None else format_time(self.heard.last_received_us)
         if self.uploader:           # capture goes on while the bucket fails: a warning, not a failure
             body["uploads"] = {"status": "failing" if self.uploader.failing else "ok",
                                "backlog_folders": self.uploader.backlog()}
@@ -6566,7 +6625,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         writer.close()
         return 1
     api = Api(config, counters, writer, storage, uploader, server.udp_inode,
-              Access(config, users, Tokens(token_secret(config), config.token_ttl)))
+              Access(config, users, Tokens(token_secret(config), config.token_ttl)), server.ingest.heard)
     signal.signal(signal.SIGHUP, lambda signum, frame: users.reload())     # was: the default, which kills
     try:
         http_server = ApiServer(config, api)

@@ -416,6 +416,7 @@ def test_payload_bytes_that_are_not_utf8_are_kept_exactly():
     assert [r["payload_raw"] if r["payload_raw"] is not None else r["payload"].encode() for r in rows] == \
         [p.payload for p in packets]
     assert rows[1]["payload_raw"] == b"bin\xff\xfe\x00ary" and rows[0]["payload_raw"] is None
+    assert rows[1]["payload"] is None           # one form stored: the bytes
     assert rows[2]["payload_raw"] is None       # a real U+FFFD in valid UTF-8 is text
     assert table.schema == hepop.table_schema(5) and table.schema.names[-1] == "payload"
 
@@ -1022,6 +1023,7 @@ def test_hep_js_sender_end_to_end(servers, tmp_path, transport):
     assert counters[f'hep_received_total{{transport="{transport}",version="3"}}'] == 25
 
 
+# Kamailio's own settings for the test; what it needs to send HEP to hepop is the README's block.
 KAMAILIO_CFG = """#!KAMAILIO
 debug=2
 log_stderror=yes
@@ -1030,14 +1032,7 @@ auto_aliases=no
 {listen}
 {tcp}
 loadmodule "pv.so"
-loadmodule "siptrace.so"
-modparam("siptrace", "duplicate_uri", "sip:{hep_host}:{hep_port}{hep_transport}")
-modparam("siptrace", "hep_mode_on", 1)
-modparam("siptrace", "hep_version", {hep_version})
-modparam("siptrace", "hep_capture_id", 2001)
-modparam("siptrace", "trace_to_database", 0)
-modparam("siptrace", "trace_on", 1)
-modparam("siptrace", "trace_mode", 1)
+{siptrace}
 {auth}
 request_route {{
     {hlog}
@@ -1046,6 +1041,23 @@ request_route {{
     exit;
 }}
 """
+
+
+def readme_kamailio_block(transport: str) -> str:
+    """The README's Kamailio configuration for HEP over UDP or TCP, as written there."""
+    blocks = re.findall(r"```cfg\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+    return next(block for block in blocks if block.startswith(f"# Kamailio, HEP over {transport} to hepop"))
+
+
+def kamailio_siptrace(transport: str, hep_port: int, hep_version: int) -> str:
+    """The README's block with this test's addresses, ports and HEP version put in, and nothing else."""
+    block = readme_kamailio_block(transport)
+    filled = block.replace("CAPTURE_HOST:9069", f"127.0.0.1:{hep_port}").replace(
+        '"hep_version", 3', f'"hep_version", {hep_version}').replace(
+        "listen=tcp:KAMAILIO_IP:5060", f"listen=tcp:127.0.0.1:{free_port()}")
+    settings = "\n".join(line for line in filled.splitlines() if not line.startswith("#"))
+    assert filled.count("\n") == block.count("\n") and "CAPTURE_HOST" not in settings and "KAMAILIO_IP" not in settings
+    return filled
 
 
 def free_udp_port(host="127.0.0.1") -> int:
@@ -1082,11 +1094,9 @@ def kamailio_calls(tmp_path: Path, hep_port: int, *, hep_version=3, tcp=False, i
     listen = f"listen=udp:{bracketed}:{kam_port}"
     if ipv6:                                   # HEP still goes to hepop over IPv4: it needs a socket there
         listen += f"\nlisten=udp:127.0.0.1:{free_udp_port()}"
-    if tcp:                                    # and HEP over TCP needs a TCP socket
-        listen += f"\nlisten=tcp:127.0.0.1:{free_port()}"
     cfg.write_text(KAMAILIO_CFG.format(
-        listen=listen, tcp="" if tcp else "disable_tcp=yes", hep_host="127.0.0.1",
-        hep_port=hep_port, hep_transport=";transport=tcp" if tcp else "", hep_version=hep_version,
+        listen=listen, tcp="" if tcp else "disable_tcp=yes",
+        siptrace=kamailio_siptrace("TCP" if tcp else "UDP", hep_port, hep_version),
         auth=f'modparam("siptrace", "auth_key", "{auth_key}")' if auth_key else "",
         hlog='hlog("$ci", "forwarding $rm from $si:$sp");' if hlog else "",
         forward=f"{bracketed}:{uas_port}"))
@@ -2611,8 +2621,15 @@ def test_the_readme_commands_run_as_written(tmp_path):
     for port in (9069, 9070):
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} is taken: the README's commands need it"
+    # With the Python of Debian 12 where there is one: it refuses pip outside a virtual environment (PEP 668).
+    system_python = Path("/usr/bin/python3")
+    env = dict(os.environ)
+    if list(system_python.parent.parent.glob("lib/python3*/EXTERNALLY-MANAGED")):
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin" / "python3").symlink_to(system_python)
+        env["PATH"] = f"{tmp_path / 'bin'}:{env['PATH']}"
     server = subprocess.Popen(["bash", "-c", start], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+                              start_new_session=True, env=env)
     lines = []
     threading.Thread(target=lambda: lines.extend(server.stderr), daemon=True).start()
     try:
@@ -2620,6 +2637,9 @@ def test_the_readme_commands_run_as_written(tmp_path):
         while not any("ready" in line for line in lines):
             assert server.poll() is None and time.monotonic() < deadline, "".join(lines)
             time.sleep(0.1)
+        import urllib.request
+        with urllib.request.urlopen("http://127.0.0.1:9070/health", timeout=10) as health:
+            assert health.status == 200 and json.load(health)["status"] == "ok"
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             for i in range(30):
                 sock.sendto(hep3(sip(f"readme-{i}")), ("127.0.0.1", 9069))
@@ -3687,20 +3707,25 @@ def test_reading_comes_back_after_a_pause_while_an_agent_holds_part_of_a_frame(s
 # ---------------------------------------------------------------------------------------------------------
 
 SCREENSHOTS = Path(os.environ.get("HEPOP_SCREENSHOTS", HERE / "screenshots"))
-REASONS = {100: "Trying", 180: "Ringing", 200: "OK", 404: "Not Found", 486: "Busy Here"}
+REASONS = {100: "Trying", 180: "Ringing", 200: "OK", 404: "Not Found", 486: "Busy Here", 487: "Request Terminated"}
 
 
 def call_flow(call_id: str, from_user: str, to_user: str, status: int, start_s: float, a=("10.0.0.1", 5060),
-              b=("10.0.0.2", 5060), correlation: str = "") -> list[dict]:
-    """One call's SIP messages as HEP: INVITE, 100, then 180, 200, ACK, BYE, 200 when answered, or the
-    final `status` and its ACK; each with the label the ladder must draw."""
+              b=("10.0.0.2", 5060), correlation: str = "", trying: str = "Trying") -> list[dict]:
+    """One call's SIP messages as HEP: INVITE, 100, then 180, 200, ACK, BYE, 200 when answered, CANCEL,
+    its 200, 487 and ACK when cancelled, or the final `status` and its ACK; each with the label the
+    ladder must draw."""
     steps = [(0.0, f"INVITE sip:{to_user}@example.com SIP/2.0", "1 INVITE", a, b),
-             (0.01, "SIP/2.0 100 Trying", "1 INVITE", b, a)]
+             (0.01, f"SIP/2.0 100 {trying}", "1 INVITE", b, a)]
     if status == 200:
         steps += [(0.4, "SIP/2.0 180 Ringing", "1 INVITE", b, a), (2.0, "SIP/2.0 200 OK", "1 INVITE", b, a),
                   (2.01, f"ACK sip:{to_user}@example.com SIP/2.0", "1 ACK", a, b),
                   (12.0, f"BYE sip:{to_user}@example.com SIP/2.0", "2 BYE", a, b),
                   (12.02, "SIP/2.0 200 OK", "2 BYE", b, a)]
+    elif status == 487:
+        steps += [(0.9, f"CANCEL sip:{to_user}@example.com SIP/2.0", "1 CANCEL", a, b),
+                  (0.91, "SIP/2.0 200 OK", "1 CANCEL", b, a), (0.92, "SIP/2.0 487 Request Terminated", "1 INVITE", b, a),
+                  (0.93, f"ACK sip:{to_user}@example.com SIP/2.0", "1 ACK", a, b)]
     else:
         steps += [(1.0, f"SIP/2.0 {status} {REASONS[status]}", "1 INVITE", b, a),
                   (1.01, f"ACK sip:{to_user}@example.com SIP/2.0", "1 ACK", a, b)]
@@ -3793,8 +3818,14 @@ def test_the_page_finds_calls_draws_their_ladders_and_downloads_a_pcap(servers, 
     leg_a = call_flow("leg-a@page", "5550003", "6660003", 200, now_s - 10, a=("10.1.0.1", 5060), b=("10.1.0.2", 5060))
     leg_b = call_flow("leg-b@page", "5550003", "6660003", 200, now_s - 9.995, a=("10.1.0.2", 5060),
                       b=("10.1.0.3", 5060), correlation="leg-a@page")
-    server.udp([m["packet"] for m in busy + answered + leg_a + leg_b])
-    wait_for_rows(server, 36 + len(busy + answered + leg_a + leg_b))
+    cancelled = call_flow("cancelled@page", "5550004", "6660004", 487, now_s - 25,
+                          trying="Trying -- your call is important to us, please hold the line")
+    seconds = int(now_s - 28)
+    register = [{"packet": hep3(sip_message("register@page", first, cseq, "5550005", "5550005"), seconds=seconds)}
+                for first, cseq in (("REGISTER sip:example.com SIP/2.0", "1 REGISTER"), ("SIP/2.0 200 OK", "1 REGISTER"))]
+    crafted = busy + answered + leg_a + leg_b + cancelled + register
+    server.udp([m["packet"] for m in crafted])
+    wait_for_rows(server, 36 + len(crafted))
     sipp = rows_json(server, "SELECT call_id, list(CASE WHEN sip_method IS NULL THEN split_part(payload, "
                              "chr(13), 1)[9:] ELSE sip_method END ORDER BY time) AS labels, list(payload ORDER "
                              "BY time) AS payloads FROM hep_1 WHERE from_user = 'sipp' AND time > now() - "
@@ -3802,9 +3833,17 @@ def test_the_page_finds_calls_draws_their_ladders_and_downloads_a_pcap(servers, 
     assert len(sipp) == 3 and all(len(call["labels"]) == 12 for call in sipp)
     tab = Browsing(chromium, server)
     try:
-        tab.open("calls?range=1h", "calls")
-        assert tab.page.locator("tr.call").count() == 3 + 4
+        tab.open("calls?range=1h", "calls")                          # INVITE dialogs: no REGISTER
+        assert tab.page.locator("tr.call").count() == 3 + 5
+        row = tab.page.locator('tr.call[data-call-id="cancelled@page"] .status')
+        assert row.text_content() == "487 cancelled" and "fail" not in row.get_attribute("class")
+        assert tab.page.locator('tr.call[data-call-id="busy@page"] .status').evaluate(
+            "s => getComputedStyle(s).color") != row.evaluate("s => getComputedStyle(s).color")     # not red
         tab.screenshot("calls")
+        tab.open("calls?range=1h&method=any", "calls")
+        assert tab.page.locator("tr.call").count() == 3 + 6
+        tab.open("calls?range=1h&method=REGISTER", "calls")
+        assert tab.page.locator("tr.call").evaluate_all("rows => rows.map(r => r.dataset.callId)") == ["register@page"]
         tab.open("calls?range=1h&q=sipp", "calls")                   # SIPp's From user
         assert sorted(tab.page.locator("tr.call").evaluate_all("rows => rows.map(r => r.dataset.callId)")) == \
             sorted(call["call_id"] for call in sipp)
@@ -3814,7 +3853,7 @@ def test_the_page_finds_calls_draws_their_ladders_and_downloads_a_pcap(servers, 
         assert rows.first.locator(".status").text_content() == "486"
         assert "fail" in rows.first.locator(".status").get_attribute("class")
         tab.screenshot("search-by-number")
-        tab.open("calls?range=1h&failed=1", "calls")                 # failed calls only
+        tab.open("calls?range=1h&failed=1", "calls")                 # failed calls only: cancelled is none
         assert tab.page.locator("tr.call").evaluate_all("rows => rows.map(r => r.dataset.callId)") == ["busy@page"]
         tab.open("calls?range=1h&q=6660002", "calls")
         assert tab.page.locator("tr.call .status").all_text_contents() == ["200"]
@@ -3841,6 +3880,18 @@ def test_the_page_finds_calls_draws_their_ladders_and_downloads_a_pcap(servers, 
         assert tab.arrows() == [m["label"] for m in both]
         assert tab.hosts() == ["10.1.0.1:5060", "10.1.0.2:5060", "10.1.0.3:5060"]
         tab.screenshot("ladder-two-legs")
+
+        start_ms = int((now_s - 25) * 1000)                            # a long reason phrase: cut to its arrow
+        tab.open(f"call?id=cancelled@page&from={start_ms}&to={start_ms + 2000}", "call")
+        labels = tab.page.locator(".ladder .arrow text.label")
+        long_label = cancelled[1]["label"]
+        assert labels.nth(1).get_attribute("data-full") == long_label and len(long_label) > 40
+        assert labels.nth(1).text_content().endswith("…") and long_label.startswith(labels.nth(1).text_content()[:-1])
+        box, hosts = labels.nth(1).bounding_box(), tab.page.locator(".ladder text.host")
+        left, right = (hosts.nth(i).bounding_box() for i in range(2))
+        assert box["width"] < (right["x"] + right["width"] / 2) - (left["x"] + left["width"] / 2)
+        assert tab.arrows()[2:] == ["CANCEL", "200 OK", "487 Request Terminated", "ACK"]
+        tab.screenshot("ladder-long-label")
 
         call = sipp[0]
         start_ms = rows_json(server, f"SELECT epoch_ms(min(time)) AS ms FROM hep_1 WHERE call_id = "
@@ -4721,3 +4772,52 @@ def test_a_lookup_without_time_reads_all_retention_and_an_aggregate_the_last_ten
         status, head, body = query(server, sql)
         assert "default" in head["x-hepop-time-window"], sql
     assert rows_json(server, "SELECT count(*) AS n FROM hep_1") == [{"n": 3}]
+
+
+def test_cseq_method_is_set_on_every_response(seeded):
+    server, _ = seeded
+    body = rows_json(server, "SELECT cseq_method, sip_status, count(*) AS n FROM hep_1 WHERE time > '2025-01-01' "
+                             "AND sip_status IS NOT NULL GROUP BY ALL ORDER BY ALL")
+    assert body == [{"cseq_method": "INVITE", "sip_status": 100, "n": 30},      # the seed answers BYE as INVITE
+                    {"cseq_method": "INVITE", "sip_status": 200, "n": 40},
+                    {"cseq_method": "INVITE", "sip_status": 486, "n": 10}]
+    assert rows_json(server, "SELECT cseq_method FROM hep_1 WHERE call_id = 'call-1@seed' AND sip_method = 'BYE'") == \
+        [{"cseq_method": "BYE"}]
+
+
+def test_new_senders_are_logged_once_and_silence_is_said_in_the_log_and_on_health(servers, tmp_path):
+    """A Kamailio without trace_on sends nothing, and hepop's log said nothing meanwhile."""
+    server = servers(QUIET_WARNING_S="1")
+    server.wait_for_log("nothing received for", timeout=10)
+    health = json.loads(http(server, "/health")[2])
+    assert health["receiving"] is False and health["last_received"] is None and health["status"] == "ok"
+    for i in range(5):                                   # five source ports, one address
+        server.udp([hep3(sip(f"heard-{i}"))])
+    server.tcp(hep3(sip("heard-tcp")))
+    wait_for_rows(server, 6)
+    health = json.loads(http(server, "/health")[2])
+    assert health["receiving"] is True and health["last_received"].startswith(time.strftime("%Y-", time.gmtime()))
+    assert server.stop() == 0
+    new_sender = [line for line in server.lines if "HEP from a new sender" in line]
+    assert len(new_sender) == 1 and "127.0.0.1 over udp" in new_sender[0]
+    assert any("receiving HEP again" in line for line in server.lines)
+
+
+
+def test_a_payload_that_is_not_utf8_is_stored_once_and_queries_still_show_it(servers, tmp_path):
+    """Kept as its bytes and as text with replacement characters, such a payload took 1.9 times the disk."""
+    rng = random.Random(3)
+    packets = [hepop.decode(hep3(bytes(rng.randrange(256) for _ in range(800)), proto_type=5)) for _ in range(2000)]
+    path = tmp_path / "binary.parquet"
+    pq.write_table(build_table(5, [p.time_us for p in packets], packets), path, compression="zstd")
+    assert path.stat().st_size < 1.1 * 2000 * 800                    # random bytes do not compress
+    server = servers()
+    server.udp([hep3(b"bin\xff\xfe\x00ary", proto_type=5), hep3(b"plain text", proto_type=5)])
+    deadline = time.monotonic() + 10
+    while count_of(server, "SELECT count(*) AS n FROM hep_5") < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    body = rows_json(server, "SELECT payload, payload_raw IS NOT NULL AS raw FROM hep_5 ORDER BY payload")
+    assert body == [{"payload": "bin\\xFF\\xFE\\x00ary", "raw": True}, {"payload": "plain text", "raw": False}]
+    assert rows_json(server, "SELECT count(*) AS n FROM hep_5 WHERE payload LIKE 'bin%'") == [{"n": 1}]
+    assert server.stop() == 0

@@ -38,8 +38,12 @@ function showTime(ms, withDate = true) {
 
 const hostOf = (ip, port) => (String(ip).includes(":") ? `[${ip}]:${port}` : `${ip}:${port}`);
 
+// 487 Request Terminated answers a CANCEL: the caller hung up while it rang, no failure.
+const CANCELLED = 487;
+
 function statusClass(status) {
   if (status === null || status === undefined) return "none";
+  if (status === CANCELLED) return "cancelled";
   return status >= 200 && status < 300 ? "ok" : "fail";
 }
 
@@ -168,13 +172,19 @@ function searchCondition(text) {
   return `(call_id = ${sqlText(value)} OR ${users})`;
 }
 
+// The call list shows INVITE dialogs unless another method is asked for: REGISTER, OPTIONS and SUBSCRIBE
+// dialogs far outnumber calls at most sites.
+const ANY_METHOD = "any";
+function methodOf(params) { return params.get("method") || "INVITE"; }
+
 function callsSql(params, range) {
   const page = Math.max(0, parseInt(params.get("page") || "0", 10) || 0);
   const conditions = [`time BETWEEN ${sqlTime(range.from)} AND ${sqlTime(range.to)}`];
   const search = searchCondition(params.get("q") || "");
   if (search) conditions.push(search);
-  if (params.get("failed") === "1") conditions.push("(status IS NULL OR status >= 300)");
-  if (params.get("method")) conditions.push(`method = ${sqlText(params.get("method"))}`);
+  if (params.get("failed") === "1") conditions.push(`(status IS NULL OR (status >= 300 AND status <> ${CANCELLED}))`);
+  const method = methodOf(params);
+  if (method !== ANY_METHOD) conditions.push(`method = ${sqlText(method)}`);
   return { page, sql: `SELECT * FROM calls WHERE ${conditions.join(" AND ")} ORDER BY time DESC ` +
                       `LIMIT ${PAGE_ROWS + 1} OFFSET ${page * PAGE_ROWS}` };
 }
@@ -187,8 +197,8 @@ async function showCalls(view, params) {
     ...rangeControls(params, range),
     el("label", {}, el("input", { type: "checkbox", name: "failed", value: "1", checked: params.get("failed") === "1" }), " failed only"),
     el("select", { name: "method", "aria-label": "method" },
-      ...["", "INVITE", "REGISTER", "OPTIONS", "MESSAGE", "SUBSCRIBE", "NOTIFY"].map((m) =>
-        el("option", { value: m, selected: (params.get("method") || "") === m, text: m || "any method" }))),
+      ...["INVITE", ANY_METHOD, "REGISTER", "OPTIONS", "MESSAGE", "SUBSCRIBE", "NOTIFY"].map((m) =>
+        el("option", { value: m, selected: methodOf(params) === m, text: m === ANY_METHOD ? "any method" : m }))),
     el("button", { type: "submit", text: "Search" }));
   form.addEventListener("submit", (event) => {
     event.preventDefault();
@@ -223,7 +233,8 @@ function callRow(call) {
   const row = el("tr", { class: "call", "data-call-id": call.call_id, tabindex: "0", title: call.call_id },
     el("td", { text: showTime(start) }),
     el("td", { text: users }),
-    el("td", {}, el("span", { class: `status ${statusClass(call.status)}`, text: call.status ?? "no answer" })),
+    el("td", {}, el("span", { class: `status ${statusClass(call.status)}`,
+                              text: call.status === CANCELLED ? `${call.status} cancelled` : call.status ?? "no answer" })),
     el("td", { class: "num", text: call.duration_s === null ? "" : `${call.duration_s.toFixed(1)} s` }),
     el("td", { class: "num", text: call.pdd_ms === null ? "" : `${call.pdd_ms} ms` }),
     el("td", { text: call.user_agent || "" }),
@@ -285,8 +296,16 @@ function firstLine(raw) { return String(raw || "").split(/\r?\n/, 1)[0]; }
 function labelOf(message) {
   const line = firstLine(message.raw);
   const response = /^SIP\/2\.0\s+(\d{3})\s*(.*)$/.exec(line);
-  if (response) return { text: `${response[1]} ${response[2]}`.trim(), kind: response[1] < "200" ? "prov" : response[1] < "300" ? "ok" : "fail" };
+  if (response) return { text: `${response[1]} ${response[2]}`.trim(),
+                         kind: response[1] < "200" || Number(response[1]) === CANCELLED ? "prov" : response[1] < "300" ? "ok" : "fail" };
   return { text: message.method || line.split(" ")[0] || "?", kind: "req" };
+}
+
+// A label cut to the room its arrow gives (LABEL_CHAR_PX a character), the whole text on hover.
+const LABEL_CHAR_PX = 7;
+function cutTo(text, room_px) {
+  const chars = Math.max(4, Math.floor(room_px / LABEL_CHAR_PX));
+  return text.length <= chars ? text : text.slice(0, chars - 1) + "…";
 }
 
 const KIND_COLOURS = { req: "var(--req)", ok: "var(--ok)", fail: "var(--fail)", prov: "var(--prov)" };
@@ -331,8 +350,11 @@ function drawLadder(panel, messages) {
                    el("svg:line", { x1, y1: y, x2, y2: y, stroke: colour, "stroke-width": 1.5, "marker-end": `url(#head-${label.kind})`,
                                     "stroke-dasharray": retransmission ? "5 3" : null }));
     }
+    const text = label.text + (retransmission ? " (retransmission)" : "");
+    const room = x1 === x2 ? COLUMN_PX - 60 : Math.abs(x2 - x1) - 16;
     group.append(el("svg:text", { class: "label", x: (x1 + x2) / 2 + (x1 === x2 ? 50 : 0), y: y - 5, "text-anchor": x1 === x2 ? "start" : "middle",
-                                  fill: colour, text: label.text + (retransmission ? " (retransmission)" : "") }));
+                                  fill: colour, text: cutTo(text, room), "data-full": text }),
+                 el("svg:title", { text }));
     const select = () => {
       for (const other of svg.querySelectorAll(".arrow.selected")) other.classList.remove("selected");
       group.classList.add("selected");
