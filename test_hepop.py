@@ -235,7 +235,8 @@ def test_datagrams_decoded_in_batch_equal_decoding_one_by_one(tmp_path):
     arrival_us = time.time_ns() // 1000
     counters = hepop.Counters()
     config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path)})
-    writer = hepop.BatchWriter(hepop.Storage(str(tmp_path), "w"), counters, hepop.PacketCheck(config, counters))
+    writer = hepop.BatchWriter(hepop.Storage(str(tmp_path), "w"), counters, hepop.PacketCheck(config, counters),
+                               config.max_calls_tracked)
     tables = writer.message_tables(hepop.ReceivedBatch("udp", arrival_us, 0.0, datagrams, [hepop.Sender(0, ("127.0.0.1", 9))]))
 
     expected: dict[int, tuple[list, list]] = {}
@@ -272,7 +273,8 @@ def test_datagrams_decoded_in_batch_equal_decoding_one_by_one(tmp_path):
 def test_a_batch_that_fails_to_decode_is_counted_and_the_writer_goes_on(tmp_path, monkeypatch):
     counters = hepop.Counters()
     config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path)})
-    writer = hepop.BatchWriter(hepop.Storage(str(tmp_path), "w"), counters, hepop.PacketCheck(config, counters))
+    writer = hepop.BatchWriter(hepop.Storage(str(tmp_path), "w"), counters, hepop.PacketCheck(config, counters),
+                               config.max_calls_tracked)
     writer.start()
     datagrams = [hep3(sip(f"d{i}")) for i in range(10)]
     real = hepop.BatchWriter.message_tables
@@ -2228,7 +2230,8 @@ def test_a_failed_metadata_write_never_doubles_rows(tmp_path, monkeypatch):
     counters = hepop.Counters()
     config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path), "WRITER_ID": "w"})
     storage = hepop.Storage(str(tmp_path), "w")
-    writer = hepop.BatchWriter(storage, counters, hepop.PacketCheck(config, counters))
+    writer = hepop.BatchWriter(storage, counters, hepop.PacketCheck(config, counters),
+                               config.max_calls_tracked)
     storage.store(1)                        # opened before the disk fills: its failures hit the batch
     real, failures = hepop.write_atomically, [2]
 
@@ -3707,7 +3710,8 @@ def test_reading_comes_back_after_a_pause_while_an_agent_holds_part_of_a_frame(s
 # ---------------------------------------------------------------------------------------------------------
 
 SCREENSHOTS = Path(os.environ.get("HEPOP_SCREENSHOTS", HERE / "screenshots"))
-REASONS = {100: "Trying", 180: "Ringing", 200: "OK", 404: "Not Found", 486: "Busy Here", 487: "Request Terminated"}
+REASONS = {100: "Trying", 180: "Ringing", 200: "OK", 404: "Not Found", 480: "Temporarily Unavailable", 486: "Busy Here",
+           487: "Request Terminated"}
 
 
 def call_flow(call_id: str, from_user: str, to_user: str, status: int, start_s: float, a=("10.0.0.1", 5060),
@@ -4820,4 +4824,59 @@ def test_a_payload_that_is_not_utf8_is_stored_once_and_queries_still_show_it(ser
     body = rows_json(server, "SELECT payload, payload_raw IS NOT NULL AS raw FROM hep_5 ORDER BY payload")
     assert body == [{"payload": "bin\\xFF\\xFE\\x00ary", "raw": True}, {"payload": "plain text", "raw": False}]
     assert rows_json(server, "SELECT count(*) AS n FROM hep_5 WHERE payload LIKE 'bin%'") == [{"n": 1}]
+    assert server.stop() == 0
+
+
+def test_sip_messages_and_calls_are_counted_on_metrics_as_they_arrive(servers, tmp_path):
+    """Requests by method, responses by code and CSeq method (heplify-server's labels), calls by their
+    final class, Q.850 causes, and the post-dial delay, setup and duration histograms, per capture node,
+    parsed as Prometheus does, equal what was sent; an unknown method is OTHER."""
+    from prometheus_client.parser import text_string_to_metric_families
+    server = servers()
+    now_s = time.time() - 60
+    statuses = [200, 200, 486, 487, 404, 480]
+    flows = [call_flow(f"kpi-{i}@test", "5551000", "6661000", status, now_s + i) for i, status in enumerate(statuses)]
+    bye = next(m for m in flows[0] if m["label"] == "BYE")
+    bye["packet"] = hep3(bye["payload"].replace(b"Content-Length", b"Reason: Q.850;cause=16;text=\"Normal\"\r\nContent-Length"),
+                         seconds=bye["time_us"] // 1_000_000, useconds=bye["time_us"] % 1_000_000)
+    packets = [m["packet"] for flow in flows for m in flow]
+    packets += [hep3(sip("kpi-odd", method="FOO"), extra=chunk(19, b"edge-2"))]
+    server.udp(packets)
+    wait_for_rows(server, len(packets))
+    status, _, body = http(server, "/metrics")
+    samples = [(f.name, f.type, s) for f in text_string_to_metric_families(body.decode()) for s in f.samples]
+    of = lambda name: {tuple(sorted(s.labels.items())): s.value for family, _, s in samples if s.name == name}
+    expected = collections.Counter()
+    for flow in flows:
+        for m in flow:
+            first, cseq = m["payload"].split(b"\r\n")[0].decode(), re.search(rb"CSeq: \d+ (\w+)", m["payload"])[1].decode()
+            response = first.split(" ")[1] if first.startswith("SIP/2.0") else first.split(" ")[0]
+            expected[(("method", cseq), ("node", "7"), ("response", response))] += 1
+    expected[(("method", "OTHER"), ("node", "edge-2"), ("response", "OTHER"))] += 1
+    assert of("hepop_sip_messages_total") == dict(expected)
+    assert of("hepop_calls_total") == {(("class", "answered"), ("node", "7")): 2, (("class", "busy"), ("node", "7")): 1,
+                                       (("class", "cancelled"), ("node", "7")): 1, (("class", "failed"), ("node", "7")): 1,
+                                       (("class", "no_answer"), ("node", "7")): 1}
+    assert of("hepop_sip_q850_causes_total") == {(("cause", "16"), ("node", "7")): 1}
+    types = {family: kind for family, kind, _ in samples}
+    assert types["hepop_call_pdd_seconds"] == types["hepop_call_duration_seconds"] == "histogram"
+    pdd = of("hepop_call_pdd_seconds_count")[(("node", "7"),)]
+    assert pdd == len(statuses)                          # each call's first 18x or final answer
+    assert of("hepop_call_setup_seconds_count")[(("node", "7"),)] == 2
+    assert of("hepop_call_duration_seconds_count")[(("node", "7"),)] == 2
+    assert of("hepop_call_duration_seconds_sum")[(("node", "7"),)] == pytest.approx(2 * 10.0)   # answered at 2 s, BYE at 12 s
+    answered_pdd = [0.4, 0.4]                            # 180 after 0.4 s; the others' final after 1.0 s or 0.92 s
+    assert of("hepop_call_pdd_seconds_sum")[(("node", "7"),)] == pytest.approx(sum(answered_pdd) + 1.0 * 3 + 0.92)
+    assert of("hepop_call_pdd_seconds_bucket")[(("le", "0.5"), ("node", "7"))] == 2
+    # The README's ASR, NER and ACD from the counters, and from `calls` by its SQL: both what was sent.
+    calls = of("hepop_calls_total")
+    asr = calls[(("class", "answered"), ("node", "7"))] / sum(calls.values())
+    ner = sum(v for k, v in calls.items() if dict(k)["class"] in ("answered", "busy", "no_answer", "cancelled")) / sum(calls.values())
+    acd = of("hepop_call_duration_seconds_sum")[(("node", "7"),)] / of("hepop_call_duration_seconds_count")[(("node", "7"),)]
+    sql = re.search(r"```\n(SELECT avg\(\(status BETWEEN 200 AND 299\)::INT\) AS asr.*?)```",
+                    (HERE / "README.md").read_text(), re.S)[1]
+    from_calls = rows_json(server, sql)[0]
+    assert asr == pytest.approx(2 / 6) and from_calls["asr"] == pytest.approx(asr)
+    assert ner == pytest.approx(5 / 6) and from_calls["ner"] == pytest.approx(ner)
+    assert acd == pytest.approx(10.0) and from_calls["acd_s"] == pytest.approx(acd)
     assert server.stop() == 0
