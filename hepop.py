@@ -244,6 +244,14 @@ def parse_writer_id(text: str) -> str:
     return text
 
 
+def parse_methods(text: str) -> frozenset:
+    """A comma-separated list of SIP methods, as a set in capitals."""
+    methods = frozenset(word.strip().upper() for word in text.split(",") if word.strip())
+    if not all(re.fullmatch(r"[A-Z][A-Z_-]{0,31}", method) for method in methods):
+        raise ValueError("must be SIP methods separated by commas, such as OPTIONS,NOTIFY")
+    return methods
+
+
 def parse_log_level(text: str) -> str:
     level = text.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -365,6 +373,9 @@ SETTINGS = (
             "only unless set here"),
     Setting("HEP_AUTH_KEY", str, lambda s: "",
             "when set, only HEP3 packets whose chunk 14 equals it are kept (never written to disk)"),
+    Setting("DISCARD_METHODS", parse_methods, lambda s: "",
+            "SIP requests of these methods, and the responses to them (by CSeq), are not stored, only counted "
+            "(hep_discarded_total{method}); e.g. OPTIONS,NOTIFY"),
     Setting("MAX_CALLS_TRACKED", parse_positive_int, lambda s: "200000",
             "calls in progress held for the call KPIs on /metrics (about 200 bytes each); past it the one "
             "begun longest ago is let go and counted"),
@@ -417,6 +428,7 @@ class Config:
     ui_dir: str
     http_host: str
     hep_auth_key: str
+    discard_methods: frozenset
     max_calls_tracked: int
     quiet_warning_s: float
     stats_interval_s: float
@@ -1280,6 +1292,13 @@ class CallInProgress:
         self.answer_us: Optional[int] = None
 
 
+def message_methods(table: pa.Table) -> pa.Array:
+    """The method a SIP row belongs to: a request's own, a response's in CSeq (in capitals); null for
+    what is not SIP."""
+    cseq_method = pc.utf8_upper(pc.replace_substring_regex(table["cseq"], r"^\s*\d+\s+|\s+$", ""))
+    return pc.if_else(pc.is_null(table["sip_status"]), table["sip_method"], cseq_method)
+
+
 class SipKpis:
     """SIP KPIs counted by the writer as it stores each batch of SIP rows, for /metrics; no address or
     number is a label, and every label is bounded (SIP_METHODS or OTHER, codes 100-699, causes 0-127,
@@ -1306,10 +1325,10 @@ class SipKpis:
     def count(self, table: pa.Table) -> None:
         """Over a batch of 21,000 rows of 3,500 whole calls: 23 ms (1.1 us a row, of the writer's 7-10):
         Arrow over the batch, then a step per call (one per message made it 16-28 us a row)."""
-        cseq_method = pc.utf8_upper(pc.replace_substring_regex(table["cseq"], r"^\s*\d+\s+|\s+$", ""))
+        method = message_methods(table)
         node = pc.coalesce(table["node_name"], table["capture_id"].cast(pa.string()))
-        self._count_messages(table, cseq_method, node)
-        self._track_calls(table, cseq_method, node)
+        self._count_messages(table, method, node)
+        self._track_calls(table, method, node)
 
     def _node(self, node: str) -> str:
         if node not in self.nodes:
@@ -1318,10 +1337,9 @@ class SipKpis:
             self.nodes.add(node)
         return node
 
-    def _count_messages(self, table: pa.Table, cseq_method: pa.Array, node: pa.Array) -> None:
+    def _count_messages(self, table: pa.Table, method: pa.Array, node: pa.Array) -> None:
         status = table["sip_status"]
         request = pc.is_null(status)
-        method = pc.if_else(request, table["sip_method"], cseq_method)
         method = pc.if_else(pc.is_in(method, pa.array(SIP_METHODS)), method, pa.scalar("OTHER"))
         labels = pa.table({"node": node, "method": method,
                            "response": pc.if_else(request, method, status.cast(pa.string()))})
@@ -1340,10 +1358,10 @@ class SipKpis:
                 self.counters.add("sip_q850_causes_total", row["count_all"], node=self._node(row["node"]),
                                   cause=str(int(row["cause"])))
 
-    def _track_calls(self, table: pa.Table, cseq_method: pa.Array, node: pa.Array) -> None:
+    def _track_calls(self, table: pa.Table, message_method: pa.Array, node: pa.Array) -> None:
         status, method = table["sip_status"], table["sip_method"]
         time_us = table["time"].cast(pa.int64())
-        to_invite = pc.and_(pc.is_valid(status), pc.equal(cseq_method, "INVITE"))
+        to_invite = pc.and_(pc.is_valid(status), pc.equal(message_method, "INVITE"))
         never = pa.scalar(None, pa.int64())
         steps = pa.table({
             "call_id": table["call_id"], "time": time_us, "node": node,
@@ -2642,12 +2660,13 @@ class BatchWriter(threading.Thread):
 
     RETRIES = 5
 
-    def __init__(self, storage: Storage, counters: Counters, check: PacketCheck, max_calls_tracked: int):
+    def __init__(self, storage: Storage, counters: Counters, check: PacketCheck, config: Config):
         super().__init__(name="hepop-writer", daemon=True)
         self.storage = storage
         self.counters = counters
         self.check = check
-        self.sip_kpis = SipKpis(counters, max_calls_tracked)
+        self.sip_kpis = SipKpis(counters, config.max_calls_tracked)
+        self.discard_methods = config.discard_methods
         self.queue: queue.Queue = queue.Queue()
         self.pending_bytes = 0
         self.pending_inflating_bytes = 0        # of batches of compressed payloads: their own budget
@@ -2691,8 +2710,23 @@ class BatchWriter(threading.Thread):
             return
         for proto_type, table in tables.items():
             if proto_type == SIP_TYPE:
+                table = self._without_discarded(table)
                 self.sip_kpis.count(table)
-            self._store(proto_type, table)
+            if len(table):
+                self._store(proto_type, table)
+
+    def _without_discarded(self, table: pa.Table) -> pa.Table:
+        """The SIP rows but those of DISCARD_METHODS (requests, and responses by their CSeq), counted by method."""
+        if not self.discard_methods:
+            return table
+        method = message_methods(table)
+        discarded = pc.fill_null(pc.is_in(method, pa.array(sorted(self.discard_methods))), False)
+        if not pc.any(discarded).as_py():
+            return table
+        for row in pa.table({"method": method.filter(discarded)}).group_by("method").aggregate(
+                [([], "count_all")]).to_pylist():
+            self.counters.add("hep_discarded_total", row["count_all"], method=row["method"])
+        return table.filter(pc.invert(discarded))
 
     def message_tables(self, batch: ReceivedBatch) -> dict[int, pa.Table]:
         """The packets of a flush of messages as received, by type: the common layouts decoded by Arrow over
@@ -6789,7 +6823,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     uploader = Uploader(config, storage, counters) if bucket else None
     check = PacketCheck(config, counters)
-    writer = BatchWriter(storage, counters, check, config.max_calls_tracked)
+    writer = BatchWriter(storage, counters, check, config)
     writer.start()
     compactor = Compactor(config, storage, counters)
     server = CaptureServer(config, Ingest(config, writer, counters, check), counters)

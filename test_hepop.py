@@ -236,7 +236,7 @@ def test_datagrams_decoded_in_batch_equal_decoding_one_by_one(tmp_path):
     counters = hepop.Counters()
     config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path)})
     writer = hepop.BatchWriter(hepop.Storage(str(tmp_path), "w"), counters, hepop.PacketCheck(config, counters),
-                               config.max_calls_tracked)
+                               config)
     tables = writer.message_tables(hepop.ReceivedBatch("udp", arrival_us, 0.0, datagrams, [hepop.Sender(0, ("127.0.0.1", 9))]))
 
     expected: dict[int, tuple[list, list]] = {}
@@ -274,7 +274,7 @@ def test_a_batch_that_fails_to_decode_is_counted_and_the_writer_goes_on(tmp_path
     counters = hepop.Counters()
     config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path)})
     writer = hepop.BatchWriter(hepop.Storage(str(tmp_path), "w"), counters, hepop.PacketCheck(config, counters),
-                               config.max_calls_tracked)
+                               config)
     writer.start()
     datagrams = [hep3(sip(f"d{i}")) for i in range(10)]
     real = hepop.BatchWriter.message_tables
@@ -2231,7 +2231,7 @@ def test_a_failed_metadata_write_never_doubles_rows(tmp_path, monkeypatch):
     config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path), "WRITER_ID": "w"})
     storage = hepop.Storage(str(tmp_path), "w")
     writer = hepop.BatchWriter(storage, counters, hepop.PacketCheck(config, counters),
-                               config.max_calls_tracked)
+                               config)
     storage.store(1)                        # opened before the disk fills: its failures hit the batch
     real, failures = hepop.write_atomically, [2]
 
@@ -4880,3 +4880,25 @@ def test_sip_messages_and_calls_are_counted_on_metrics_as_they_arrive(servers, t
     assert ner == pytest.approx(5 / 6) and from_calls["ner"] == pytest.approx(ner)
     assert acd == pytest.approx(10.0) and from_calls["acd_s"] == pytest.approx(acd)
     assert server.stop() == 0
+
+
+def test_discarded_methods_and_their_responses_are_counted_not_stored(servers, tmp_path):
+    server = servers(DISCARD_METHODS="options, Notify")
+    now_s = time.time() - 10
+    packets = []
+    for method in ("OPTIONS", "NOTIFY", "INVITE"):
+        for first in (f"{method} sip:x@example.com SIP/2.0", "SIP/2.0 200 OK"):
+            packets.append(hep3(sip_message(f"discard-{method}", first, f"1 {method}"), seconds=int(now_s)))
+    server.udp(packets[:2])                  # a batch with nothing left to store
+    time.sleep(0.6)
+    server.udp(packets[2:])
+    wait_for_rows(server, 2)
+    time.sleep(0.5)
+    assert server.stop() == 0
+    rows = stored_rows(tmp_path / "data", columns="call_id, sip_method, sip_status")
+    assert sorted((r["call_id"], r["sip_status"] or 0) for r in rows) == [("discard-INVITE", 0), ("discard-INVITE", 200)]
+    counters = server.counters()
+    assert counters['hep_discarded_total{method="OPTIONS"}'] == 2 and counters['hep_discarded_total{method="NOTIFY"}'] == 2
+    assert not any(v for k, v in counters.items() if k.startswith("hep_dropped_total"))
+    result = run_hepop(env={"PARQUET_DIR": str(tmp_path / "x"), "DISCARD_METHODS": "OPTIONS;DROP TABLE"})
+    assert result.returncode == 2 and "DISCARD_METHODS" in result.stderr
