@@ -137,6 +137,7 @@ import selectors
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -183,6 +184,10 @@ def parse_port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise ValueError(message)
     return port
+
+
+def parse_port_or_off(text: str) -> int:
+    return 0 if text.strip() == "0" else parse_port(text)
 
 
 def parse_bytes(text: str) -> int:
@@ -300,6 +305,12 @@ class Setting:
 SETTINGS = (
     Setting("PORT", parse_port, lambda s: "9069", "HEP port, UDP and TCP"),
     Setting("HOST", str, lambda s: "0.0.0.0", "address to listen on; '::' takes IPv6 and IPv4"),
+    Setting("TLS_PORT", parse_port_or_off, lambda s: "0",
+            "port of HEP over TLS (TCP framing inside TLS), on HOST; 0: none"),
+    Setting("TLS_CERT", str, lambda s: "", "the TLS listener's certificate chain (PEM)"),
+    Setting("TLS_KEY", str, lambda s: "", "the TLS listener's private key (PEM)"),
+    Setting("TLS_CLIENT_CA", str, lambda s: "",
+            "when set, a TLS agent must present a certificate signed by these CAs (PEM)"),
     Setting("HTTP_PORT", parse_port, lambda s: str(s["port"] + 1), "HTTP port of /query, /health, /metrics"),
     Setting("PARQUET_DIR", os.path.abspath, lambda s: "./data", "root folder of the Parquet tree"),
     Setting("WRITER_ID", parse_writer_id, lambda s: socket.gethostname() or "hepop",
@@ -390,6 +401,10 @@ SETTINGS = (
 class Config:
     port: int
     host: str
+    tls_port: int
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
     http_port: int
     parquet_dir: str
     writer_id: str
@@ -462,6 +477,9 @@ class Config:
                     by_type.append((int(name.split("_")[1]), parse_duration(text)))
                 except ValueError as exc:
                     raise ConfigError(f"{name}={text!r}: {exc}") from None
+        if values["tls_port"] and not (values["tls_cert"] and values["tls_key"]):
+            raise ConfigError(f"TLS_PORT={values['tls_port']}: TLS_CERT and TLS_KEY must name its certificate "
+                              "and key")
         key_file, data = os.path.realpath(values["jwt_secret_file"]), os.path.realpath(values["parquet_dir"])
         if key_file == data or key_file.startswith(data.rstrip("/") + "/"):
             raise ConfigError(f"JWT_SECRET_FILE={values['jwt_secret_file']!r}: it lies inside PARQUET_DIR, "
@@ -2612,7 +2630,7 @@ def sender_of(senders: list[Sender], index: int):
 @dataclasses.dataclass
 class ReceivedBatch:
     """Messages as received over one transport, of any HEP type, for the writer to decode."""
-    transport: str              # "udp" or "tcp"
+    transport: str              # "udp", "tcp" or "tls"
     arrival_us: int             # when the first came: the time given to packets without a sane one
     due_s: float                # time.monotonic() at which it is handed over, full or not
     messages: list = dataclasses.field(default_factory=list)     # bytes of each datagram or frame
@@ -4813,6 +4831,26 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)   # Linux; Python names i
 OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
+def tls_context(config: Config) -> Optional[ssl.SSLContext]:
+    """The TLS listener's context (TLS 1.2 at least), or None without TLS_PORT; ConfigError naming the
+    setting whose file does not load."""
+    if not config.tls_port:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS_CERT={config.tls_cert!r}, TLS_KEY={config.tls_key!r}: {exc}") from None
+    if config.tls_client_ca:
+        try:
+            context.load_verify_locations(config.tls_client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"TLS_CLIENT_CA={config.tls_client_ca!r}: {exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 @dataclasses.dataclass
 class Agent:
     """A TCP agent's connection, as the loop keeps it."""
@@ -4821,10 +4859,15 @@ class Agent:
     last_read_s: float          # time.monotonic() when it last sent anything
     partial_bytes: int = 0      # the bytes of an incomplete frame held for it, charged to Ingest.partial_bytes
     unframed_since_s: Optional[float] = None    # it has sent bytes and no HEP frame since then
+    transport: str = "tcp"      # or "tls"
+    handshaking: bool = False   # a TLS agent whose handshake has not ended: counted as unframed from its accept
 
 
 class CaptureServer:
-    """The selectors loop: UDP and TCP HEP on one HOST:PORT, batches flushed on time, signals."""
+    """The selectors loop: UDP and TCP HEP on one HOST:PORT, and HEP over TLS on TLS_PORT, batches flushed
+    on time, signals.  A TLS agent is a TCP agent whose reads go through its TLS session: the same
+    framing, bounds and counters; its handshake is made in the loop as its bytes come (never waited for),
+    and one that stalls is unframed, so TCP_FRAME_TIMEOUT_S closes it and a new agent may take its slot."""
 
     TCP_READ_BYTES = 256 * 1024
     TCP_DRAIN_QUIET_S = 0.2
@@ -4842,10 +4885,13 @@ class CaptureServer:
     DRAIN_WAIT_MAX_S = 60.0
     ACCEPT_BACKOFF_S = 1.0          # accepting pauses this long when the process is out of descriptors
 
-    def __init__(self, config: Config, ingest: Ingest, counters: Counters):
+    def __init__(self, config: Config, ingest: Ingest, counters: Counters,
+                 tls: Optional[ssl.SSLContext] = None):
         self.config = config
         self.ingest = ingest
         self.counters = counters
+        self.tls_context = tls
+        self.tls_listener: Optional[socket.socket] = None
         self.selector = selectors.DefaultSelector()
         self.connections: dict[socket.socket, Agent] = {}
         self.held_back: set[socket.socket] = set()      # agents with frames that had no room: not read
@@ -4878,8 +4924,19 @@ class CaptureServer:
             sock.setblocking(False)
         self._set_receive_buffer()
         self.tcp.listen(1024)
+        if self.tls_context:
+            self.tls_listener = socket.socket(family, socket.SOCK_STREAM)
+            self.tls_listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                self.tls_listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            self.tls_listener.bind((self.config.host, self.config.tls_port))
+            self.tls_listener.setblocking(False)
+            self.tls_listener.listen(1024)
+            log.info("listening for HEP over TLS on %s port %d%s", self.config.host, self.config.tls_port,
+                     " (agents must present a certificate)" if self.config.tls_client_ca else "")
         self.selector.register(self.udp, selectors.EVENT_READ, self._on_udp)
-        self.selector.register(self.tcp, selectors.EVENT_READ, self._on_accept)
+        for listener in self.listeners():
+            self.selector.register(listener, selectors.EVENT_READ, self._on_accept)
         self._wakeup_r.setblocking(False)
         self._wakeup_w.setblocking(False)
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
@@ -4887,6 +4944,9 @@ class CaptureServer:
         for signum in (signal.SIGTERM, signal.SIGINT):   # from here on, a signal means a clean stop
             signal.signal(signum, self._on_signal)
         log.info("listening for HEP on %s port %d (UDP and TCP)", self.config.host, self.config.port)
+
+    def listeners(self) -> list[socket.socket]:
+        return [self.tcp] + ([self.tls_listener] if self.tls_listener else [])
 
     def udp_inode(self) -> Optional[int]:
         """The inode of our UDP socket, by which /proc/net/udp lists its drops."""
@@ -5032,7 +5092,13 @@ class CaptureServer:
                 continue
             conn.setblocking(False)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            self.connections[conn] = Agent(HepStream(), peer, time.monotonic())
+            if listener is self.tls_listener:
+                now = time.monotonic()
+                conn = self.tls_context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+                self.connections[conn] = Agent(HepStream(), peer, now, unframed_since_s=now, transport="tls",
+                                               handshaking=True)
+            else:
+                self.connections[conn] = Agent(HepStream(), peer, time.monotonic())
             if self.reading:
                 self.selector.register(conn, selectors.EVENT_READ, self._on_tcp)
             self.counters.add("tcp_connections_total")
@@ -5044,14 +5110,16 @@ class CaptureServer:
         self.counters.add("tcp_accept_errors_total")
         self.notices.warning("accept", "cannot accept TCP agents (%s): trying again in %g s", exc.strerror,
                              self.ACCEPT_BACKOFF_S)
-        with contextlib.suppress(KeyError):
-            self.selector.unregister(self.tcp)
+        for listener in self.listeners():
+            with contextlib.suppress(KeyError):
+                self.selector.unregister(listener)
         self.accepting_again_at = time.monotonic() + self.ACCEPT_BACKOFF_S
 
     def _resume_accepting(self, now: float) -> None:
         if self.accepting_again_at is not None and now >= self.accepting_again_at:
             self.accepting_again_at = None
-            self.selector.register(self.tcp, selectors.EVENT_READ, self._on_accept)
+            for listener in self.listeners():
+                self.selector.register(listener, selectors.EVENT_READ, self._on_accept)
 
     def _evict_unframed_agent(self) -> bool:
         """With every slot taken: close the connection that has sent bytes and no frame longest, so that
@@ -5104,13 +5172,17 @@ class CaptureServer:
     def _on_tcp(self, conn) -> bool:
         """Read what one agent sent and store its frames; False once the connection has nothing more."""
         agent = self.connections[conn]
+        if agent.handshaking:
+            return self._handshake(conn, agent)
         room = self.ingest.room()
         if room <= 0:                           # no room for what it sent: hold it back, unread
             self._hold_back(conn)
             return False
         try:
             data = conn.recv(min(self.TCP_READ_BYTES, room))     # what it holds stays within the budget
-        except (BlockingIOError, InterruptedError):
+            while agent.transport == "tls" and conn.pending() and len(data) < min(self.TCP_READ_BYTES, room):
+                data += conn.recv(conn.pending())   # decrypted already: select() would not say so
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return False
         except OSError as exc:
             self.notices.warning("tcp_error", "TCP agent %s: %s", agent.peer, exc)
@@ -5126,6 +5198,21 @@ class CaptureServer:
             self._hold_back(conn)
         self._count_garbage(agent.stream)
         return self._hold_partial(conn, agent)
+
+    def _handshake(self, conn: ssl.SSLSocket, agent: Agent) -> bool:
+        """A TLS agent's handshake, as far as its bytes go; then its frames, as a TCP agent's."""
+        try:
+            conn.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            self.counters.add("tls_handshake_failures_total")
+            self.notices.warning("tls_handshake", "TLS handshake with %s failed: %s", agent.peer, exc)
+            self._close_agent(conn, keep_partial=False)
+            return False
+        agent.handshaking, agent.unframed_since_s = False, None
+        self.counters.add("tls_connections_total")
+        return self._on_tcp(conn)
 
     def _hold_back(self, conn) -> None:
         if conn not in self.held_back:
@@ -5153,7 +5240,7 @@ class CaptureServer:
                         fitted = False
                         return
                 yield frame
-        if self._take_frames(stream, agent.peer, fitting()):
+        if self._take_frames(stream, agent.peer, fitting(), agent.transport):
             agent.unframed_since_s = None
         return fitted
 
@@ -5195,12 +5282,12 @@ class CaptureServer:
             self.selector.unregister(conn)
         self.ingest.partial_bytes -= agent.partial_bytes
         if keep_partial:
-            self._take_frames(agent.stream, agent.peer, agent.stream.finish())
+            self._take_frames(agent.stream, agent.peer, agent.stream.finish(), agent.transport)
             self._count_garbage(agent.stream)
         conn.close()
         log.debug("TCP agent %s disconnected", agent.peer)
 
-    def _take_frames(self, stream: HepStream, peer, frames: Iterable[bytes]) -> int:
+    def _take_frames(self, stream: HepStream, peer, frames: Iterable[bytes], transport: str) -> int:
         """Frames of the common layout surely decode: buffered as they are, like datagrams, all in one call.
         Any other frame is decoded now, and when it does not decode, the stream searches inside it (its
         length may have swallowed good frames).  Returns how many decoded."""
@@ -5208,12 +5295,12 @@ class CaptureServer:
         for frame in frames:
             if has_common_layout(frame):
                 common.append(frame)
-            elif self.ingest.packet(frame, "tcp", peer):
+            elif self.ingest.packet(frame, transport, peer):
                 decoded += 1
             else:
                 stream.reject()
         if common:
-            self.ingest.messages(common, [Sender(0, peer)], "tcp")
+            self.ingest.messages(common, [Sender(0, peer)], transport)
         return decoded + len(common)
 
     def _count_garbage(self, stream: HepStream) -> None:
@@ -5229,10 +5316,11 @@ class CaptureServer:
             self._set_reading(True)
         self.selector.unregister(self._wakeup_r)    # a signal's byte left unread would make select() spin
         self.selector.unregister(self.udp)
-        with contextlib.suppress(KeyError):        # not registered while accepting is paused
-            self.selector.unregister(self.tcp)
-        self._on_accept(self.tcp)                   # agents still in the backlog may have sent already
-        self.tcp.close()
+        for listener in self.listeners():
+            with contextlib.suppress(KeyError):    # not registered while accepting is paused
+                self.selector.unregister(listener)
+            self._on_accept(listener)               # agents still in the backlog may have sent already
+            listener.close()
         wait_until = time.monotonic() + self.DRAIN_WAIT_MAX_S
         self._drain_pending, self._drain_progress_at = self.ingest.writer.pending_bytes, time.monotonic()
         read = 0
@@ -6803,6 +6891,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         asked = Config.load(argv, dict(os.environ))
         config = fit_descriptors(asked)
         users = Users(config.api_users_file)
+        tls = tls_context(config)
     except ConfigError as exc:
         print(f"hepop: bad setting {exc}", file=sys.stderr)
         return 2
@@ -6826,7 +6915,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     writer = BatchWriter(storage, counters, check, config)
     writer.start()
     compactor = Compactor(config, storage, counters)
-    server = CaptureServer(config, Ingest(config, writer, counters, check), counters)
+    server = CaptureServer(config, Ingest(config, writer, counters, check), counters, tls)
     try:
         server.bind()
     except OSError as exc:

@@ -4902,3 +4902,86 @@ def test_discarded_methods_and_their_responses_are_counted_not_stored(servers, t
     assert not any(v for k, v in counters.items() if k.startswith("hep_dropped_total"))
     result = run_hepop(env={"PARQUET_DIR": str(tmp_path / "x"), "DISCARD_METHODS": "OPTIONS;DROP TABLE"})
     assert result.returncode == 2 and "DISCARD_METHODS" in result.stderr
+
+
+def make_certificates(folder: Path) -> SimpleNamespace:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate signed by it, and a client
+    certificate signed by nobody hepop knows, all made by the openssl command."""
+    need("openssl", shutil.which("openssl") is not None)
+    run = lambda *args: subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=hepop test CA",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    for name, extra in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr")
+        (folder / f"{name}.ext").write_text(extra + "\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=rogue",
+        "-keyout", "rogue.key", "-out", "rogue.pem")
+    return SimpleNamespace(**{name: str(folder / name) for name in (
+        "ca.pem", "server.pem", "server.key", "client.pem", "client.key", "rogue.pem", "rogue.key")})
+
+
+def tls_agent(port: int, certs, cert: str = "", key: str = ""):
+    import ssl
+    context = ssl.create_default_context(cafile=getattr(certs, "ca.pem"))
+    if cert:
+        context.load_cert_chain(cert, key)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return context.wrap_socket(sock, server_hostname="127.0.0.1")
+
+
+def test_hep_over_tls_is_stored_and_a_stalled_handshake_stops_no_other_agent(servers, tmp_path):
+    certs = make_certificates(tmp_path)
+    tls_port = free_port()
+    server = servers(TLS_PORT=str(tls_port), TLS_CERT=getattr(certs, "server.pem"), TLS_KEY=getattr(certs, "server.key"),
+                     TCP_FRAME_TIMEOUT_S="2")
+    stalled = socket.create_connection(("127.0.0.1", tls_port))
+    stalled.sendall(b"\x16\x03\x01\x02\x00\x01")          # the start of a ClientHello, and no more
+    with tls_agent(tls_port, certs) as agent:
+        for i in range(20):
+            agent.sendall(hep3(sip(f"tls-{i}")))
+        server.udp([hep3(sip("udp-beside"))])
+        server.tcp(hep3(sip("tcp-beside")))
+        wait_for_rows(server, 22)
+    frames = tmp_path / "frames.bin"                     # a capture piped through openssl s_client
+    frames.write_bytes(b"".join(hep3(sip(f"s-client-{i}")) for i in range(5)))
+    with open(frames, "rb") as source:
+        result = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{tls_port}", "-quiet", "-no_ign_eof",
+                                 "-CAfile", getattr(certs, "ca.pem"), "-verify_return_error"],
+                                stdin=source, capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr[-2000:]
+    wait_for_rows(server, 27)
+    time.sleep(3.5)                                      # past TCP_FRAME_TIMEOUT_S and its check
+    assert closed_by_server(stalled)
+    stalled.close()
+    assert server.stop() == 0
+    counters = server.counters()
+    assert counters['hep_received_total{transport="tls",version="3"}'] == 25
+    assert counters["tls_connections_total"] == 2 and counters["tcp_unframed_closed_total"] >= 1
+    calls = sorted(r["call_id"] for r in stored_rows(tmp_path / "data", columns="call_id"))
+    assert calls == sorted([f"tls-{i}" for i in range(20)] + [f"s-client-{i}" for i in range(5)] + ["udp-beside", "tcp-beside"])
+
+
+def test_hep_over_tls_refuses_an_agent_without_a_certificate_the_client_ca_signed(servers, tmp_path):
+    import ssl
+    certs = make_certificates(tmp_path)
+    tls_port = free_port()
+    server = servers(TLS_PORT=str(tls_port), TLS_CERT=getattr(certs, "server.pem"), TLS_KEY=getattr(certs, "server.key"),
+                     TLS_CLIENT_CA=getattr(certs, "ca.pem"))
+    with tls_agent(tls_port, certs, getattr(certs, "client.pem"), getattr(certs, "client.key")) as agent:
+        agent.sendall(hep3(sip("signed-agent")))
+        wait_for_rows(server, 1)
+    for cert, key in ((getattr(certs, "rogue.pem"), getattr(certs, "rogue.key")), ("", "")):
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            with tls_agent(tls_port, certs, cert, key) as agent:     # TLS 1.3: refused at the first read
+                agent.sendall(hep3(sip("refused-agent")))
+                agent.recv(1)
+    time.sleep(0.5)
+    assert server.stop() == 0
+    assert [r["call_id"] for r in stored_rows(tmp_path / "data", columns="call_id")] == ["signed-agent"]
+    assert server.counters()["tls_handshake_failures_total"] == 2
+    result = run_hepop(env={"PARQUET_DIR": str(tmp_path / "x"), "TLS_PORT": str(tls_port), "TLS_CERT": "/nonexistent.pem",
+                            "TLS_KEY": "/nonexistent.key"})
+    assert result.returncode == 2 and "TLS_CERT" in result.stderr
