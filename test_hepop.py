@@ -4487,7 +4487,8 @@ def test_query_reads_the_stored_parquet_files_and_nothing_else_under_parquet_dir
     assert query(server, "SELECT 1 AS one", headers=bearer(token))[0] == 401
     server.process.send_signal(signal.SIGHUP)
     server.wait_for_log("1 users")
-    assert server.process.poll() is None
+    assert server.process.poll() is None                     # SIGHUP used to kill hepop
+    assert query(server, "SELECT 1 AS one", headers=bearer(token))[0] == 401
     assert login(server, "ops", "pw")[0] == 201 and login(server, "guest", "pw2")[0] == 401
     assert server.stop() == 0
 
