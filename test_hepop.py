@@ -1563,7 +1563,7 @@ def test_retention_deletes_old_files_per_type_and_empty_folders_go(tmp_path):
     compactor.run_once(now_us=now * 1_000_000)
     compactor.run_once(now_us=now * 1_000_000)
     assert sorted(r["call_id"] for r in rows_of(sip_store)) == ["kept-0", "kept-1"]
-    assert [r["payload"].split("Call-ID: ")[1].split("\r")[0] for r in rows_of(log_store)] == ["kept-log-0"]
+    assert [exact_payloads([r])[0].split(b"Call-ID: ")[1].split(b"\r")[0] for r in rows_of(log_store)] == [b"kept-log-0"]
     days = sorted(p.name for p in Path(sip_store.file_store.reader_path(sip_store.dir_key)).iterdir() if p.is_dir())
     assert days == [time.strftime("%Y-%m-%d", time.gmtime(t)) for t in sorted({now - 2 * 86400, now - 600})]
     assert not [p for p in Path(log_store.file_store.reader_path(log_store.dir_key)).rglob("*") if p.is_dir() and not any(p.iterdir())]
