@@ -4843,7 +4843,10 @@ def test_sip_messages_and_calls_are_counted_on_metrics_as_they_arrive(servers, t
     packets = [m["packet"] for flow in flows for m in flow]
     packets += [hep3(sip("kpi-odd", method="FOO"), extra=chunk(19, b"edge-2")),
                 hep3(sip_message("kpi-odd-code", "SIP/2.0 499 No Such Code", "1 INVITE"))]
-    server.udp(packets)
+    later = [m["packet"] for m in flows[1][-2:]]          # one call's BYE and its 200 in a later batch
+    server.udp([p for p in packets if p not in later])
+    time.sleep(0.6)
+    server.udp(later)
     wait_for_rows(server, len(packets))
     status, _, body = http(server, "/metrics")
     samples = [(f.name, f.type, s) for f in text_string_to_metric_families(body.decode()) for s in f.samples]
@@ -4988,3 +4991,22 @@ def test_hep_over_tls_refuses_an_agent_without_a_certificate_the_client_ca_signe
     result = run_hepop(env={"PARQUET_DIR": str(tmp_path / "x"), "TLS_PORT": str(tls_port), "TLS_CERT": "/nonexistent.pem",
                             "TLS_KEY": "/nonexistent.key"})
     assert result.returncode == 2 and "TLS_CERT" in result.stderr
+
+
+def test_a_failure_counting_the_kpis_never_stops_the_writing(tmp_path, monkeypatch):
+    """A bug in the KPIs raised out of the writer's thread, and nothing more was written."""
+    def broken(self, table):
+        raise ValueError("a bug")
+    monkeypatch.setattr(hepop.SipKpis, "count", broken)
+    counters = hepop.Counters()
+    config = hepop.Config.load([], {"PARQUET_DIR": str(tmp_path)})
+    storage = hepop.Storage(str(tmp_path), "w")
+    writer = hepop.BatchWriter(storage, counters, hepop.PacketCheck(config, counters), config)
+    writer.start()
+    for n in range(2):
+        writer.submit(hepop.ReceivedBatch("udp", time.time_ns() // 1000, 0.0, [hep3(sip(f"kpi-bug-{n}"))],
+                                          [hepop.Sender(0, ("127.0.0.1", 9))], 700))
+    writer.close()
+    assert sorted(r["call_id"] for r in rows_of(storage.store(1))) == ["kpi-bug-0", "kpi-bug-1"]
+    assert counters.snapshot()["kpi_errors_total"] == 2
+    storage.close()
