@@ -1290,19 +1290,13 @@ DURATION_BUCKETS_S = (5, 15, 30, 60, 120, 300, 600, 1800, 3600)
 Q850_CAUSE = r"(?i)\nReason:[ \t]*Q\.850[^\r\n]*?cause=(?P<cause>\d{1,3})"
 
 
+# A call's class by the final answer to its INVITE: the first class whose codes hold it, else "failed".
+CALL_CLASSES = (("answered", range(200, 300)), ("busy", (486, 600)), ("no_answer", (408, 480)),
+                ("cancelled", (487,)), ("redirected", range(300, 400)))
+
+
 def call_class(status: int) -> str:
-    """A call's class by the final answer to its INVITE."""
-    if 200 <= status < 300:
-        return "answered"
-    if status in (486, 600):
-        return "busy"
-    if status in (408, 480):
-        return "no_answer"
-    if status == 487:
-        return "cancelled"
-    if 300 <= status < 400:
-        return "redirected"
-    return "failed"
+    return next((name for name, codes in CALL_CLASSES if status in codes), "failed")
 
 
 class CallInProgress:
@@ -1394,8 +1388,7 @@ class SipKpis:
         node = pc.take(labels, nodes.indices)
         final = whole["final_first"]
         kind = pa.array(["failed"] * len(whole), pa.string())
-        for name, codes in (("redirected", range(300, 400)), ("cancelled", (487,)), ("no_answer", (408, 480)),
-                            ("busy", (486, 600)), ("answered", range(200, 300))):
+        for name, codes in reversed(CALL_CLASSES):         # the first class that holds a code wins
             kind = pc.if_else(pc.is_in(final, pa.array(list(codes), pa.int64())), pa.scalar(name), kind)
         for row in pa.table({"node": node, "kind": kind}).group_by(["node", "kind"]).aggregate(
                 [([], "count_all")]).to_pylist():
@@ -2833,9 +2826,9 @@ class BatchWriter(threading.Thread):
     def _store(self, proto_type: int, table: pa.Table) -> None:
         """Write the rows of one type: each 10-minute folder's file once, then metadata.json; nothing
         while the disk guard says the disk is full (DiskSignals)."""
-        self.storage.disk.look_now.set()
         if self.storage.disk.full.is_set():
             self.counters.add("hep_dropped_total", len(table), reason="disk_full")
+            self.storage.disk.look_now.set()        # for the guard to see when there is room again
             return
         started = time.perf_counter()
         what = f"{len(table)} rows of hep_{proto_type}"
@@ -4575,19 +4568,20 @@ class FileCatalog:
         and the keys of this writer's, held until the caller passes them to `leases.release`.  Other
         writers' listings are read first, outside FileLeases.lock: from a bucket they take a request,
         during which no deletion should wait (and those writers delete their own files)."""
-        left_out = self.unreadable_writers()
-        others = {proto_type: self._others(proto_type, plan.window, left_out) for proto_type in plan.types}
+        writers = self._other_writers()
+        left_out = self.unreadable(writers)
+        readable = [writer_id for writer_id in writers if writer_id not in left_out]
+        others = {proto_type: self._others(proto_type, plan.window, readable) for proto_type in plan.types}
         own: dict[int, list[ListedFile]] = {}
         held = self.leases.hold(lambda: [listed.key for proto_type in plan.types for listed in
                                          own.setdefault(proto_type, self._own(proto_type, plan.window))])
         return HeldFiles({proto_type: [listed.reader_path for listed in oldest_first(own[proto_type] + others[proto_type])]
                           for proto_type in plan.types}, held, left_out)
 
-    def unreadable_writers(self) -> list[str]:
-        """The other writers whose folder is a link out of PARQUET_DIR: the sandbox cannot read their
-        files, and one such folder made every query of its types fail.  Left out, and said so."""
-        left_out = [writer_id for writer_id in self._writers() if writer_id != self.storage.writer_id
-                    and self.shared_store.leads_outside(writer_id)]
+    def unreadable(self, writers: list[str]) -> list[str]:
+        """The writers whose folder is a link out of PARQUET_DIR: the sandbox cannot read their files,
+        and one such folder made every query of its types fail.  Left out, and said so."""
+        left_out = [writer_id for writer_id in writers if self.shared_store.leads_outside(writer_id)]
         if left_out:
             self.notices.warning("left_out", "queries leave out the files of writers %s: their folders lead "
                                  "outside PARQUET_DIR, which queries may not read", ", ".join(left_out))
@@ -4596,7 +4590,7 @@ class FileCatalog:
     def files(self, proto_type: int, window: TimeWindow) -> list[ListedFile]:
         """The files of a type that every writer lists (this one in memory, the others in their
         metadata.json), overlapping the window, oldest first."""
-        return oldest_first(self._own(proto_type, window) + self._others(proto_type, window))
+        return oldest_first(self._own(proto_type, window) + self._others(proto_type, window, self._other_writers()))
 
     def _own(self, proto_type: int, window: TimeWindow) -> list[ListedFile]:
         """This writer's files, on this disk and in the bucket."""
@@ -4607,21 +4601,21 @@ class FileCatalog:
     def table_names(self) -> list[str]:
         """hep_<type> for each type that this writer or another holds files of, and `calls`."""
         types = set(self.storage.types) | set(self.storage.uploaded)
-        for writer_id in self._writers():
+        for writer_id in self._other_writers():
             with contextlib.suppress(OSError):
                 types |= {int(match.group(1)) for match in map(self.layout.TYPE_FOLDER.fullmatch,
                           self.shared_store.folders(self.layout.types_key(writer_id))) if match}
         return [f"hep_{proto_type}" for proto_type in sorted(types)] + [CALLS_VIEW]
 
-    def _writers(self) -> list[str]:
+    def _other_writers(self) -> list[str]:
+        """The writers besides this one: one listing (a request, with a bucket)."""
         try:
-            return self.shared_store.folders("")
+            return [writer_id for writer_id in self.shared_store.folders("") if writer_id != self.storage.writer_id]
         except OSError as exc:
             raise QueryError(f"cannot list the writers in the bucket: {exc}", 503) from None
 
-    def _others(self, proto_type: int, window: TimeWindow, left_out: list[str] = ()) -> list[ListedFile]:
-        return [ListedFile(entry, self.shared_store) for writer_id in self._writers()
-                if writer_id != self.storage.writer_id and writer_id not in left_out
+    def _others(self, proto_type: int, window: TimeWindow, writers: list[str]) -> list[ListedFile]:
+        return [ListedFile(entry, self.shared_store) for writer_id in writers
                 for entry in self._listed(self.layout.metadata_key(writer_id, proto_type)) if window.overlaps(entry)]
 
     def _listed(self, metadata_key: str) -> list[dict]:
