@@ -391,7 +391,8 @@ def bench_loss_while_compacting(target_mib: int, rate: int, pool: list[bytes]) -
 def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000, span_s: int = 86_400,
               bucket_settings: dict | None = None) -> int:
     """`total_rows` SIP rows spread over the `span_s` (24 hours) before now, written by hepop's own writer
-    and compacted by its own compactor, as a day of capture leaves them; returns the files listed.
+    (with their call records) and compacted by its own compactor, as a day of capture leaves them; returns
+    the SIP files listed.
     100,000 distinct messages are reused; each reuse gets its own Call-IDs, so a call is found once.
     With `bucket_settings` (S3_URL and the rest), the closed folders are uploaded instead, as hepop's
     uploader does, and the objects in the bucket are counted."""
@@ -400,7 +401,7 @@ def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000, span_s: 
     config = hepop.Config.load([], {"PARQUET_DIR": str(root), "WRITER_ID": "bench", "COMPACT_GRACE_S": "1",
                                     "RETENTION": "30d", "MAX_DISK_PERCENT": "0", **(bucket_settings or {})})
     storage = hepop.Storage(str(root), "bench", bucket=hepop.open_bucket(config))
-    store = storage.store(1)
+    store, records, call_parts = storage.store(1), storage.store(hepop.CALLS_TYPE), hepop.CallParts()
     raw = packets(20 * rows_per_file // 10, seed=11)
     tables = []
     for i in range(10):
@@ -417,7 +418,9 @@ def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000, span_s: 
         part = table.slice(offset, count).set_column(0, "time", times)
         index = part.schema.get_field_index("call_id")            # repeated messages, yet unique calls
         call_ids = pc.binary_join_element_wise(part.column(index), pa.scalar(f"-{first}"), "")
-        store.write(part.set_column(index, "call_id", call_ids))
+        part = part.set_column(index, "call_id", call_ids)
+        store.write(part)
+        records.write(call_parts.of(part))          # as the writer makes them, file by file
     if bucket_settings:                     # every folder up, then the bucket's hours compacted
         hepop.Uploader(config, storage, hepop.Counters()).run_once(now_us=end_us + 3600 * 1_000_000)
     compactor = hepop.Compactor(config, storage, hepop.Counters())
@@ -425,6 +428,39 @@ def write_day(root: Path, total_rows: int, rows_per_file: int = 50_000, span_s: 
     compactor.close()                       # deletes the merged inputs
     storage.close()                         # the folder's lock, for the hepop that serves it next
     return len((storage.uploaded if bucket_settings else storage.types)[1].snapshot())
+
+
+def bench_writer(runs: int = 6, rows: int = 20_000) -> None:
+    """The writer alone (BatchWriter._write) over one batch of `rows` messages of whole calls, best of
+    `runs`: as it runs, without the call records, and without them and the SIP KPIs, in us a row."""
+    sys.path.insert(0, str(HERE))
+    import hepop
+    pool = packets(rows, seed=5)
+
+    def best_us(records: bool, kpis: bool) -> float:
+        best_s = float("inf")
+        for _ in range(runs):
+            with tempfile.TemporaryDirectory(prefix="hepop-bench-writer-") as tmp:
+                config = hepop.Config.load([], {"PARQUET_DIR": tmp, "WRITER_ID": "w", "MAX_DISK_PERCENT": "0"})
+                counters = hepop.Counters()
+                storage = hepop.Storage(tmp, "w")
+                writer = hepop.BatchWriter(storage, counters, hepop.PacketCheck(config, counters), config)
+                if not records:
+                    writer._write_call_records = lambda *args: None
+                if not kpis:
+                    writer._count_kpis = lambda *args: None
+                batch = hepop.ReceivedBatch("udp", time.time_ns() // 1000, 0.0, list(pool),
+                                            [hepop.Sender(0, ("127.0.0.1", 9))])
+                started = time.perf_counter()
+                writer._write(batch)
+                best_s = min(best_s, time.perf_counter() - started)
+                storage.close()
+        return best_s / rows * 1e6
+
+    print(f"the writer over {rows:,} messages of whole calls (BatchWriter._write, best of {runs}), us a row:")
+    for name, records, kpis in (("as it runs (SIP KPIs and call records)", True, True),
+                                ("without the call records", False, True), ("without either", False, False)):
+        print(f"  {name:<40} {best_us(records, kpis):.2f}", flush=True)
 
 
 def bench_flush(listed_counts: list[int], runs: int = 20) -> None:
@@ -504,9 +540,10 @@ def bench_queries(total_rows: int, runs: int = 5) -> None:
 def bench_busy_hour(rate: int, runs: int = 5) -> None:
     """The last hour of a busy site: SIP at `rate` messages/s (default 20,000: 72 M rows), written by
     hepop's writer in batches of FLUSH_ROWS as capture makes them, its closed folders and the earlier
-    clock hour merged by hepop's compactor; then issue 15's queries over the last hour and the page's call
-    list (its first page: the newest 51 calls of the `calls` view), over HTTP, each beside the same SQL
-    run by DuckDB alone over the same files."""
+    clock hour merged by hepop's compactor; then issue 15's queries over the last hour, and issue 30's over
+    the `calls` view (the page's call list: its first page, the newest 51 calls; failed only; a number's
+    calls; ASR, NER and ACD per 5 minutes), over HTTP, each beside the same SQL run by DuckDB alone over the
+    same files (for `calls`, the call records, merged by the same SQL)."""
     import duckdb
     sys.path.insert(0, str(HERE))
     import hepop
@@ -535,8 +572,21 @@ def bench_busy_hour(rate: int, runs: int = 5) -> None:
                                               f"AND payload LIKE '%{sample['from_user']}%' LIMIT 100", 2000),
             ("From user, last hour", f"SELECT time, call_id FROM hep_1 WHERE {hour} AND from_user = "
                                      f"'{sample['from_user']}' ORDER BY time DESC LIMIT 200", 1000),
+            ("call list, first page, last 15 min", "SELECT * FROM calls WHERE time BETWEEN now() - INTERVAL 15 MINUTE "
+                                                   "AND now() ORDER BY time DESC LIMIT 51 OFFSET 0", 500),
             ("call list, first page, last hour", "SELECT * FROM calls WHERE time BETWEEN now() - INTERVAL 1 HOUR "
-                                                 "AND now() ORDER BY time DESC LIMIT 51 OFFSET 0", 1000),
+                                                 "AND now() ORDER BY time DESC LIMIT 51 OFFSET 0", 500),
+            ("failed calls, first page, last hour", "SELECT * FROM calls WHERE time BETWEEN now() - INTERVAL 1 HOUR "
+                                                    "AND now() AND (status IS NULL OR (status >= 300 AND status <> 487)) "
+                                                    "ORDER BY time DESC LIMIT 51 OFFSET 0", 500),
+            ("one number's calls, last hour", f"SELECT * FROM calls WHERE {hour} AND (from_user = '{sample['from_user']}' "
+                                              f"OR to_user = '{sample['from_user']}' OR ruri_user = '{sample['from_user']}') "
+                                              "ORDER BY time DESC LIMIT 51", 1000),
+            ("ASR, NER, ACD per 5 minutes, last hour", "SELECT time_bucket(INTERVAL 5 MINUTE, time) AS t, "
+                                                       "avg((status BETWEEN 200 AND 299)::INT) AS asr, avg((status BETWEEN "
+                                                       "200 AND 299 OR status IN (486, 600, 408, 480, 487))::INT) AS ner, "
+                                                       "avg(duration_s) FILTER (WHERE status BETWEEN 200 AND 299) AS acd "
+                                                       f"FROM calls WHERE {hour} AND method = 'INVITE' GROUP BY t ORDER BY t", 2000),
         ]
         def rows_or_error(sql: str) -> str:
             try:
@@ -549,7 +599,13 @@ def bench_busy_hour(rate: int, runs: int = 5) -> None:
         db = duckdb.connect(config={"threads": 1, "memory_limit": "256MB",      # as the query process has them
                                     "temp_directory": os.path.join(tmp, ".alone-tmp")})
         db.execute("CREATE VIEW hep_1 AS SELECT * FROM read_parquet([" + ", ".join(f"'{p}'" for p in paths) + "])")
+        records = sorted(glob.glob(f"{tmp}/bench/dbs/hep-0/calls-0/*/*/*.parquet"))
+        db.execute(f"CREATE VIEW {hepop.CALL_RECORDS_VIEW} AS SELECT * FROM read_parquet([" +
+                   ", ".join(f"'{p}'" for p in records) + "])")
         db.execute(f"CREATE VIEW calls AS {hepop.CALLS_SQL}")
+        sip_bytes, record_bytes = (sum(os.path.getsize(p) for p in group) for group in (paths, records))
+        print(f"  on disk: messages {sip_bytes / 1e6:.0f} MB, call records {record_bytes / 1e6:.0f} MB "
+              f"({100 * record_bytes / sip_bytes:.1f} % more)", flush=True)
         for name, sql, target, ms, rows in figures:
             try:
                 once_ms, _ = median_ms(lambda: db.execute(sql).fetchall(), 1)
@@ -847,7 +903,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="capture only, short runs at two rates (under a minute)")
     parser.add_argument("--seconds", type=float, help="seconds per rate")
     parser.add_argument("--rates", help="comma-separated packets/s")
-    parts = ("capture", "sustained", "overload", "compaction", "query", "starvation", "busy", "flush", "s3")
+    parts = ("capture", "sustained", "overload", "compaction", "query", "starvation", "busy", "flush", "s3",
+             "writer")
     for part in parts:
         parser.add_argument(f"--{part}", action="store_true", help=f"only the {part} figures (can be combined)")
     parser.add_argument("--sustained-rate", type=int, default=100_000, help="packets/s of the sustained run")
@@ -876,6 +933,8 @@ def main() -> None:
         bench_starvation(pool, 20_000, 10.0 if args.quick else 30.0, [1, 4, 8, 20])
     if "flush" in chosen:
         bench_flush([100, 1_000, 4_200, 10_000])
+    if "writer" in chosen:
+        bench_writer()
     if "s3" in chosen:
         bench_s3(args.quick, 20_000)
 

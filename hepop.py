@@ -15,9 +15,11 @@ Data flow::
                             v   queue.Queue; the loop pauses reading near MAX_PENDING_BYTES
                      writer thread (BatchWriter): decode the batch (Arrow over the common layout,
                             |   decode() for the rest) -> packet checks -> SIP columns -> one Parquet
-                            |   file per 10-minute folder, published atomically -> metadata.json
+                            |   file per 10-minute folder, published atomically, and for SIP its call
+                            |   records (a Call-ID's messages summed up, CallParts) -> metadata.json
                             v
-                     compactor thread: every COMPACT_INTERVAL_S, each closed 10-minute folder and
+                     compactor thread: at start, the check of the call records (CallRecordsCheck);
+                            |   every COMPACT_INTERVAL_S, each closed 10-minute folder and
                             |   then each closed hour merged by a child process (an hour sorted by
                             |   DuckDB) into c_NNNNNNNNNN.parquet, swapped into metadata.json;
                             |   retention; the disk guard; empty folders
@@ -33,6 +35,7 @@ Data flow::
 
     PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/metadata.json                the truth about the files
     PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-MM/NNNNNNNNNN.parquet   (TreeLayout)
+    PARQUET_DIR/WRITER_ID/dbs/hep-0/calls-0/...                     the call records, a type of their own
     s3://BUCKET/PREFIX/WRITER_ID/dbs/hep-0/...                   the same tree, of uploaded folders (S3_URL)
 
 Sections, in reading order; each uses only what is above it:
@@ -42,20 +45,23 @@ Sections, in reading order; each uses only what is above it:
     HEP protocol    decode() for v1, v2, v3 and the TCP stream framing: pure code, no I/O
     Batch decoding  the common layout of a whole batch decoded by Arrow
     Packet checks   capture-time bounds, the auth key, what counts as received and dropped
-    SIP fields      the SIP columns of a batch, by Arrow
+    SIP fields      the SIP columns of a batch, by Arrow; the SIP KPIs (SipKpis); what a call record
+                    sums up (CALL_PART_SQL)
     Storage         schemas; TreeLayout; the atomic publish; FileStore, the one interface to the data's
                     files (list, read, write-then-publish, delete, size), LocalFileStore and
                     S3FileStore (a bucket, staging key and server-side copy); file_entry and its
                     validation; FileLeases (no file deleted under a query); TypeStore (files and
                     metadata.json of one type, recovery at start); Storage (all types, on this disk
-                    and in the bucket, the lock on the writer's folder)
+                    and in the bucket, the lock on the writer's folder); CallRecordsCheck (records that
+                    count their hour's messages, made again where they do not)
     Writer thread   the batch records the loop hands over; BatchWriter
     Compaction      HourMerger, merge_folder and merge_files (the child process); Compactor (the timer
                     thread)
     Upload          the Uploader (the thread that fills the bucket)
     Query           QueryEngine (the sandbox: refuse_sources lets a query read hepop's tables and no
                     file; the time window, views over listed files, the `calls`
-                    view that defines a call); plain_top_n (a top-N answered from the newest rows);
+                    view that defines a call, merging its records); plain_top_n (a top-N answered from
+                    the newest rows; for calls, of the calls that began there); call_picking_condition;
                     results as exact JSON values and ResultWriter; the query process (serve_queries,
                     QueryRun) and what the capture process keeps of it (QueryProcess, FileCatalog)
     Capture         Ingest (bytes to batches) and CaptureServer (sockets, the selectors loop, signals)
@@ -69,11 +75,14 @@ Sections, in reading order; each uses only what is above it:
 Threads and processes, and what each owns:
     main thread     the selectors loop: the sockets, Ingest's open batches and counts, TCP streams.
                     It hands batches to the writer through BatchWriter.queue and never waits for it.
-    writer          the writing of raw files; BatchWriter.pending_bytes (under its lock, read by
+    writer          the writing of raw files and their call records (a SIP file and its records under
+                    Storage.pairing); BatchWriter.pending_bytes (under its lock, read by
                     the loop to pause reading), `failing` (read by /health).  After each file it wakes
                     the disk guard (DiskSignals.look_now); while the guard says the disk is full
                     (DiskSignals.full, read by /health) it drops what arrives.
-    compactor       merges, retention, the disk guard (at each pass and whenever the writer wrote); at
+    compactor       the check of the call records (before its first pass; the uploader waits for it, and
+                    an hour a pass for hours that only one type holds); merges, retention, the disk
+                    guard (at each pass and whenever the writer wrote); at
                     most one merge child process at a time, started and killed under
                     Compactor._merging_lock.
     uploader        with S3_URL: merging closed folders and putting them in the bucket; `failing`
@@ -1466,6 +1475,52 @@ class SipKpis:
                                   PDD_BUCKETS_S, node=node)
 
 
+
+# -- call records: a call's messages summed up where they are written --------------------------------------
+#
+# A call record is one Call-ID's messages in one file, summed up as the `calls` view needs them: the writer
+# makes them from each file of SIP it writes (CallParts), and the `calls` view (CALLS_SQL, in the Query
+# section) merges the records of each Call-ID.  Every column is a minimum, a maximum, a count, or a value
+# kept with the time that picks it (the first request's fields with its time, the answer's code with the
+# answer's, the last final answer's with its own), so records merged in any grouping give what the same
+# aggregates give over the messages themselves: a call that spans files, folders, hours, restarts and
+# compactions, or whose messages arrive out of order, is exact without any state held between files.
+# Messages without a Call-ID are summed up too (call_id NULL), so that a file's records count its rows:
+# the check at start (CallRecordsCheck) compares the counts of each hour.
+# The first Reason header of BYE, CANCEL and final answers of 300 and up, with its time: Q.850 or SIP.
+REASON_SQL = r"""CASE WHEN sip_method IN ('BYE', 'CANCEL') OR sip_status >= 300
+                      THEN nullif(regexp_extract(payload, '(?i)\nReason:[ \t]*([^\r\n]+)', 1), '') END"""
+CALL_PART_SQL = f"""
+WITH messages AS (
+    SELECT time, call_id, sip_method, sip_status, from_user, to_user, ruri_user, user_agent, src_ip, src_port,
+           dst_ip, dst_port, upper(split_part(cseq, ' ', 2)) AS cseq_method, correlation_id,
+           coalesce(node_name, CAST(capture_id AS VARCHAR)) AS node, {REASON_SQL} AS reason
+    FROM sip_rows),
+parts AS (
+    SELECT call_id, min(time) AS time, max(time) AS last_time, count(*) AS messages, arg_min(node, time) AS node,
+           min(time) FILTER (WHERE sip_method IS NOT NULL) AS first_request_time,
+           arg_min({{'method': sip_method, 'from_user': from_user, 'to_user': to_user, 'ruri_user': ruri_user,
+                    'user_agent': user_agent, 'src_ip': src_ip, 'src_port': src_port, 'dst_ip': dst_ip,
+                    'dst_port': dst_port}}, time) FILTER (WHERE sip_method IS NOT NULL) AS first_request,
+           min(time) FILTER (WHERE sip_method = 'INVITE') AS invite_time,
+           min(time) FILTER (WHERE cseq_method = 'INVITE' AND sip_status >= 180) AS progress_time,
+           min(time) FILTER (WHERE cseq_method = 'INVITE' AND sip_status BETWEEN 200 AND 299) AS answer_time,
+           arg_min(sip_status, time) FILTER (WHERE cseq_method = 'INVITE' AND sip_status BETWEEN 200 AND 299)
+               AS answer_status,
+           max(time) FILTER (WHERE sip_status >= 200 AND cseq_method NOT IN
+               ('ACK', 'BYE', 'CANCEL', 'PRACK', 'UPDATE', 'INFO')) AS final_time,
+           arg_max(sip_status, time) FILTER (WHERE sip_status >= 200 AND cseq_method NOT IN
+               ('ACK', 'BYE', 'CANCEL', 'PRACK', 'UPDATE', 'INFO')) AS final_status,
+           min(time) FILTER (WHERE sip_method = 'BYE') AS bye_time,
+           min(time) FILTER (WHERE reason IS NOT NULL) AS reason_time,
+           arg_min(reason, time) FILTER (WHERE reason IS NOT NULL) AS reason,
+           min(time) FILTER (WHERE correlation_id IS NOT NULL) AS correlation_time,
+           arg_min(correlation_id, time) FILTER (WHERE correlation_id IS NOT NULL) AS correlation_id
+    FROM messages GROUP BY call_id)
+SELECT * EXCLUDE (first_request), first_request.* FROM parts ORDER BY time"""
+
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Storage: schemas, Parquet files written atomically, and metadata.json per HEP type.
 # ---------------------------------------------------------------------------------------------------------
@@ -1492,6 +1547,26 @@ PAYLOAD_FIELDS = [
     pa.field("payload", pa.string()),       # the payload as text (invalid bytes shown as U+FFFD)
 ]
 SIP_TYPE = 1
+# The call records (CallParts) are a type of their own, in their own folder, calls-0 (TreeLayout), listed
+# in its own metadata.json: a number past HEP's types (chunk 11 is one byte), so that every part of the
+# storage (writing, compaction, retention, upload, listing) takes them as it takes the messages.
+CALLS_TYPE = 256
+TIME_FIELD_NAMES = ("time", "last_time", "first_request_time", "invite_time", "progress_time", "answer_time",
+                    "final_time", "bye_time", "reason_time", "correlation_time")
+CALL_RECORD_FIELDS = [
+    pa.field("call_id", pa.string()),
+    *(pa.field(name, TIME_TYPE, nullable=name != "time") for name in TIME_FIELD_NAMES[1:]),
+    pa.field("messages", pa.int64()),
+    pa.field("node", pa.string()),
+    pa.field("answer_status", pa.uint16()),
+    pa.field("final_status", pa.uint16()),
+    pa.field("reason", pa.string()),
+    pa.field("correlation_id", pa.string()),
+    pa.field("method", pa.string()),
+    *(field for field in SIP_FIELDS + BASE_FIELDS if field.name in ("from_user", "to_user", "ruri_user",
+                                                                    "user_agent", "src_ip", "src_port",
+                                                                    "dst_ip", "dst_port")),
+]
 FOLDER_SPAN_US = 600 * 1_000_000            # raw files go to 10-minute folders
 HOUR_US = 3600 * 1_000_000                  # compacted files hold an hour
 ROW_GROUP_BYTES = 32 << 20
@@ -1503,8 +1578,42 @@ TEMP_SUFFIX = ".tmp"
 
 
 def table_schema(proto_type: int) -> pa.Schema:
-    """Every file of a type has this one schema; SIP tables carry the extracted SIP columns."""
+    """Every file of a type has this one schema; SIP tables carry the extracted SIP columns.  A call
+    record's `time` (its first column, as in every type: the footers' statistics of column 0 give the
+    files' times) is its first message's."""
+    if proto_type == CALLS_TYPE:
+        return pa.schema([BASE_FIELDS[0]] + CALL_RECORD_FIELDS)
     return pa.schema(BASE_FIELDS + (SIP_FIELDS if proto_type == SIP_TYPE else []) + PAYLOAD_FIELDS)
+
+
+def type_name(proto_type: int) -> str:
+    """How logs and the tree name a type: hep_1, hep_100, calls."""
+    return "calls" if proto_type == CALLS_TYPE else f"hep_{proto_type}"
+
+
+def type_label(proto_type: int) -> str:
+    """The `type` label of counters: 1, 100, calls."""
+    return "calls" if proto_type == CALLS_TYPE else str(proto_type)
+
+
+class CallParts:
+    """The call records of a table of SIP rows (CALL_PART_SQL), by a DuckDB of one thread owned by the
+    thread that makes them (the writer; the check at start), in the capture process: it reads the batch
+    where Arrow holds it, and a batch's groups (a few thousand Call-IDs) take a few MB of its 64."""
+
+    def __init__(self):
+        self.db = duckdb.connect(config={"threads": 1, "memory_limit": "64MB"})
+        self.db.execute("SET TimeZone = 'UTC'")
+        self.db.execute("SET enable_progress_bar = false")
+
+    def of(self, sip_rows: pa.Table) -> pa.Table:
+        """The call records of `sip_rows`, in the schema of their files."""
+        schema = table_schema(CALLS_TYPE)
+        self.db.register("sip_rows", sip_rows)
+        try:
+            return self.db.sql(CALL_PART_SQL).to_arrow_table().select(schema.names).cast(schema)
+        finally:
+            self.db.unregister("sip_rows")
 
 
 _OCTETS = pa.array([str(octet) for octet in range(256)])
@@ -1574,6 +1683,7 @@ class TreeLayout:
         PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-MM/NNNNNNNNNN.parquet     raw flushes
         PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-MM/m_NNNNNNNNNN.parquet   merged folders
         PARQUET_DIR/WRITER_ID/dbs/hep-0/hep_<type>-0/YYYY-MM-DD/HH-00/c_NNNNNNNNNN.parquet   compacted hours
+        PARQUET_DIR/WRITER_ID/dbs/hep-0/calls-0/...                the call records, in the same tree and names
         PARQUET_DIR/WRITER_ID/set-aside/...                        files that could not be read, moved away
         PARQUET_DIR/WRITER_ID/.compaction-tmp, .query-tmp          DuckDB's spill, bounded, emptied at start
         PARQUET_DIR/WRITER_ID/.upload-tmp                          a folder's object before its upload (S3_URL)
@@ -1586,7 +1696,7 @@ class TreeLayout:
 
     MAX_SEQUENCE = 10 ** 10 - 1
     FILE_NAME = re.compile(r"(c_|m_)?(\d{10})\.parquet")
-    TYPE_FOLDER = re.compile(r"hep_(\d{1,3})-0")
+    TYPE_FOLDER = re.compile(r"(?:hep_(\d{1,3})|(calls))-0")
 
     def __init__(self, root: str):
         self.root = root
@@ -1609,7 +1719,13 @@ class TreeLayout:
 
     @classmethod
     def type_key(cls, writer_id: str, proto_type: int) -> str:
-        return f"{cls.types_key(writer_id)}/hep_{proto_type}-0"
+        return f"{cls.types_key(writer_id)}/{type_name(proto_type)}-0"
+
+    @classmethod
+    def types_in(cls, folder_names: Iterable[str]) -> set[int]:
+        """The types whose folders (hep_<type>-0, calls-0) are among `folder_names`."""
+        matches = [match for match in map(cls.TYPE_FOLDER.fullmatch, folder_names) if match]
+        return {CALLS_TYPE if match.group(2) else int(match.group(1)) for match in matches}
 
     @classmethod
     def metadata_key(cls, writer_id: str, proto_type: int) -> str:
@@ -2554,6 +2670,11 @@ class Storage:
         self.disk = DiskSignals()
         self.types: dict[int, TypeStore] = {}
         self.uploaded: dict[int, TypeStore] = {}
+        self._opening = threading.Lock()        # the writer and the compactor open types (the call records)
+        # Held by the writer from a SIP file's write to its call records', and by the check of the records
+        # (CallRecordsCheck) while it lists both: it sees a file and its records, or neither.
+        self.pairing = threading.Lock()
+        self.records_checked = threading.Event()
         self._lock_file = self._lock_writer_dir()
         found = self._check_writable(self.file_store, f"PARQUET_DIR={root}")
         if bucket is not None:
@@ -2575,8 +2696,7 @@ class Storage:
         try:
             file_store.write(f"{base}/.write-check", lambda out: out.write(b"ok"))
             file_store.delete(f"{base}/.write-check")
-            return {int(match.group(1)) for match in map(self.layout.TYPE_FOLDER.fullmatch,
-                                                         file_store.folders(base)) if match}
+            return self.layout.types_in(file_store.folders(base))
         except OSError as exc:
             raise StoreError(f"{where}: cannot write {base}: {exc.strerror or exc}") from None
 
@@ -2607,10 +2727,11 @@ class Storage:
 
     def store(self, proto_type: int) -> TypeStore:
         """The type's store on this disk, where its raw files are written."""
-        if proto_type not in self.types:
-            self.types[proto_type] = TypeStore(self.layout, self.file_store, self.writer_id, proto_type,
-                                               self.leases)
-        return self.types[proto_type]
+        with self._opening:
+            if proto_type not in self.types:
+                self.types[proto_type] = TypeStore(self.layout, self.file_store, self.writer_id, proto_type,
+                                                   self.leases)
+            return self.types[proto_type]
 
     def new_key(self, proto_type: int, chunk_time_us: int, kind: FileKind) -> str:
         """A new, never used key for a file of a type, on this disk or in the bucket: one numbering for
@@ -2620,9 +2741,11 @@ class Storage:
     def uploaded_store(self, proto_type: int) -> TypeStore:
         """The type's store in the bucket (opened by the uploader, never by the writer: a bucket that is
         down must not stop a write); raises OSError when the bucket cannot be read."""
-        if proto_type not in self.uploaded:
-            self.uploaded[proto_type] = TypeStore(self.layout, self.bucket, self.writer_id, proto_type, self.leases)
-        return self.uploaded[proto_type]
+        with self._opening:
+            if proto_type not in self.uploaded:
+                self.uploaded[proto_type] = TypeStore(self.layout, self.bucket, self.writer_id, proto_type,
+                                                      self.leases)
+            return self.uploaded[proto_type]
 
     def _drop_uploaded(self, local: TypeStore, uploaded: TypeStore) -> None:
         """Delete the raw files here that an object in the bucket holds (a crash came between its
@@ -2636,7 +2759,7 @@ class Storage:
                 merged.update(merged_inputs(uploaded.file_store, entry["path"]))
         done = [entry for entry in local.listed() if entry["path"] in merged]
         if done:
-            log.warning("removing %d files of hep_%d already uploaded before a crash", len(done), local.proto_type)
+            log.warning("removing %d files of %s already uploaded before a crash", len(done), type_name(local.proto_type))
             local.delete(done)
             self.leases.delete_due(everything=True)     # at start no query holds them
         with local.lock:
@@ -2645,6 +2768,120 @@ class Storage:
     def close(self) -> None:
         """Let the next hepop have the folder."""
         self._lock_file.close()
+
+
+class ListedEntry(NamedTuple):
+    """A file's entry and the store (this disk's, the bucket's) that lists it."""
+    store: TypeStore
+    entry: dict
+
+
+CALL_SOURCE_COLUMNS = ("time", "call_id", "sip_method", "sip_status", "from_user", "to_user", "ruri_user",
+                       "user_agent", "src_ip", "src_port", "dst_ip", "dst_port", "cseq", "correlation_id",
+                       "node_name", "capture_id", "payload")
+REBUILD_BATCH_ROWS = 65_536             # SIP rows read at a time when records are made again
+REBUILD_FILE_ROWS = 1_000_000           # records gathered before they are written
+
+
+class CallRecordsCheck:
+    """The call records are derived data: each hour's records must count the hour's SIP rows (each record
+    counts its messages, those without a Call-ID included), else they are made again from the hour's SIP
+    files, and the old ones deleted.
+
+    Only where they can differ is it counted: an hour with raw files (a crash may come between a SIP file
+    and its records), or one that only one of the two holds (retention and the disk guard delete the
+    hours of each type in turn; records deleted by hand, or a tree from before the records).  Merges keep
+    the rows they merge, so hours that both hold merged only agree already.
+
+    It runs in the compactor thread.  At start (`at_start`), before the first pass and with the uploader
+    waiting for it (Storage.records_checked), the hours with raw files; the hours that one type lacks are
+    left for later passes (`one_deferred_hour`, newest first, an hour a pass), so that a tree of days
+    without records does not hold compaction, retention and the disk guard up for hours.  The writer writes
+    meanwhile: under Storage.pairing, the check lists a SIP file and its records or neither.  With a bucket,
+    a deferred hour that still has files on this disk waits (the uploader moves them); until an hour is
+    done, `calls` may miss its records."""
+
+    def __init__(self, storage: Storage, counters: Counters, stopping: threading.Event):
+        self.storage = storage
+        self.counters = counters
+        self.stopping = stopping                # a stop ends it between two batches; the next start goes on
+        self.call_parts = CallParts()
+        self.deferred: list[int] = []           # hours, oldest first: the newest is taken first
+
+    def at_start(self) -> None:
+        messages, records = self._listed()
+        hours = sorted(set(messages) | set(records))
+        with_raw = [hour for hour in hours if any(entry_kind(listed.entry) is RAW
+                                                  for listed in messages.get(hour, []) + records.get(hour, []))]
+        rebuilt = sum(self._check(hour, messages.get(hour, []), records.get(hour, [])) for hour in with_raw)
+        self.deferred = [hour for hour in hours if hour not in with_raw and (hour in messages) != (hour in records)]
+        log.info("call records of the hours with raw files checked: %d hours of %d made again; %d hours that only "
+                 "messages or only records hold are checked one a pass", rebuilt, len(hours), len(self.deferred))
+        if not self.deferred:
+            log.info("call records checked: every hour")
+
+    def one_deferred_hour(self) -> None:
+        """The newest deferred hour, checked and made again where its counts differ."""
+        if not self.deferred:
+            return
+        hour = self.deferred[-1]
+        messages, records = self._listed()
+        sip, kept = messages.get(hour, []), records.get(hour, [])
+        if self.storage.bucket is not None and any(listed.store.file_store is self.storage.file_store
+                                                   for listed in sip + kept):
+            return                          # the uploader moves this disk's files: the next pass
+        self.deferred.pop()
+        self._check(hour, sip, kept)
+        if not self.deferred:
+            log.info("call records checked: every hour")
+
+    def _listed(self) -> tuple[dict, dict]:
+        with self.storage.pairing:
+            return self._by_hour(SIP_TYPE), self._by_hour(CALLS_TYPE)
+
+    def _check(self, hour: int, sip: list[ListedEntry], kept: list[ListedEntry]) -> bool:
+        """Whether the hour's records had to be made again."""
+        sip_rows = sum(listed.entry["row_count"] for listed in sip)
+        counted = sum(self._messages(listed) for listed in kept)
+        if counted == sip_rows:
+            return False
+        log.warning("the call records of %s count %d SIP rows, its files hold %d: making them again",
+                    format_time(hour * HOUR_US), counted, sip_rows)
+        self.rebuild(sip, kept)
+        self.counters.add("call_records_rebuilt_total")
+        self.storage.leases.delete_due()
+        return True
+
+    def _by_hour(self, proto_type: int) -> dict[int, list[ListedEntry]]:
+        hours = collections.defaultdict(list)
+        stores = [self.storage.types.get(proto_type), self.storage.uploaded.get(proto_type)]
+        for store in stores:
+            for entry in store.listed() if store is not None else ():
+                hours[entry["chunk_time"] // 1000 // HOUR_US].append(ListedEntry(store, entry))
+        return hours
+
+    @staticmethod
+    def _messages(listed: ListedEntry) -> int:
+        with listed.store.file_store.open_input(listed.entry["path"]) as source:
+            return pc.sum(pq.read_table(source, columns=["messages"])["messages"]).as_py() or 0
+
+    def rebuild(self, sip: list[ListedEntry], kept: list[ListedEntry]) -> None:
+        """Records of `sip`'s files, written here a batch of rows at a time; then `kept` deleted."""
+        store = self.storage.store(CALLS_TYPE)
+        pending: list[pa.Table] = []
+        for listed in sip:
+            with listed.store.file_store.open_input(listed.entry["path"]) as source:
+                for batch in pq.ParquetFile(source).iter_batches(REBUILD_BATCH_ROWS, columns=CALL_SOURCE_COLUMNS):
+                    if self.stopping.is_set():
+                        raise InterruptedError("stopped")
+                    pending.append(self.call_parts.of(pa.Table.from_batches([batch])))
+                    if sum(map(len, pending)) >= REBUILD_FILE_ROWS:
+                        store.write(pa.concat_tables(pending))
+                        pending.clear()
+        if pending:
+            store.write(pa.concat_tables(pending))
+        for held_by in {listed.store for listed in kept}:
+            held_by.delete([listed.entry for listed in kept if listed.store is held_by])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -2719,6 +2956,7 @@ class BatchWriter(threading.Thread):
         self.counters = counters
         self.check = check
         self.sip_kpis = SipKpis(counters, config.max_calls_tracked)
+        self.call_parts = CallParts()
         self.discard_methods = config.discard_methods
         self.queue: queue.Queue = queue.Queue()
         self.pending_bytes = 0
@@ -2831,32 +3069,56 @@ class BatchWriter(threading.Thread):
             self.storage.disk.look_now.set()        # for the guard to see when there is room again
             return
         started = time.perf_counter()
-        what = f"{len(table)} rows of hep_{proto_type}"
-        store = self._attempt(f"opening hep_{proto_type}", lambda: self.storage.store(proto_type))
+        what = f"{len(table)} rows of {type_name(proto_type)}"
+        store = self._attempt(f"opening {type_name(proto_type)}", lambda: self.storage.store(proto_type))
         if store is None:
             self.counters.add("hep_dropped_total", len(table), reason="write_error")
             return
         entries = []
         for folder_start_us, part in split_by_folder(table):
-            entry = self._attempt(f"writing {what}", lambda: store.write_file(folder_start_us, part))
+            with self.storage.pairing if proto_type == SIP_TYPE else contextlib.nullcontext():
+                entry = self._attempt(f"writing {what}", lambda: store.write_file(folder_start_us, part))
+                if entry is not None and proto_type == SIP_TYPE:
+                    self._write_call_records(folder_start_us, part)
             if entry is None:
                 self.counters.add("hep_dropped_total", len(part), reason="write_error")
             else:
                 entries.append(entry)
         if not entries:
             return
+        if proto_type == SIP_TYPE and CALLS_TYPE in self.storage.types:
+            self._attempt("listing call records in metadata.json", self.storage.types[CALLS_TYPE].save_metadata)
         if self._attempt(f"listing {what} in metadata.json", store.save_metadata) is not None:
             self.failing = None
         else:
             self.counters.add("metadata_errors_total")     # listed by the next save, or adopted at start
         elapsed = time.perf_counter() - started
         self.last_flush = time.time()
-        self.counters.add("rows_written_total", sum(entry["row_count"] for entry in entries), type=str(proto_type))
+        self.counters.add("rows_written_total", sum(entry["row_count"] for entry in entries), type=type_label(proto_type))
         self.counters.add("files_written_total", len(entries))
         self.counters.add("bytes_written_total", sum(entry["size_bytes"] for entry in entries))
         self.counters.add("flush_seconds_total", elapsed)
         self.counters.maximum("flush_seconds_max", elapsed)
         self.storage.disk.look_now.set()
+
+    def _write_call_records(self, folder_start_us: int, sip_rows: pa.Table) -> None:
+        """The call records of a SIP file just written, in the same 10-minute folder (listed with its
+        metadata.json save).  A failure is logged and counted (call_records_errors_total): the messages
+        are stored, and the check at the next start (CallRecordsCheck) makes the records that are missing.
+
+        Measured (BatchWriter._write over 20,000 messages of whole calls, best of 6): see BENCHMARKS.md."""
+        try:
+            records = self.call_parts.of(sip_rows)
+            store = self.storage.store(CALLS_TYPE)
+        except Exception:
+            self.counters.add("call_records_errors_total")
+            log.exception("making the call records of %d SIP rows failed; the next start makes them", len(sip_rows))
+            return
+        if self._attempt(f"writing {len(records)} call records",
+                         lambda: store.write_file(folder_start_us, records)) is None:
+            self.counters.add("call_records_errors_total")
+        else:
+            self.counters.add("call_records_written_total", len(records))
 
     def _attempt(self, what: str, step: Callable[[], object]):
         """step()'s result, tried up to RETRIES times (with pauses that end at `stop_by`); None if it
@@ -3037,8 +3299,8 @@ def set_aside_unreadable(store: TypeStore, inputs: list[dict], counters: Counter
     unreadable = [entry for entry in inputs if not readable(store.file_store, entry["path"])]
     if unreadable:
         store.set_aside(unreadable, "it does not read")
-        counters.add("files_set_aside_total", len(unreadable), type=str(store.proto_type))
-        counters.add("rows_set_aside_total", sum(e["row_count"] for e in unreadable), type=str(store.proto_type))
+        counters.add("files_set_aside_total", len(unreadable), type=type_label(store.proto_type))
+        counters.add("rows_set_aside_total", sum(e["row_count"] for e in unreadable), type=type_label(store.proto_type))
 
 
 class Compactor(threading.Thread):
@@ -3075,9 +3337,14 @@ class Compactor(threading.Thread):
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         self.merging: Optional[multiprocessing.process.BaseProcess] = None
         self._merging_lock = threading.Lock()       # a merge starts, or a stop kills it: never both
+        self.records_check = CallRecordsCheck(storage, counters, self.stopping)
 
     def run(self) -> None:
         lower_priority(COMPACTION_NICE)     # compaction takes the CPU that capture leaves
+        try:
+            self._step("the check of the call records", self.records_check.at_start)
+        finally:
+            self.storage.records_checked.set()
         next_pass = time.monotonic() + self.config.compact_interval_s
         look_now = self.storage.disk.look_now
         while True:
@@ -3116,13 +3383,14 @@ class Compactor(threading.Thread):
             if not self.storage.bucket:
                 merges = [(start_us, inputs, False) for start_us, inputs in self.closed_folders(store, now_us)] + merges
             for start_us, inputs, hour in merges:
-                self._step(f"compaction of hep_{store.proto_type} at {format_time(start_us)}",
+                self._step(f"compaction of {type_name(store.proto_type)} at {format_time(start_us)}",
                            lambda: self.compact(store, start_us, inputs, hour))
         for store in self.storage.stores():
-            self._step(f"retention of hep_{store.proto_type}", lambda: self.expire(store, now_us))
+            self._step(f"retention of {type_name(store.proto_type)}", lambda: self.expire(store, now_us))
         self._step("the disk guard", lambda: self.guard_disk(now_us))
+        self._step("the check of an hour's call records", self.records_check.one_deferred_hour)
         for store in list(self.storage.types.values()):
-            self._step(f"folder cleanup of hep_{store.proto_type}", lambda: self.counters.add(
+            self._step(f"folder cleanup of {type_name(store.proto_type)}", lambda: self.counters.add(
                 "folders_removed_total", store.remove_empty_folders(now_us - int(self.config.compact_grace_s * 1e6))))
 
     def _step(self, what: str, step: Callable[[], None]) -> None:
@@ -3167,8 +3435,8 @@ class Compactor(threading.Thread):
         temp = store.file_store.spool_path(key)
         copies_dir = os.path.join(self.temp_dir, "inputs")     # an object store's inputs, copied here
         what = "hour" if hour else "10 minutes"
-        log.info("compacting %d files (%d rows) of hep_%d for the %s of %s", len(inputs),
-                 sum(entry["row_count"] for entry in inputs), store.proto_type, what, format_time(start_us))
+        log.info("compacting %d files (%d rows) of %s for the %s of %s", len(inputs),
+                 sum(entry["row_count"] for entry in inputs), type_name(store.proto_type), what, format_time(start_us))
         try:
             paths = [store.file_store.local_path(entry["path"], copies_dir) for entry in inputs]
             schema = store.schema.with_metadata({INPUTS_KEY: json.dumps(merged_sources(inputs, paths)).encode()})
@@ -3183,11 +3451,11 @@ class Compactor(threading.Thread):
             shutil.rmtree(copies_dir, ignore_errors=True)
         elapsed = time.perf_counter() - started
         in_bytes = sum(entry["size_bytes"] for entry in inputs)
-        self.counters.add("compactions_total", type=str(store.proto_type))
+        self.counters.add("compactions_total", type=type_label(store.proto_type))
         self.counters.add("compacted_rows_total", output["row_count"])
         self.counters.add("compaction_seconds_total", elapsed)
-        log.info("compacted %d files (%d bytes) of hep_%d into %s: %d rows, %d bytes, %.2f s", len(inputs),
-                 in_bytes, store.proto_type, output["path"], output["row_count"], output["size_bytes"], elapsed)
+        log.info("compacted %d files (%d bytes) of %s into %s: %d rows, %d bytes, %.2f s", len(inputs),
+                 in_bytes, type_name(store.proto_type), output["path"], output["row_count"], output["size_bytes"], elapsed)
 
     def _merge_in_a_process(self, path: str, schema: pa.Schema, files: list[str], by_time: bool) -> None:
         process = PROCESSES.Process(target=merge_files, name="hepop-compaction", daemon=True, args=(
@@ -3211,7 +3479,8 @@ class Compactor(threading.Thread):
 
     def expire(self, store: TypeStore, now_us: int) -> None:
         """Delete the files whose newest row is older than the type's retention."""
-        keep_us = self.retention_us.get(store.proto_type, int(self.config.retention * 1e6))
+        kept_as = SIP_TYPE if store.proto_type == CALLS_TYPE else store.proto_type     # calls: as their messages
+        keep_us = self.retention_us.get(kept_as, int(self.config.retention * 1e6))
         cutoff_ns = (now_us - keep_us) * 1000
         self.delete(store, [e for e in store.snapshot() if e["max_time"] < cutoff_ns], "retention")
 
@@ -3267,9 +3536,9 @@ class Compactor(threading.Thread):
             return
         store.delete(entries)
         rows = sum(entry["row_count"] for entry in entries)
-        self.counters.add("deleted_files_total", len(entries), why=why, type=str(store.proto_type))
-        self.counters.add("deleted_rows_total", rows, why=why, type=str(store.proto_type))
-        log.info("deleted %d files (%d rows) of hep_%d: %s", len(entries), rows, store.proto_type, why)
+        self.counters.add("deleted_files_total", len(entries), why=why, type=type_label(store.proto_type))
+        self.counters.add("deleted_rows_total", rows, why=why, type=type_label(store.proto_type))
+        log.info("deleted %d files (%d rows) of %s: %s", len(entries), rows, type_name(store.proto_type), why)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -3307,6 +3576,9 @@ class Uploader(threading.Thread):
 
     def run(self) -> None:
         lower_priority(COMPACTION_NICE)
+        while not self.storage.records_checked.wait(self.UPLOAD_POLL_S):    # CallRecordsCheck first
+            if self.stopping.is_set():
+                return
         wait_s = self.UPLOAD_POLL_S
         while not self.stopping.wait(wait_s):
             try:
@@ -3367,10 +3639,11 @@ class Uploader(threading.Thread):
         finally:
             remove_file(spool_path)
         del self._keys[folder]
-        self.counters.add("uploaded_objects_total", type=str(store.proto_type))
+        self.counters.add("uploaded_objects_total", type=type_label(store.proto_type))
         self.counters.add("uploaded_bytes_total", output["size_bytes"])
-        self.counters.add("uploaded_rows_total", output["row_count"])
-        log.info("uploaded %d files of hep_%d (%d rows) as %s: %d bytes, %.2f s", len(inputs), store.proto_type,
+        self.counters.add("uploaded_call_records_total" if store.proto_type == CALLS_TYPE else "uploaded_rows_total",
+                          output["row_count"])
+        log.info("uploaded %d files of %s (%d rows) as %s: %d bytes, %.2f s", len(inputs), type_name(store.proto_type),
                  output["row_count"], output["path"], output["size_bytes"], time.perf_counter() - started)
 
 
@@ -3403,50 +3676,61 @@ RCINFO_SQL = ("json_object('protocolFamily', ip_family, 'protocol', protocol, 's
               "'hepNodeName', node_name, 'correlation_id', correlation_id, 'vlan', vlan)")
 
 
-# The one definition of a call, shared by hepop's page and users' SQL: the `calls` view, one row per Call-ID
-# of the SIP messages in the query's window.  `time` is its first message (so a query's time condition picks
-# calls by their start, and the window reads their files); `method` is its first request's.  `status` is
-# the first 2xx to an INVITE, otherwise the last final answer to the request that opened the dialog (BYE,
-# ACK, CANCEL, PRACK, UPDATE and INFO answers do not count), NULL when none came: no answer.
-# `pdd_ms` is post-dial delay, the first INVITE to the first 18x or final answer to it; `duration_s` is
-# the answer to the first BYE (or the last message).  The parties and addresses are the first request's.
+# The one definition of a call, shared by hepop's page, HOMER's search and users' SQL: the `calls` view,
+# one row per Call-ID of the call records (CALL_PART_SQL) in the query's window, merged.  `time` is its
+# first message (so a query's time condition picks calls by their start, and the window reads their
+# files); `method` is its first request's.  `status` is the first 2xx to an INVITE, otherwise the last
+# final answer to the request that opened the dialog (BYE, ACK, CANCEL, PRACK, UPDATE and INFO answers do
+# not count), NULL when none came.  `class` names it (CALL_CLASSES), or says the call is still `ringing`
+# (no final answer yet) or `up` (answered, no BYE yet).  `pdd_ms` is post-dial delay, the first INVITE to
+# the first 18x or final answer to it; `duration_s` is the answer to the first BYE (or the last message).
+# The parties and addresses are the first request's; `reason` the first Reason header of a BYE, CANCEL or
+# failure, `q850_cause` its Q.850 cause; `node` the capture node of the first message.
 # ASR is then `avg((status BETWEEN 200 AND 299)::INT)` and ACD `avg(duration_s)`, over any GROUP BY.
-# The first request's fields are one arg_min of a struct, not nine: the newest 51 calls of four hours
-# (1.7 M rows, one thread) took 4.0-4.9 s with nine, 2.9-3.8 s with one, the same calls to the row.
 # A payload that is not valid UTF-8 is stored once, as its bytes in payload_raw; queries see them as text
 # too, in DuckDB's escapes (\xFF) for what is not ASCII.
 PAYLOAD_SQL = "coalesce(payload, CAST(payload_raw AS VARCHAR))"
 CALLS_VIEW = "calls"
+CALL_RECORDS_VIEW = "call_records"      # the records the `calls` view merges: no name a query may use
+# A plain top-N of calls over the newest minutes (QueryRun._calls_begun_since): the records before that
+# range, and the Call-IDs of calls found there, which began earlier and are left out.
+EARLIER_RECORDS_VIEW = "call_records_earlier"
+CALLS_LEFT_OUT = "calls_left_out"
+ALL_RECORDS_VIEW = "call_records_all"     # the window's records, before a call_picking_condition picks
 # The method in CSeq, on responses too ("how many 486 to INVITE"): a column of hep_1's view, not stored.
 CSEQ_METHOD_SQL = "upper(split_part(cseq, ' ', 2))"
+CALL_CLASS_SQL = ("CASE WHEN status IS NULL THEN 'ringing' WHEN status BETWEEN 200 AND 299 AND bye_time IS NULL "
+                  "THEN 'up' " + " ".join(
+                      f"WHEN status BETWEEN {codes.start} AND {codes.stop - 1} THEN '{name}'" if isinstance(codes, range)
+                      else f"WHEN status IN ({', '.join(map(str, codes))}) THEN '{name}'"
+                      for name, codes in CALL_CLASSES) + " ELSE 'failed' END")
 CALLS_SQL = f"""
-WITH messages AS (
-    SELECT time, call_id, sip_method, sip_status, from_user, to_user, ruri_user, user_agent, src_ip, src_port,
-           dst_ip, dst_port, cseq_method
-    FROM hep_{SIP_TYPE} WHERE call_id IS NOT NULL),
-per_call AS (
-    SELECT call_id, min(time) AS time, max(time) AS last_time, count(*) AS messages,
-           arg_min({{'method': sip_method, 'from_user': from_user, 'to_user': to_user, 'ruri_user': ruri_user,
+WITH per_call AS (
+    SELECT call_id, min(time) AS time, max(last_time) AS last_time, CAST(sum(messages) AS BIGINT) AS messages,
+           arg_min({{'method': method, 'from_user': from_user, 'to_user': to_user, 'ruri_user': ruri_user,
                     'user_agent': user_agent, 'src_ip': src_ip, 'src_port': src_port, 'dst_ip': dst_ip,
-                    'dst_port': dst_port}}, time) FILTER (WHERE sip_method IS NOT NULL) AS first_request,
-           min(time) FILTER (WHERE sip_method = 'INVITE') AS invite_time,
-           min(time) FILTER (WHERE cseq_method = 'INVITE' AND sip_status >= 180) AS progress_time,
-           min(time) FILTER (WHERE cseq_method = 'INVITE' AND sip_status BETWEEN 200 AND 299) AS answer_time,
-           arg_min(sip_status, time) FILTER (WHERE cseq_method = 'INVITE' AND sip_status BETWEEN 200 AND 299)
-               AS answer_status,
-           arg_max(sip_status, time) FILTER (WHERE sip_status >= 200 AND cseq_method NOT IN
-               ('ACK', 'BYE', 'CANCEL', 'PRACK', 'UPDATE', 'INFO')) AS last_final_status,
-           min(time) FILTER (WHERE sip_method = 'BYE') AS bye_time
-    FROM messages GROUP BY call_id)
-SELECT call_id, time, last_time, answer_time, first_request.method AS method,
-       coalesce(answer_status, last_final_status) AS status,
+                    'dst_port': dst_port}}, first_request_time) FILTER (WHERE first_request_time IS NOT NULL)
+               AS first_request,
+           min(invite_time) AS invite_time, min(progress_time) AS progress_time, min(answer_time) AS answer_time,
+           arg_min(answer_status, answer_time) FILTER (WHERE answer_time IS NOT NULL) AS answer_status,
+           arg_max(final_status, final_time) FILTER (WHERE final_time IS NOT NULL) AS last_final_status,
+           min(bye_time) AS bye_time, arg_min(reason, reason_time) FILTER (WHERE reason_time IS NOT NULL) AS reason,
+           arg_min(correlation_id, correlation_time) FILTER (WHERE correlation_time IS NOT NULL) AS correlation_id,
+           arg_min(node, time) AS node
+    FROM {CALL_RECORDS_VIEW} WHERE call_id IS NOT NULL GROUP BY call_id),
+merged AS (
+    SELECT *, coalesce(answer_status, last_final_status) AS status FROM per_call)
+SELECT call_id, time, last_time, answer_time, first_request.method AS method, status,
        date_diff('millisecond', invite_time, progress_time) AS pdd_ms,
        date_diff('millisecond', answer_time, coalesce(bye_time, last_time)) / 1000.0 AS duration_s,
        first_request.from_user AS from_user, first_request.to_user AS to_user,
        first_request.ruri_user AS ruri_user, first_request.user_agent AS user_agent,
        first_request.src_ip AS src_ip, first_request.src_port AS src_port, first_request.dst_ip AS dst_ip,
-       first_request.dst_port AS dst_port, messages
-FROM per_call"""
+       first_request.dst_port AS dst_port, messages, {CALL_CLASS_SQL} AS class, reason,
+       CAST(nullif(regexp_extract(reason, '(?i)^Q[.]850[^0-9].*cause=([0-9]{{1,3}})', 1), '') AS INTEGER)
+           AS q850_cause,
+       correlation_id, node
+FROM merged"""
 
 
 class TimeWindow(NamedTuple):
@@ -3621,10 +3905,10 @@ class QueryEngine:
 
     @staticmethod
     def types_named(sql: str) -> list[int]:
-        """The types whose hep_<type> table the query names (`calls` is made of SIP's)."""
+        """The types whose hep_<type> table the query names (`calls` is made of the call records)."""
         types = {int(n) for n in re.findall(r"\bhep_(\d+)\b", sql, re.IGNORECASE) if int(n) <= 255}
         if QueryEngine.names_calls(sql):
-            types.add(SIP_TYPE)
+            types.add(CALLS_TYPE)
         return sorted(types)
 
     @staticmethod
@@ -3633,22 +3917,53 @@ class QueryEngine:
         return bool(re.search(rf"\b{CALLS_VIEW}\b", sql, re.IGNORECASE))
 
     def create_views(self, cursor, files_by_type: dict[int, list[str]], window: TimeWindow,
-                     newest_first: bool = False, calls: bool = False, since_us: Optional[int] = None) -> None:
+                     newest_first: bool = False, calls: bool = False, since_us: Optional[int] = None,
+                     picking: Optional[str] = None) -> None:
         """A temp view per hep_<type> over the files it is given (FileCatalog.files: oldest first, or the
         other way round for a query that reads_newest_first), and `calls` over SIP's if asked: binding
         it took a third of a HOMER search that found nothing (about 15 ms).  `since_us` narrows the views
-        to the rows from then on (QueryRun's plain top-N); views made before are replaced."""
+        to the rows from then on (QueryRun's plain top-N); `picking` (picking_query) names the calls whose
+        records `calls` merges; views made before are replaced."""
         for proto_type, files in files_by_type.items():
             if newest_first:
                 files = files[::-1]
             source = self._source(cursor, proto_type, files)
             lows = [low for low in (window.low_us if window.default else None, since_us) if low is not None]
             condition = f" WHERE time >= make_timestamp({max(lows)})" if lows else ""
+            if proto_type == CALLS_TYPE:
+                self._call_records_views(cursor, source, condition, since_us, picking)
+                continue
             derived = f", {CSEQ_METHOD_SQL} AS cseq_method" if proto_type == SIP_TYPE else ""
             cursor.execute(f'CREATE OR REPLACE TEMP VIEW hep_{proto_type} AS SELECT * REPLACE ({PAYLOAD_SQL} AS '
                            f'payload), time AS "timestamp", {RCINFO_SQL} AS rcinfo{derived} FROM {source}{condition}')
-        if calls and SIP_TYPE in files_by_type:
+        if calls and CALLS_TYPE in files_by_type:
             cursor.execute(f"CREATE TEMP VIEW {CALLS_VIEW} AS {CALLS_SQL}")
+
+    @staticmethod
+    def _call_records_views(cursor, source: str, condition: str, since_us: Optional[int],
+                            picking: Optional[str]) -> None:
+        """The records `calls` merges: those of the calls that the `picking` query's Call-IDs name
+        (call_picking_condition), and narrowed to `since_us`, those of the calls not left out, with the
+        records before `since_us` that show which calls began earlier."""
+        cursor.execute(f"CREATE OR REPLACE TEMP VIEW {ALL_RECORDS_VIEW} AS SELECT * FROM {source}{condition}")
+        conditions = [f"call_id IN ({picking})"] if picking else []
+        if since_us is not None:
+            cursor.register(CALLS_LEFT_OUT, pa.table({"call_id": pa.array([], pa.string())}))
+            conditions.append(f"call_id NOT IN (SELECT call_id FROM {CALLS_LEFT_OUT})")
+            cursor.execute(f"CREATE OR REPLACE TEMP VIEW {EARLIER_RECORDS_VIEW} AS SELECT call_id FROM {source} "
+                           f"WHERE time < make_timestamp({since_us})")
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        cursor.execute(f"CREATE OR REPLACE TEMP VIEW {CALL_RECORDS_VIEW} AS SELECT * FROM {ALL_RECORDS_VIEW}{where}")
+
+    @staticmethod
+    def picking_query(cursor, condition: Optional[dict]) -> Optional[str]:
+        """SQL for the Call-IDs of the records that a call_picking_condition holds for; None without one."""
+        if condition is None:
+            return None
+        statement = json.loads(cursor.execute(f"SELECT json_serialize_sql('SELECT DISTINCT call_id FROM "
+                                              f"{ALL_RECORDS_VIEW} WHERE true')").fetchall()[0][0])
+        statement["statements"][0]["node"]["where_clause"] = condition
+        return cursor.execute("SELECT json_deserialize_sql($tree)", {"tree": json.dumps(statement)}).fetchall()[0][0]
 
     def _source(self, cursor, proto_type: int, files: list[str]) -> str:
         """What a hep_<type> view reads: read_parquet over the files on this disk, a dataset over the
@@ -3791,6 +4106,36 @@ def looked_up(node: dict) -> Optional[str]:
     return None
 
 
+# The columns of `calls` that are one record's own value (the first request's, and the Call-ID): a condition
+# on them alone holds for a call only if it holds for one of its records.
+CALL_PICKING_COLUMNS = frozenset({"call_id", "method", "from_user", "to_user", "ruri_user", "user_agent", "src_ip",
+                                  "src_port", "dst_ip", "dst_port"})
+
+
+def call_picking_condition(tree: dict) -> Optional[dict]:
+    """The part of a query's WHERE on `calls` (its top-level conditions ANDed) that only compares the
+    CALL_PICKING_COLUMNS with constants, as one condition; None when there is none.  Calls are then merged
+    only from the records of the Call-IDs that some record matching it names: a number's calls over a
+    day are found through the bloom filters of the users' and Call-IDs' columns, not by merging every
+    call of the day first."""
+    node = ((tree.get("statements") or [{}])[0].get("node")) or {}
+    source = node.get("from_table") or {}
+    where = node.get("where_clause")
+    if source.get("type") != "BASE_TABLE" or str(source.get("table_name")).lower() != CALLS_VIEW or not where:
+        return None
+    conditions = where["children"] if where.get("type") == "CONJUNCTION_AND" else [where]
+
+    def picks(condition: dict) -> bool:
+        columns = [n for n in tree_nodes(condition) if n.get("class") == "COLUMN_REF"]
+        return bool(columns) and all(len(n["column_names"]) == 1 and n["column_names"][0].lower() in
+                                     CALL_PICKING_COLUMNS for n in columns) and not tree_has(condition, lambda n: n.get(
+                                         "class") in ("SUBQUERY", "WINDOW", "AGGREGATE", "PARAMETER"))
+    kept = [condition for condition in conditions if picks(condition)]
+    if not kept:
+        return None
+    return kept[0] if len(kept) == 1 else {**where, "type": "CONJUNCTION_AND", "children": kept}
+
+
 def reads_newest_first(node) -> Optional[bool]:
     """Whether the first ORDER BY of a statement tree that comes with a LIMIT (a top-N) begins with time
     descending (None: no such ORDER BY).  DuckDB's top-N over files listed the other way round keeps every
@@ -3824,8 +4169,9 @@ def constant_int(node: Optional[dict]) -> Optional[int]:
 
 
 def plain_top_n(tree: dict, aggregates: frozenset) -> Optional[int]:
-    """The LIMIT of a query that only filters one hep_<type> table, row by row, and orders it by time
-    descending with a constant LIMIT (and OFFSET) of at most NARROWED_MAX_ROWS; None for any other.
+    """The LIMIT of a query that only filters one hep_<type> table (or `calls`: QueryRun._calls_begun_since
+    keeps to the calls that began in the range), row by row, and orders it by time descending with a
+    constant LIMIT (and OFFSET) of at most NARROWED_MAX_ROWS; None for any other.
 
     Such a query answers the same over any time range [t, now] that holds its LIMIT + OFFSET rows, and
     QueryRun tries the newest minutes first: a compacted hour's row groups go oldest first, so DuckDB's
@@ -3837,7 +4183,7 @@ def plain_top_n(tree: dict, aggregates: frozenset) -> Optional[int]:
     node = statements[0].get("node") or {}
     source = node.get("from_table") or {}
     if len(statements) != 1 or node.get("type") != "SELECT_NODE" or source.get("type") != "BASE_TABLE" \
-            or not re.fullmatch(r"hep_\d+", str(source.get("table_name")), re.IGNORECASE) \
+            or not TABLE_NAME.fullmatch(str(source.get("table_name"))) \
             or node.get("group_expressions") or node.get("group_sets") or node.get("having") \
             or node.get("qualify") or node.get("sample") or (node.get("cte_map") or {}).get("map"):
         return None
@@ -4220,11 +4566,13 @@ class QueryRun:
         newest_first, calls = reads_newest_first(tree), engine.names_calls(job.sql)
         if newest_first is None:            # a lookup's newest rows are the likeliest: it may stop there
             newest_first = plan.window.lookup is not None
-        engine.create_views(self.cursor, files, plan.window, newest_first, calls)
+        picking = engine.picking_query(self.cursor, call_picking_condition(tree)) if calls else None
+        engine.create_views(self.cursor, files, plan.window, newest_first, calls, picking=picking)
         self.watching = True
         start_thread(threading.Thread(target=self._watch, name="hepop-query-watch", daemon=True))
         rows_asked = None if EXPLAIN_PREFIX.match(job.sql) else plain_top_n(tree, engine.aggregates)
-        reader, read_since_us = self._narrowed(job, files, plan.window, rows_asked) if rows_asked else (None, None)
+        reader, read_since_us = self._narrowed(job, files, plan.window, rows_asked, calls, picking) if rows_asked \
+            else (None, None)
         if reader is None:
             reader = self.cursor.sql(job.sql, params=job.params).to_arrow_reader(2048)
         batches = CappedBatches(reader, cap)
@@ -4254,7 +4602,8 @@ class QueryRun:
             out.close()
         self.conn.send(QueryEnd(batches.cut))
 
-    def _narrowed(self, job: QueryJob, files: dict, window: TimeWindow, rows_asked: int):
+    def _narrowed(self, job: QueryJob, files: dict, window: TimeWindow, rows_asked: int, calls: bool,
+                  picking: Optional[str]):
         """The answer of a plain top-N (plain_top_n) from the first of NARROWED_SPANS_US, counted back
         from the window's end, that holds all the rows it asks for, and where that range starts; (None,
         None) when none within the window does, with the views over the whole window again, which
@@ -4265,14 +4614,39 @@ class QueryRun:
             since_us = end_us - span_us
             if window.low_us is not None and since_us <= window.low_us:
                 break
-            self.engine.create_views(self.cursor, files, window, True, since_us=since_us)
+            self.engine.create_views(self.cursor, files, window, True, since_us=since_us, picking=picking)
             narrowed = True
-            answer = self.cursor.sql(job.sql, params=job.params).to_arrow_table()
+            answer = self._calls_begun_since(job) if calls else self.cursor.sql(job.sql, params=job.params).to_arrow_table()
+            if answer is None:
+                break
             if len(answer) >= rows_asked:
                 return answer.to_reader(2048), since_us
         if narrowed:
-            self.engine.create_views(self.cursor, files, window, True)
+            self.engine.create_views(self.cursor, files, window, True, picking=picking)
         return None, None
+
+    def _calls_begun_since(self, job: QueryJob) -> Optional[pa.Table]:
+        """A plain top-N of calls over the narrowed range, of the calls that began in it only.  A call
+        with records before the range began earlier: its Call-ID is looked up among the earlier records
+        (their bloom filters answer for Call-IDs that are not there), and the calls found are left out
+        until the answer holds none; the rows are then those of the whole window.  None when the answer
+        has no call_id to look up (the whole window answers it)."""
+        checked: set = set()
+        left_out: list = []
+        while True:
+            answer = self.cursor.sql(job.sql, params=job.params).to_arrow_table()
+            if "call_id" not in answer.column_names:
+                return None
+            unchecked = [call_id for call_id in set(answer["call_id"].to_pylist()) - checked if call_id is not None]
+            if not unchecked:
+                return answer
+            checked.update(unchecked)
+            found = self.cursor.sql(f"SELECT DISTINCT call_id FROM {EARLIER_RECORDS_VIEW} WHERE call_id IN ("
+                                    f"{', '.join(map(sql_string, unchecked))})").fetchall()
+            if not found:
+                return answer
+            left_out += [call_id for (call_id,) in found]
+            self.cursor.register(CALLS_LEFT_OUT, pa.table({"call_id": pa.array(left_out, pa.string())}))
 
     def _failed(self, exc: Exception) -> None:
         """Answer DuckDB's error: 504 when the timer stopped the query, nothing when the client left."""
@@ -4603,9 +4977,8 @@ class FileCatalog:
         types = set(self.storage.types) | set(self.storage.uploaded)
         for writer_id in self._other_writers():
             with contextlib.suppress(OSError):
-                types |= {int(match.group(1)) for match in map(self.layout.TYPE_FOLDER.fullmatch,
-                          self.shared_store.folders(self.layout.types_key(writer_id))) if match}
-        return [f"hep_{proto_type}" for proto_type in sorted(types)] + [CALLS_VIEW]
+                types |= self.layout.types_in(self.shared_store.folders(self.layout.types_key(writer_id)))
+        return [f"hep_{proto_type}" for proto_type in sorted(types - {CALLS_TYPE})] + [CALLS_VIEW]
 
     def _other_writers(self) -> list[str]:
         """The writers besides this one: one listing (a request, with a bucket)."""

@@ -1084,8 +1084,9 @@ def wait_udp_bound(host: str, port: int, process, timeout=15):
 
 
 def kamailio_calls(tmp_path: Path, hep_port: int, *, hep_version=3, tcp=False, ipv6=False, auth_key=None,
-                   hlog=False, calls=1):
-    """Kamailio traces a SIPp call (12 SIP messages) as HEP to hepop; returns the Call-IDs SIPp used."""
+                   hlog=False, calls=1, scenarios: tuple[str, str] | None = None):
+    """Kamailio traces SIPp calls as HEP to hepop: SIPp's own answered call (12 SIP messages), or the UAC
+    and UAS `scenarios` (SIPp XML) given."""
     need("kamailio and sipp", bool(shutil.which("kamailio") and shutil.which("sipp")))
     host = "::1" if ipv6 else "127.0.0.1"
     bracketed = f"[{host}]" if ipv6 else host
@@ -1110,13 +1111,18 @@ def kamailio_calls(tmp_path: Path, hep_port: int, *, hep_version=3, tcp=False, i
     uas = None
     try:
         wait_udp_bound(host, kam_port, kamailio)
+        uac_scenario, uas_scenario = ["-sn", "uac"], ["-sn", "uas"]
+        if scenarios:
+            for side, xml in zip(("uac", "uas"), scenarios):
+                (run_dir / f"{side}.xml").write_text(xml)
+            uac_scenario, uas_scenario = ["-sf", "uac.xml"], ["-sf", "uas.xml"]
         uas_args = [a.format("uas") for a in sipp_common]
-        uas = subprocess.Popen(["sipp", "-sn", "uas", "-p", str(uas_port), "-cp", str(free_udp_port()),
+        uas = subprocess.Popen(["sipp", *uas_scenario, "-p", str(uas_port), "-cp", str(free_udp_port()),
                                 "-mp", str(free_udp_port()), *uas_args], cwd=run_dir,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_udp_bound(host, uas_port, uas)
         uac_args = [a.format("uac") for a in sipp_common]
-        subprocess.run(["sipp", "-sn", "uac", "-p", str(uac_port), "-cp", str(free_udp_port()), "-mp",
+        subprocess.run(["sipp", *uac_scenario, "-p", str(uac_port), "-cp", str(free_udp_port()), "-mp",
                         str(free_udp_port()), "-m", str(calls), "-r", "50", *uac_args, f"{bracketed}:{kam_port}"],
                        cwd=run_dir, check=True, timeout=60, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
@@ -1944,8 +1950,10 @@ def test_plain_top_n_is_told_apart_from_queries_whose_answer_needs_other_rows():
                 "SELECT a.time FROM hep_1 a JOIN hep_100 b ON a.call_id = b.correlation_id ORDER BY a.time DESC LIMIT 3",
                 "WITH x AS (SELECT * FROM hep_1) SELECT * FROM x ORDER BY time DESC LIMIT 3",
                 "SELECT * FROM (SELECT * FROM hep_1) ORDER BY time DESC LIMIT 3",
-                "SELECT * FROM calls ORDER BY time DESC LIMIT 3"]:
+                "SELECT * FROM (SELECT * FROM calls) ORDER BY time DESC LIMIT 3"]:
         assert hepop.plain_top_n(tree(sql), aggregates) is None, sql
+    # The calls too: answered from the calls that began in the newest minutes (QueryRun._calls_begun_since)
+    assert hepop.plain_top_n(tree("SELECT * FROM calls WHERE status >= 300 ORDER BY time DESC LIMIT 3"), aggregates) == 3
 
 
 def test_a_plain_top_n_is_answered_from_the_newest_rows_and_the_same_as_over_the_whole_window(servers, tmp_path):
@@ -3987,6 +3995,39 @@ def test_the_page_shows_a_calls_logs_rtcp_retransmissions_the_overview_and_sql(s
     assert server.stop() == 0
 
 
+def test_the_overview_charts_asr_ner_acd_and_post_dial_delay_per_node(servers, chromium):
+    """The calls of two capture nodes in one minute: the overview's KPI charts have a point per node with
+    the ASR, NER, ACD and post-dial delay of what was sent."""
+    server = servers()
+    base_s = (time.time() - 300) // 60 * 60 + 5
+    sent = {"7": (200, 200, 486, 404), "edge-2": (200, 404)}
+    packets = []
+    for node, statuses in sent.items():
+        for i, status in enumerate(statuses):
+            flow = call_flow(f"kpi-{node}-{i}@page", f"555{i}", "6660001", status, base_s + len(packets) * 0.01)
+            extra = b"" if node == "7" else chunk(19, node.encode())
+            packets += [hep3(m["payload"], seconds=m["time_us"] // 1_000_000, useconds=m["time_us"] % 1_000_000,
+                             extra=extra) for m in flow]
+    server.udp(packets)
+    wait_for_rows(server, len(packets))
+    tab = Browsing(chromium, server)
+    try:
+        tab.open("overview?range=1h", "overview")
+        tab.page.wait_for_selector(".chart h3:text('Post-dial delay')")
+        points = lambda title: sorted(tab.page.locator(".chart", has=tab.page.locator(f"h3:text('{title}')"))
+                                      .locator("circle title").all_text_contents())
+        assert points("ASR") == ["node 7: 50 %", "node edge-2: 50 %"]
+        assert points("NER") == ["node 7: 75 %", "node edge-2: 50 %"]          # 404 is not the callee's answer
+        assert points("ACD") == ["node 7: 10 s", "node edge-2: 10 s"]
+        assert points("Post-dial delay") == ["node 7 median: 700 ms", "node 7 p95: 1000 ms",
+                                             "node edge-2 median: 700 ms", "node edge-2 p95: 970 ms"]
+        tab.page.locator(".chart", has=tab.page.locator("h3:text('ASR')")).scroll_into_view_if_needed()
+        tab.screenshot("overview-kpis")
+        assert tab.errors == [] and tab.off_machine == []
+    finally:
+        tab.close()
+    assert server.stop() == 0
+
 def test_the_page_asks_for_a_login_and_refuses_a_wrong_password(servers, chromium, tmp_path):
     users = tmp_path / "users"
     users.write_text(f"admin:{hash_of('right-password')}\n")
@@ -4091,11 +4132,11 @@ def bucket_objects(client: pafs.S3FileSystem, base: str) -> list[str]:
                   if info.type == pafs.FileType.File)
 
 
-def bucket_listed(client: pafs.S3FileSystem, base: str, proto_type=1) -> dict[str, list[str]]:
-    """The objects each writer's metadata.json in the bucket lists, by writer."""
+def bucket_listed(client: pafs.S3FileSystem, base: str, type_folder="hep_1-0") -> dict[str, list[str]]:
+    """The objects each writer's metadata.json of a type in the bucket lists, by writer."""
     listed = {}
     for key in bucket_objects(client, base):
-        if key.endswith(f"/hep_{proto_type}-0/metadata.json"):
+        if key.endswith(f"/{type_folder}/metadata.json"):
             with client.open_input_stream(f"{base}/{key}") as source:
                 listed[key.split("/")[0]] = [entry["path"] for entry in json.load(source)["files"]]
     return listed
@@ -4144,13 +4185,22 @@ def test_two_writers_share_one_bucket_and_each_answers_for_every_row_of_both_onc
     # On each box, only what is not uploaded yet: this 10-minute folder's rows
     assert sorted(row["call_id"] for row in stored_rows(tmp_path / "first", running=True)) == \
         sorted(f"first-new-{i}" for i in range(50))
+    # The call records went up with their messages: each box's `calls` has both writers' calls, once
+    for server, own in ((first, [f"first-new-{i}" for i in range(50)]),
+                        (second, [f"second-new-{i}" for i in range(30)])):
+        calls = rows_json(server, "SELECT call_id FROM calls WHERE time > now() - INTERVAL 3 HOUR")
+        assert sorted(call["call_id"] for call in calls) == sorted(uploaded + own)
     assert first.stop() == 0 and second.stop() == 0
-    # In the bucket: one object per writer's closed folder, each listed once, by its writer, nothing else
+    # In the bucket: one object per writer's closed folder and type, each listed once, by its writer, nothing else
     objects = bucket_objects(client, "two-writers/eu1")
+    records = bucket_listed(client, "two-writers/eu1", "calls-0")
+    assert sorted(records) == ["first", "second"] and all(len(keys) == 1 for keys in records.values())
     listed = bucket_listed(client, "two-writers/eu1")
-    parquet = [key for key in objects if key.endswith(".parquet")]
+    parquet = [key for key in objects if key.endswith(".parquet") and "/calls-0/" not in key]
     assert sorted(listed) == ["first", "second"] and all(len(keys) == 1 for keys in listed.values())
     assert sorted(key for keys in listed.values() for key in keys) == parquet
+    assert sorted(key for keys in records.values() for key in keys) == sorted(
+        key for key in objects if key.endswith(".parquet") and "/calls-0/" in key)
     assert not [key for key in objects if not key.endswith((".parquet", "metadata.json"))]
     # Any engine reads the bucket directly: DuckDB over pyarrow's dataset, ClickHouse (chdb) by s3()
     dataset = ds.dataset([f"two-writers/eu1/{key}" for key in parquet], filesystem=client, format="parquet")
@@ -4308,7 +4358,7 @@ def test_a_bucket_down_for_12_s_costs_disk_space_and_no_packet(servers, tmp_path
     wait_for_metric(server, "upload_errors_total", 1)
     status, _, body = http(server, "/health")
     uploads = json.loads(body)["uploads"]
-    assert status == 200 and uploads["status"] == "failing" and uploads["backlog_folders"] == 2, body
+    assert status == 200 and uploads["status"] == "failing" and uploads["backlog_folders"] == 2 * 2, body  # and records
     assert "outage" in uploads["error"] or "127.0.0.1" in uploads["error"], uploads
     status, _, body = query(server, "SELECT count(*) AS n FROM hep_1 WHERE time > now() - INTERVAL 3 HOUR")
     assert status == 503 and "bucket" in body["error"]          # never an answer without the other writers
@@ -4316,6 +4366,7 @@ def test_a_bucket_down_for_12_s_costs_disk_space_and_no_packet(servers, tmp_path
     time.sleep(max(0.0, 12 - (time.monotonic() - went_down)))
     proxy.up()
     wait_for_metric(server, "uploaded_rows_total", 300, timeout=90)             # the backlog drains
+    wait_for_metric(server, "uploaded_call_records_total", 300, timeout=30)     # and the calls' records
     assert metric(server, "upload_backlog_folders") == 0 and metric(server, "upload_errors_total") >= 1
     assert json.loads(http(server, "/health")[2])["uploads"] == {"status": "ok", "backlog_folders": 0}
     assert recent_call_ids(server) == sorted([f"during-a-{i}" for i in range(200)] + [f"during-b-{i}" for i in range(100)])
@@ -4885,6 +4936,320 @@ def test_sip_messages_and_calls_are_counted_on_metrics_as_they_arrive(servers, t
     assert asr == pytest.approx(2 / 6) and from_calls["asr"] == pytest.approx(asr)
     assert ner == pytest.approx(5 / 6) and from_calls["ner"] == pytest.approx(ner)
     assert acd == pytest.approx(10.0) and from_calls["acd_s"] == pytest.approx(acd)
+    assert server.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Call records
+# ---------------------------------------------------------------------------------------------------------
+
+# The oracle the records are held to: a call as the GROUP BY over its messages in hep_1 gives it (the `calls`
+# view before the records), with the records' own columns; `class` and `q850_cause` are made in Python.
+CALLS_FROM_MESSAGES_SQL = r"""
+WITH messages AS (
+    SELECT time, call_id, sip_method, sip_status, from_user, to_user, ruri_user, user_agent, src_ip, src_port,
+           dst_ip, dst_port, cseq_method, correlation_id, coalesce(node_name, CAST(capture_id AS VARCHAR)) AS node,
+           CASE WHEN sip_method IN ('BYE', 'CANCEL') OR sip_status >= 300
+                THEN nullif(regexp_extract(payload, '(?i)\nReason:[ \t]*([^\r\n]+)', 1), '') END AS reason
+    FROM hep_1 WHERE call_id IS NOT NULL AND time > TIMESTAMP '2000-01-01'),
+per_call AS (
+    SELECT call_id, min(time) AS time, max(time) AS last_time, count(*) AS messages,
+           arg_min({'method': sip_method, 'from_user': from_user, 'to_user': to_user, 'ruri_user': ruri_user,
+                    'user_agent': user_agent, 'src_ip': src_ip, 'src_port': src_port, 'dst_ip': dst_ip,
+                    'dst_port': dst_port}, time) FILTER (WHERE sip_method IS NOT NULL) AS first_request,
+           min(time) FILTER (WHERE sip_method = 'INVITE') AS invite_time,
+           min(time) FILTER (WHERE cseq_method = 'INVITE' AND sip_status >= 180) AS progress_time,
+           min(time) FILTER (WHERE cseq_method = 'INVITE' AND sip_status BETWEEN 200 AND 299) AS answer_time,
+           arg_min(sip_status, time) FILTER (WHERE cseq_method = 'INVITE' AND sip_status BETWEEN 200 AND 299)
+               AS answer_status,
+           arg_max(sip_status, time) FILTER (WHERE sip_status >= 200 AND cseq_method NOT IN
+               ('ACK', 'BYE', 'CANCEL', 'PRACK', 'UPDATE', 'INFO')) AS last_final_status,
+           min(time) FILTER (WHERE sip_method = 'BYE') AS bye_time,
+           arg_min(reason, time) FILTER (WHERE reason IS NOT NULL) AS reason,
+           arg_min(correlation_id, time) FILTER (WHERE correlation_id IS NOT NULL) AS correlation_id,
+           arg_min(node, time) AS node
+    FROM messages GROUP BY call_id)
+SELECT call_id, time, last_time, answer_time, first_request.method AS method,
+       coalesce(answer_status, last_final_status) AS status,
+       date_diff('millisecond', invite_time, progress_time) AS pdd_ms,
+       date_diff('millisecond', answer_time, coalesce(bye_time, last_time)) / 1000.0 AS duration_s,
+       first_request.from_user AS from_user, first_request.to_user AS to_user,
+       first_request.ruri_user AS ruri_user, first_request.user_agent AS user_agent,
+       first_request.src_ip AS src_ip, first_request.src_port AS src_port, first_request.dst_ip AS dst_ip,
+       first_request.dst_port AS dst_port, messages, reason, correlation_id, node, bye_time IS NOT NULL AS bye
+FROM per_call ORDER BY call_id"""
+
+
+def expected_class(status, bye: bool) -> str:
+    if status is None:
+        return "ringing"
+    if 200 <= status <= 299:
+        return "answered" if bye else "up"
+    return {486: "busy", 600: "busy", 408: "no_answer", 480: "no_answer", 487: "cancelled"}.get(
+        status, "redirected" if 300 <= status <= 399 else "failed")
+
+
+def calls_match_their_messages(server) -> list[dict]:
+    """`calls` (from the records) row for row against the GROUP BY over the messages; the calls."""
+    oracle = rows_json(server, CALLS_FROM_MESSAGES_SQL)
+    calls = rows_json(server, "SELECT * FROM calls WHERE time > TIMESTAMP '2000-01-01' ORDER BY call_id")
+    assert len(calls) == len(oracle) == len({call["call_id"] for call in calls})
+    for call, truth in zip(calls, oracle):
+        cause, bye = re.match(r"(?i)Q\.850\b.*?cause=(\d+)", truth["reason"] or ""), truth.pop("bye")
+        truth = {**truth, "class": expected_class(truth["status"], bye), "q850_cause": int(cause[1]) if cause else None}
+        assert call == truth
+    # A number's calls, and a Call-ID: picked by the records that name them, merged from all of theirs
+    named = [call for call in calls if call["to_user"] and call["ruri_user"] and call["method"]]
+    for call in named[::max(1, len(named) // 4)]:
+        for condition, holds in ((f"from_user = '{call['to_user']}'", lambda c: c["from_user"] == call["to_user"]),
+                                 (f"(to_user = '{call['to_user']}' OR ruri_user = '{call['ruri_user']}')",
+                                  lambda c: call["to_user"] == c["to_user"] or call["ruri_user"] == c["ruri_user"]),
+                                 (f"call_id = '{call['call_id']}' AND method = 'INVITE'",
+                                  lambda c: c["call_id"] == call["call_id"] and c["method"] == "INVITE")):
+            picked = rows_json(server, f"SELECT * FROM calls WHERE time > TIMESTAMP '2000-01-01' AND {condition} "
+                                       "ORDER BY call_id")
+            assert picked == [c for c in calls if holds(c)], condition
+    return calls
+
+
+RECORD_OUTCOMES = (200, 486, 487, 480, 408, 503, 302, 404, "up", "ringing")
+
+
+def varied_calls(tag: str, start_s: float, count: int, spacing_s: float = 0.4) -> list[list[bytes]]:
+    """`count` calls of every outcome (answered, busy, cancelled, no answer, failed, redirected, still up,
+    still ringing), with retransmissions, Reason headers, correlation ids and two capture nodes: the HEP
+    packets of each call."""
+    calls = []
+    for i in range(count):
+        outcome = RECORD_OUTCOMES[i % len(RECORD_OUTCOMES)]
+        status = outcome if isinstance(outcome, int) else 200
+        caller, callee = ("10.0.0.1", 5060), ("10.0.0.2", 5060)
+        steps = [(0.0, f"INVITE sip:666{i:04d}@example.com SIP/2.0", "1 INVITE", ""),
+                 (0.01, "SIP/2.0 100 Trying", "1 INVITE", "")]
+        if outcome == "ringing":
+            steps += [(0.3, "SIP/2.0 183 Session Progress", "1 INVITE", "")]
+        elif status == 200:
+            steps += [(0.4, "SIP/2.0 180 Ringing", "1 INVITE", ""), (2.0, "SIP/2.0 200 OK", "1 INVITE", ""),
+                      (2.01, f"ACK sip:666{i:04d}@example.com SIP/2.0", "1 ACK", "")]
+            if outcome != "up":              # the callee hangs up on every other call: From and To swapped
+                steps += [(9.0, f"BYE sip:{'555' if i % 2 else '666'}{i:04d}@example.com SIP/2.0", "2 BYE",
+                           'Reason: Q.850;cause=16;text="Normal call clearing"\r\n'), (9.02, "SIP/2.0 200 OK", "2 BYE", "")]
+        elif status == 487:
+            steps += [(0.9, f"CANCEL sip:666{i:04d}@example.com SIP/2.0", "1 CANCEL",
+                       'Reason: SIP;cause=200;text="Call completed elsewhere"\r\n'),
+                      (0.91, "SIP/2.0 200 OK", "1 CANCEL", ""), (0.92, "SIP/2.0 487 Request Terminated", "1 INVITE", ""),
+                      (0.93, f"ACK sip:666{i:04d}@example.com SIP/2.0", "1 ACK", "")]
+        else:
+            reason = "Reason: Q.850;cause=34\r\n" if status == 503 else ""
+            steps += [(1.0, f"SIP/2.0 {status} Final", "1 INVITE", reason),
+                      (1.01, f"ACK sip:666{i:04d}@example.com SIP/2.0", "1 ACK", "")]
+        if i % 3 == 0:                       # retransmissions: the INVITE, and the last answer to it
+            steps.append((0.5, *steps[0][1:]))
+            last = max(step for step in steps if step[1].startswith("SIP/") and step[2] == "1 INVITE")
+            steps.append((last[0] + 0.05, *last[1:]))
+        packets = []
+        extra = chunk(17, f"corr-{tag}-{i // 2}".encode()) if i % 4 == 1 else b""
+        extra += chunk(19, b"edge-1") if i % 5 == 0 else b""
+        for offset_s, first, cseq, headers in steps:
+            seconds, useconds = divmod(round((start_s + i * spacing_s + offset_s) * 1e6), 1_000_000)
+            by_callee = cseq == "2 BYE" and i % 2 == 1
+            request = not first.startswith("SIP/")
+            (src, sport), (dst, dport) = (caller, callee) if request != by_callee else (callee, caller)
+            parties = (f"666{i:04d}", f"555{i:04d}") if by_callee else (f"555{i:04d}", f"666{i:04d}")
+            payload = sip_message(f"{tag}-{i}@records", first, cseq, *parties, "User-Agent: test-phone\r\n" + headers)
+            packets.append(hep3(payload, src=src, sport=sport, dst=dst, dport=dport, seconds=seconds,
+                                useconds=useconds, extra=extra))
+        calls.append(packets)
+    return calls
+
+
+def wait_for_stored(server, n: int, timeout=20) -> None:
+    deadline = time.monotonic() + timeout
+    sql = "SELECT count(*) AS n FROM hep_1 WHERE time > TIMESTAMP '2000-01-01'"
+    while count_of(server, sql) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} rows after {timeout} s"
+        time.sleep(0.1)
+
+
+def record_files(data_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(data_dir)) for p in data_dir.glob("*/dbs/hep-0/calls-0/*/*/*.parquet"))
+
+
+def test_calls_from_the_records_equal_the_messages_across_folders_hours_restarts_and_compaction(servers, tmp_path):
+    """Calls that straddle an hour (compacted) and a 10-minute folder, sent out of order, retransmitted,
+    half before a restart and half after: `calls` equals the GROUP BY over their messages, row for row."""
+    now_s = int(time.time())
+    hour_s = (now_s // 3600 - 2) * 3600                 # two hours ago: closed, compacted during the test
+    folder_s = (now_s // 600 - 2) * 600                 # a 10-minute boundary of the last half hour
+    calls = varied_calls("hour", hour_s - 6, 30) + varied_calls("folder", folder_s - 6, 30)
+    packets = [packet for call in calls for packet in call]
+    random.Random(11).shuffle(packets)
+    half = len(packets) // 2
+    server = servers(COMPACT_INTERVAL_S="0.5", COMPACT_GRACE_S="1")
+    server.udp(packets[:half], pace_every=40)
+    wait_for_stored(server, half)
+    assert server.stop() == 0
+    server = servers(COMPACT_INTERVAL_S="0.5", COMPACT_GRACE_S="1")
+    server.udp(packets[half:], pace_every=40)
+    wait_for_stored(server, len(packets))
+    deadline = time.monotonic() + 20                    # both types' hour compacted into one c_ file
+    hour_folder = time.strftime("%Y-%m-%d/%H-00", time.gmtime(hour_s - 3600))
+    while not [f for f in record_files(tmp_path / "data") if hour_folder in f and "/c_" in f]:
+        assert time.monotonic() < deadline, record_files(tmp_path / "data")
+        time.sleep(0.2)
+    found = calls_match_their_messages(server)
+    assert len(found) == 60
+    classes = collections.Counter(call["class"] for call in found)
+    assert classes == {"answered": 6, "busy": 6, "cancelled": 6, "no_answer": 12, "failed": 12, "redirected": 6,
+                       "up": 6, "ringing": 6}                # 60 calls over RECORD_OUTCOMES' ten outcomes
+    assert {call["q850_cause"] for call in found} == {16, 34, None}
+    assert sum(call["correlation_id"] is not None for call in found) == 16
+    assert {call["node"] for call in found} == {"7", "edge-1"}
+    assert server.stop() == 0
+    assert not [line for line in server.lines if "making them again" in line]   # nothing was missing
+
+
+# SIPp scenarios for the outcomes SIPp's own uac and uas do not make: busy, no answer, cancelled.
+SIPP_HEADERS = """
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch{branch}]
+      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: [service] <sip:[service]@[remote_ip]:[remote_port]>{to_tag}
+      Call-ID: [call_id]
+      CSeq: 1 {method}
+      Contact: sip:sipp@[local_ip]:[local_port]
+      Max-Forwards: 70
+      Content-Length: 0
+"""
+SIPP_REQUEST = """  <send{retrans}><![CDATA[
+
+      {method} sip:[service]@[remote_ip]:[remote_port] SIP/2.0""" + SIPP_HEADERS + """
+    ]]></send>
+"""
+SIPP_RESPONSE = """  <send><![CDATA[
+
+      SIP/2.0 {status}
+      [last_Via:]
+      [last_From:]
+      [last_To:]{to_tag}
+      [last_Call-ID:]
+      CSeq: 1 {method}
+      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+      Content-Length: 0
+
+    ]]></send>
+"""
+
+
+def sipp_scenarios(outcome: str) -> tuple[str, str]:
+    """The UAC's and the UAS's SIPp XML of a call that ends busy (486), no_answer (180, then 480) or
+    cancelled (180, CANCEL, 200, 487)."""
+    request = lambda method, branch="", to_tag="", retrans=' retrans="500"': SIPP_REQUEST.format(
+        method=method, branch=branch, to_tag=to_tag, retrans=retrans)
+    tag = ";tag=[pid]SIPpTag01[call_number]"
+    response = lambda status, method="INVITE", to_tag=tag: SIPP_RESPONSE.format(status=status, method=method,
+                                                                                to_tag=to_tag)
+    ack = lambda branch: request("ACK", branch, "[peer_tag_param]", "")
+    if outcome == "cancelled":
+        uac = (request("INVITE") + '  <recv response="180"/>\n' + request("CANCEL", "-2", "", "") +
+               '  <recv response="200"/>\n  <recv response="487" rrs="true"/>\n' + ack("-5"))
+        uas = ('  <recv request="INVITE"/>\n' + response("180 Ringing") + '  <recv request="CANCEL"/>\n' +
+               response("200 OK", "CANCEL", "") + response("487 Request Terminated") + '  <recv request="ACK"/>\n')
+    else:
+        final = {"busy": "486 Busy Here", "no_answer": "480 Temporarily Unavailable"}[outcome]
+        uac = (request("INVITE") + '  <recv response="180" optional="true"/>\n' +
+               f'  <recv response="{final[:3]}" rrs="true"/>\n' + ack("-2"))
+        uas = ('  <recv request="INVITE"/>\n' + response("180 Ringing") + '  <pause milliseconds="200"/>\n' +
+               response(final) + '  <recv request="ACK"/>\n')
+    wrap = lambda name, body: (f'<?xml version="1.0" encoding="ISO-8859-1" ?>\n<scenario name="hepop {name}">\n'
+                               f'{body}</scenario>\n')
+    return wrap(f"uac {outcome}", uac), wrap(f"uas {outcome}", uas)
+
+
+def test_calls_from_the_records_equal_the_messages_of_kamailio_and_sipp_calls(servers, tmp_path):
+    """Kamailio traces SIPp calls answered, busy, not answered and cancelled: `calls` equals the GROUP BY
+    over their messages, and each has its class."""
+    server = servers()
+    kamailio_calls(tmp_path, server.port, calls=2)
+    for outcome in ("busy", "no_answer", "cancelled"):
+        kamailio_calls(tmp_path, server.port, scenarios=sipp_scenarios(outcome))
+    time.sleep(0.5)
+    found = calls_match_their_messages(server)
+    assert collections.Counter(call["class"] for call in found) == {"answered": 2, "busy": 1, "no_answer": 1,
+                                                                   "cancelled": 1}
+    assert {call["from_user"] for call in found} == {"sipp"} and all(call["messages"] >= 4 for call in found)
+    assert server.stop() == 0
+
+def test_the_newest_calls_are_read_from_the_newest_minutes_and_a_call_begun_earlier_keeps_its_start(servers, tmp_path):
+    """The call list's plain top-N reads the newest minute's records; a call that began 20 minutes ago
+    and ends now (its BYE and a re-INVITE in that minute) is not taken for a new one: it is left out
+    while enough calls began in the minute, and shown with its true start and messages when not."""
+    now_s = time.time()
+    short = [call_flow(f"new-{i}@narrow", f"5552{i:03d}", "6660000", 486, now_s - 45 + i * 0.5) for i in range(60)]
+    long_call = call_flow("long@narrow", "5551111", "6661111", 200, now_s - 1200)
+    for message, offset_s in zip(long_call[-2:], (10, 9.98)):     # its BYE and the 200 to it: in the newest minute
+        message["time_us"] = round((now_s - offset_s) * 1e6)
+        message["packet"] = hep3(message["payload"], seconds=message["time_us"] // 1_000_000,
+                                 useconds=message["time_us"] % 1_000_000)
+    reinvite = sip_message("long@narrow", "INVITE sip:6661111@example.com SIP/2.0", "3 INVITE", "5551111", "6661111")
+    packets = [m["packet"] for m in long_call] + [hep3(reinvite, seconds=int(now_s - 5))]
+    server = servers()
+    server.udp([m["packet"] for flow in short for m in flow] + packets)
+    wait_for_stored(server, sum(map(len, short)) + len(packets))
+    where = "WHERE time > now() - INTERVAL 1 HOUR"
+    for limit in (50, 70):
+        status, head, narrowed = query(server, f"SELECT * FROM calls {where} ORDER BY time DESC LIMIT {limit}")
+        assert status == 200 and ("x-hepop-read-from" in head) == (limit < 61), (head, len(narrowed))
+        whole = rows_json(server, f"SELECT * FROM (SELECT * FROM calls {where}) ORDER BY time DESC LIMIT {limit}")
+        assert narrowed == whole and len(narrowed) == min(limit, 61)
+    assert "long@narrow" not in [call["call_id"] for call in whole[:60]]
+    long_row = whole[60]                 # the 61st: its INVITE 20 minutes ago, all of its messages
+    assert long_row["call_id"] == "long@narrow" and long_row["messages"] == len(long_call) + 1
+    invite_s, invite_us = divmod(long_call[0]["time_us"], 1_000_000)
+    assert long_row["time"] == time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(invite_s)) + f".{invite_us:06d}Z"
+    assert long_row["class"] == "answered" and long_row["duration_s"] == pytest.approx(1200 - 10 - 2.0, abs=0.01)
+    assert server.stop() == 0
+
+def restart_and_check_records(servers, **settings):
+    server = servers(**settings)
+    server.wait_for_log("call records checked: every hour")
+    calls_match_their_messages(server)
+    return server
+
+
+def test_call_records_after_kill_9_a_lost_or_doubled_file_and_their_deletion_are_made_again(servers, tmp_path):
+    """kill -9 at random moments while calls arrive and folders are merged; then a records file lost, one
+    doubled, and all of them deleted: after each restart `calls` equals the GROUP BY over the messages."""
+    now_s = int(time.time())
+    packets = [packet for call in varied_calls("crash", now_s - 1500, 300, spacing_s=0.02) for packet in call]
+    random.Random(7).shuffle(packets)
+    rng, quarter = random.Random(3), len(packets) // 4 + 1
+    settings = {"COMPACT_INTERVAL_S": "0.3", "COMPACT_GRACE_S": "1", "FLUSH_INTERVAL_S": "0.05"}
+    for start in range(0, len(packets), quarter):
+        server = servers(**settings)
+        sender = threading.Thread(target=server.udp, args=(packets[start:start + quarter],), kwargs={"pace_every": 4})
+        sender.start()
+        time.sleep(rng.uniform(0.05, 0.5))
+        server.process.kill()
+        server.process.wait()
+        sender.join()
+    server = restart_and_check_records(servers, **settings)
+    assert len(rows_json(server, "SELECT call_id FROM calls WHERE time > TIMESTAMP '2000-01-01'")) > 0
+    # Records of this folder, raw: one is lost, another doubled (an unlisted copy is adopted at start)
+    server.udp([packet for call in varied_calls("open", time.time() - 5, 20) for packet in call])
+    wait_for_stored(server, count_of(server, "SELECT count(*) AS n FROM hep_1 WHERE time > TIMESTAMP '2000-01-01'") + 1)
+    time.sleep(0.5)
+    assert server.stop() == 0
+    data = tmp_path / "data"
+    raw = [data / f for f in record_files(data) if "/c_" not in f and "/m_" not in f]
+    assert len(raw) >= 2, record_files(data)
+    raw[0].unlink()
+    shutil.copy(raw[-1], raw[-1].with_name("9000000000.parquet"))
+    server = restart_and_check_records(servers, **settings)
+    assert any("making them again" in line for line in server.lines)
+    assert server.stop() == 0
+    # All of them deleted: made again from the messages
+    shutil.rmtree(next(data.glob("*/dbs/hep-0/calls-0")))
+    server = restart_and_check_records(servers, **settings)
     assert server.stop() == 0
 
 

@@ -446,9 +446,11 @@ function legend(names, colourOf = (name, i) => COLOURS[i % COLOURS.length]) {
   }));
 }
 
-function lineChart(title, unit, series) {
+// Lines of [time, value] points, over the points' times or the range [low, high] given.
+function lineChart(title, unit, series, range = null) {
   const points = series.flatMap((s) => s.points);
-  const low = Math.min(...points.map((p) => p[0])), high = Math.max(...points.map((p) => p[0]), low + 1);
+  const low = range ? range.from : Math.min(...points.map((p) => p[0]));
+  const high = range ? range.to : Math.max(...points.map((p) => p[0]), low + 1);
   const maxValue = Math.max(...points.map((p) => p[1]), unit === "" ? 4.5 : 1e-9);
   const svg = el("svg:svg", { width: CHART_W, height: CHART_H, viewBox: `0 0 ${CHART_W} ${CHART_H}`, role: "img", "aria-label": title });
   axes(svg, low, high, maxValue, unit);
@@ -457,7 +459,10 @@ function lineChart(title, unit, series) {
   series.forEach((s, i) => {
     const colour = COLOURS[i % COLOURS.length];
     svg.append(el("svg:polyline", { points: s.points.map((p) => `${px(p[0])},${py(p[1])}`).join(" "), fill: "none", stroke: colour, "stroke-width": 1.5 }));
-    for (const p of s.points) svg.append(el("svg:circle", { cx: px(p[0]), cy: py(p[1]), r: 2.5, fill: colour }));
+    for (const p of s.points) {
+      svg.append(el("svg:circle", { cx: px(p[0]), cy: py(p[1]), r: 2.5, fill: colour },
+                    el("svg:title", { text: `${s.name}: ${+p[1].toPrecision(4)}${unit}` })));
+    }
   });
   return el("div", { class: "chart" }, el("h3", { text: title }), svg, legend(series.map((s) => s.name)));
 }
@@ -506,15 +511,40 @@ async function showOverview(view, params, stillShown) {
   const bucketMinutes = Math.max(1, Math.ceil((range.to - range.from) / 60e3 / 360));
   const bucket = `time_bucket(INTERVAL ${bucketMinutes} MINUTE, time)`;
   const where = `time BETWEEN ${sqlTime(range.from)} AND ${sqlTime(range.to)}`;
-  const [methods, classes] = await Promise.all([
+  const [methods, classes, kpis] = await Promise.all([
     query(`SELECT epoch_ms(${bucket}) AS bucket, sip_method AS kind, count(*) AS n FROM hep_1 WHERE ${where} ` +
           `AND sip_method IS NOT NULL GROUP BY ALL ORDER BY bucket, n DESC`),
     query(`SELECT epoch_ms(${bucket}) AS bucket, (sip_status // 100)::VARCHAR || 'xx' AS kind, count(*) AS n FROM hep_1 ` +
-          `WHERE ${where} AND sip_status IS NOT NULL GROUP BY ALL ORDER BY bucket, kind`)]);
+          `WHERE ${where} AND sip_status IS NOT NULL GROUP BY ALL ORDER BY bucket, kind`),
+    query(KPI_SQL(bucket, where))]);
   const per = bucketMinutes === 1 ? "per minute" : `per ${bucketMinutes} minutes`;
   charts.append(barChart(`Requests ${per}, by method`, methods.rows, bucketMinutes * 60e3, range.from, range.to),
                 barChart(`Responses ${per}, by class`, classes.rows, bucketMinutes * 60e3, range.from, range.to, CLASS_COLOURS),
-                el("p", { class: "muted", text: `window ${methods.window}` }));
+                ...kpiCharts(kpis.rows, per, range), el("p", { class: "muted", text: `window ${methods.window}` }));
+}
+
+// The call KPIs of the calls that began in each bucket, per capture node, from the `calls` view: INVITE
+// dialogs with a final answer; NER counts the answers that are the callee's (answered, busy, no answer,
+// cancelled), as the README's SQL and PromQL do.
+const KPI_SQL = (bucket, where) =>
+  `SELECT epoch_ms(${bucket}) AS bucket, node, 100 * avg((status BETWEEN 200 AND 299)::INT) AS asr, ` +
+  `100 * avg((status BETWEEN 200 AND 299 OR status IN (486, 600, 408, 480, 487))::INT) AS ner, ` +
+  `avg(duration_s) FILTER (WHERE status BETWEEN 200 AND 299) AS acd, median(pdd_ms) AS pdd_median, ` +
+  `quantile_cont(pdd_ms, 0.95) AS pdd_p95 FROM calls WHERE ${where} AND method = 'INVITE' AND status IS NOT NULL ` +
+  `GROUP BY ALL ORDER BY bucket, node`;
+
+function kpiCharts(rows, per, range) {
+  const nodes = [...new Set(rows.map((r) => r.node))].sort();
+  const series = (field, suffix = "") => nodes.map((node) => ({
+    name: `node ${node}${suffix}`,
+    points: rows.filter((r) => r.node === node && r[field] !== null).map((r) => [r.bucket, r[field]]) }))
+    .filter((s) => s.points.length);
+  const chart = (title, unit, lines) => lines.length ? lineChart(title, unit, lines, range) :
+    el("div", { class: "chart" }, el("h3", { text: title }), el("p", { class: "muted", text: "no calls in this range" }));
+  return [chart(`ASR ${per}`, " %", series("asr")), chart(`NER ${per}`, " %", series("ner")),
+          chart(`ACD ${per}`, " s", series("acd")),
+          chart(`Post-dial delay ${per}, median and 95th percentile`, " ms",
+                [...series("pdd_median", " median"), ...series("pdd_p95", " p95")])];
 }
 
 // The counters of /metrics (Prometheus text) as {name{labels}: value}.
