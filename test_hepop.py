@@ -2665,7 +2665,7 @@ def test_the_readme_commands_run_as_written(tmp_path):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             for i in range(30):
                 sock.sendto(hep3(sip(f"readme-{i}")), ("127.0.0.1", 9069))
-        time.sleep(2.0)
+        time.sleep(6.0)                             # the call records come CALL_RECORDS_INTERVAL_S later
         ran = 0
         for block, skipped_because in blocks[1:]:
             if skipped_because:
