@@ -3756,8 +3756,8 @@ RCINFO_SQL = ("json_object('protocolFamily', ip_family, 'protocol', protocol, 's
 # first message (so a query's time condition picks calls by their start, and the window reads their
 # files); `method` is its first request's.  `status` is the first 2xx to an INVITE, otherwise the last
 # final answer to the request that opened the dialog (BYE, ACK, CANCEL, PRACK, UPDATE and INFO answers do
-# not count), NULL when none came.  `class` names it (CALL_CLASSES), or says the call is still `ringing`
-# (no final answer yet) or `up` (answered, no BYE yet).  `pdd_ms` is post-dial delay, the first INVITE to
+# not count), NULL when none came.  `class` names it (CALL_CLASSES), or says an INVITE's call is still
+# `ringing` (no final answer yet) or `up` (answered, no BYE yet); NULL for another dialog with no answer.  `pdd_ms` is post-dial delay, the first INVITE to
 # the first 18x or final answer to it; `duration_s` is the answer to the first BYE (or the last message).
 # The parties and addresses are the first request's; `reason` the first Reason header of a BYE, CANCEL or
 # failure, `q850_cause` its Q.850 cause; `node` the capture node of the first message.
@@ -3774,8 +3774,9 @@ CALLS_LEFT_OUT = "calls_left_out"
 ALL_RECORDS_VIEW = "call_records_all"     # the window's records, before a call_picking_condition picks
 # The method in CSeq, on responses too ("how many 486 to INVITE"): a column of hep_1's view, not stored.
 CSEQ_METHOD_SQL = "upper(split_part(cseq, ' ', 2))"
-CALL_CLASS_SQL = ("CASE WHEN status IS NULL THEN 'ringing' WHEN status BETWEEN 200 AND 299 AND bye_time IS NULL "
-                  "THEN 'up' " + " ".join(
+CALL_CLASS_SQL = ("CASE WHEN first_request.method IS DISTINCT FROM 'INVITE' AND status IS NULL THEN NULL "
+                  "WHEN status IS NULL THEN 'ringing' WHEN status BETWEEN 200 AND 299 AND bye_time IS NULL "
+                  "AND first_request.method = 'INVITE' THEN 'up' " + " ".join(
                       f"WHEN status BETWEEN {codes.start} AND {codes.stop - 1} THEN '{name}'" if isinstance(codes, range)
                       else f"WHEN status IN ({', '.join(map(str, codes))}) THEN '{name}'"
                       for name, codes in CALL_CLASSES) + " ELSE 'failed' END")

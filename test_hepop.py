@@ -4997,11 +4997,11 @@ SELECT call_id, time, last_time, answer_time, first_request.method AS method,
 FROM per_call ORDER BY call_id"""
 
 
-def expected_class(status, bye: bool) -> str:
+def expected_class(status, bye: bool, method) -> str | None:
     if status is None:
-        return "ringing"
+        return "ringing" if method == "INVITE" else None
     if 200 <= status <= 299:
-        return "answered" if bye else "up"
+        return "answered" if bye or method != "INVITE" else "up"
     return {486: "busy", 600: "busy", 408: "no_answer", 480: "no_answer", 487: "cancelled"}.get(
         status, "redirected" if 300 <= status <= 399 else "failed")
 
@@ -5014,7 +5014,7 @@ def calls_match_their_messages(server) -> list[dict]:
     assert len(calls) == len(oracle) == len({call["call_id"] for call in calls})
     for call, truth in zip(calls, oracle):
         cause, bye = re.match(r"(?i)Q\.850\b.*?cause=(\d+)", truth["reason"] or ""), truth.pop("bye")
-        truth = {**truth, "class": expected_class(truth["status"], bye), "q850_cause": int(cause[1]) if cause else None}
+        truth = {**truth, "class": expected_class(truth["status"], bye, truth["method"]), "q850_cause": int(cause[1]) if cause else None}
         assert call == truth
     # A number's calls, and a Call-ID: picked by the records that name them, merged from all of theirs
     named = [call for call in calls if call["to_user"] and call["ruri_user"] and call["method"]]
