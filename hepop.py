@@ -48,9 +48,10 @@ Sections, in reading order; each uses only what is above it:
     SIP fields      the SIP columns of a batch, by Arrow; the SIP KPIs (SipKpis)
     Storage         schemas; call_records (a Call-ID's messages in a file, summed up); TreeLayout;
                     the atomic publish; FileStore, the one interface to the data's files (list, read,
-                    write-then-publish, delete, size), LocalFileStore and S3FileStore (a bucket, staging key and server-side copy); file_entry and its
-                    validation; FileLeases (no file deleted under a query); TypeStore (files and
-                    metadata.json of one type, recovery at start); Storage (all types, on this disk
+                    write-then-publish, delete, size), LocalFileStore and S3FileStore (a bucket,
+                    staging key and server-side copy); file_entry and its validation; FileLeases (no
+                    file deleted under a query); TypeStore (files and metadata.json of one type,
+                    recovery at start); Storage (all types, on this disk
                     and in the bucket, the lock on the writer's folder); CallRecordsCheck (records that
                     count their hour's messages, made again where they do not)
     Writer thread   the batch records the loop hands over; BatchWriter
@@ -1609,10 +1610,12 @@ def call_records(sip: pa.Table) -> pa.Table:
         "call_id": rows["call_id"], "time": time_of, "node": rows["node"],
         "request_row": pc.if_else(pc.is_valid(method), pa.array(range(len(rows)), pa.int64()),
                                   pa.scalar(None, pa.int64())),
-        "invite_time": at(pc.equal(method, "INVITE")), "progress_time": at(pc.and_(to_invite, pc.greater_equal(status, 180))),
+        "invite_time": at(pc.equal(method, "INVITE")),
+        "progress_time": at(pc.and_(to_invite, pc.greater_equal(status, 180))),
         "answer_time": at(answer), "answer_status": pc.if_else(answer, status, no_status),
         "final_time": at(final), "final_status": pc.if_else(final, status, no_status),
-        "bye_time": at(pc.equal(method, "BYE")), "reason_time": at(pc.is_valid(rows["reason"])), "reason": rows["reason"],
+        "bye_time": at(pc.equal(method, "BYE")),
+        "reason_time": at(pc.is_valid(rows["reason"])), "reason": rows["reason"],
         "correlation_time": at(pc.is_valid(rows["correlation_id"])), "correlation_id": rows["correlation_id"]})
     per_call = steps.group_by("call_id", use_threads=False).aggregate([
         ("time", "min"), ("time", "max"), ("time", "count"), ("node", "first"), ("request_row", "first"),
@@ -2774,7 +2777,8 @@ class Storage:
                 merged.update(merged_inputs(uploaded.file_store, entry["path"]))
         done = [entry for entry in local.listed() if entry["path"] in merged]
         if done:
-            log.warning("removing %d files of %s already uploaded before a crash", len(done), type_name(local.proto_type))
+            log.warning("removing %d files of %s already uploaded before a crash", len(done),
+                        type_name(local.proto_type))
             local.delete(done)
             self.leases.delete_due(everything=True)     # at start no query holds them
         with local.lock:
@@ -2954,22 +2958,33 @@ class DecodedBatch:
         return self.proto_type
 
 
+PENDING_RECORDS_FLUSHES = 5         # call records waiting to be written: at most this many x FLUSH_ROWS
+
+
 class PendingRecords:
     """The call records of the SIP files written in the last CALL_RECORDS_INTERVAL_S, by 10-minute folder,
     written together as one file per folder (BatchWriter._write_records): a busy site's writer writes a
     SIP file a second, and a records file for each made 600 in an open folder, every one of which a query
     of `calls` opened (a call list over the last 15 minutes at 2,000 messages/s took 0.27-0.9 s, most of
-    it opening files).  Under Storage.pairing; `hours` tells CallRecordsCheck which hours have records
-    still to come."""
+    it opening files).  At most `max_rows` wait (PENDING_RECORDS_FLUSHES x FLUSH_ROWS): traffic with a
+    new Call-ID in every message makes a record of each.  Under Storage.pairing; `hours` tells
+    CallRecordsCheck which hours have records still to come."""
 
-    def __init__(self):
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
         self.by_folder: dict[int, list[pa.Table]] = collections.defaultdict(list)
+        self.rows = 0
         self.since_s: Optional[float] = None        # time.monotonic() of the oldest
 
     def add(self, folder_start_us: int, records: pa.Table) -> None:
         self.by_folder[folder_start_us].append(records)
+        self.rows += len(records)
         if self.since_s is None:
             self.since_s = time.monotonic()
+
+    def due(self, interval_s: float) -> bool:
+        return self.since_s is not None and (self.rows >= self.max_rows or
+                                             time.monotonic() - self.since_s >= interval_s)
 
     def hours(self) -> set[int]:
         return {folder_start_us // HOUR_US for folder_start_us in self.by_folder}
@@ -2977,6 +2992,7 @@ class PendingRecords:
     def take(self) -> dict[int, pa.Table]:
         taken = {folder: pa.concat_tables(tables) for folder, tables in self.by_folder.items()}
         self.by_folder.clear()
+        self.rows = 0
         self.since_s = None
         return taken
 
@@ -3004,7 +3020,7 @@ class BatchWriter(threading.Thread):
         self.check = check
         self.sip_kpis = SipKpis(counters, config.max_calls_tracked)
         self.records_interval_s = config.call_records_interval_s
-        self.pending_records = PendingRecords()
+        self.pending_records = PendingRecords(PENDING_RECORDS_FLUSHES * config.flush_rows)
         self.discard_methods = config.discard_methods
         self.queue: queue.Queue = queue.Queue()
         self.pending_bytes = 0
@@ -3149,7 +3165,8 @@ class BatchWriter(threading.Thread):
             self.counters.add("metadata_errors_total")     # listed by the next save, or adopted at start
         elapsed = time.perf_counter() - started
         self.last_flush = time.time()
-        self.counters.add("rows_written_total", sum(entry["row_count"] for entry in entries), type=type_label(proto_type))
+        self.counters.add("rows_written_total", sum(entry["row_count"] for entry in entries),
+                          type=type_label(proto_type))
         self.counters.add("files_written_total", len(entries))
         self.counters.add("bytes_written_total", sum(entry["size_bytes"] for entry in entries))
         self.counters.add("flush_seconds_total", elapsed)
@@ -3170,14 +3187,13 @@ class BatchWriter(threading.Thread):
             return
         self.pending_records.add(folder_start_us, records)
         self.storage.records_to_come = self.pending_records.hours()
-        if not self.storage.records_checked.is_set():
-            self._write_records(everything=True)
+        self._write_records(everything=not self.storage.records_checked.is_set())
 
     def _write_records(self, everything: bool) -> None:
         """Write the pending call records, one file per folder, when CALL_RECORDS_INTERVAL_S has passed
-        since the oldest (or `everything`: at a stop)."""
+        since the oldest or too many wait (or `everything`: at a stop)."""
         pending = self.pending_records
-        if pending.since_s is None or not everything and time.monotonic() - pending.since_s < self.records_interval_s:
+        if pending.since_s is None or not everything and not pending.due(self.records_interval_s):
             return
         with self.storage.pairing:
             taken = pending.take()
@@ -3528,7 +3544,8 @@ class Compactor(threading.Thread):
         self.counters.add("compacted_rows_total", output["row_count"])
         self.counters.add("compaction_seconds_total", elapsed)
         log.info("compacted %d files (%d bytes) of %s into %s: %d rows, %d bytes, %.2f s", len(inputs),
-                 in_bytes, type_name(store.proto_type), output["path"], output["row_count"], output["size_bytes"], elapsed)
+                 in_bytes, type_name(store.proto_type), output["path"], output["row_count"], output["size_bytes"],
+                 elapsed)
 
     def _merge_in_a_process(self, path: str, schema: pa.Schema, files: list[str], by_time: bool) -> None:
         process = PROCESSES.Process(target=merge_files, name="hepop-compaction", daemon=True, args=(
@@ -3737,12 +3754,12 @@ class QueryError(Exception):
 
 
 DEFAULT_WINDOW_US = 600 * 1_000_000          # no time condition: the last 10 minutes
-# A plain top-N (plain_top_n) is tried over the newest 7.5 seconds, then 1, 8, 64 and 512 minutes, then the
-# whole time window; an answer of up to NARROWED_MAX_ROWS rows is kept in memory while the range is checked
-# (rows of HEP's largest payloads, 64 KB, make that 64 MB at most, inside QUERY_MEMORY_MB's default).  The
-# call list's cost grows with the calls of the range it merges: over the newest minute it took 0.43 s at
-# 2,000 messages/s and 2.0 s at 10,000 (bench_hepop.py --busy), hence the 7.5 seconds first.
-NARROWED_SPANS_US = tuple(int(60 * 8 ** power * 1_000_000) for power in range(-1, 4))
+# A plain top-N (plain_top_n) is tried over the newest minute, then 8, 64 and 512 minutes, then the whole
+# time window; an answer of up to NARROWED_MAX_ROWS rows is kept in memory while the range is checked
+# (rows of HEP's largest payloads, 64 KB, make that 64 MB at most, inside QUERY_MEMORY_MB's default).  A
+# first range of 7.5 s was tried for the call list: 469-501 ms against 426-431 at 2,000 messages/s
+# (bench_hepop.py --busy), no better.
+NARROWED_SPANS_US = tuple(60 * 8 ** power * 1_000_000 for power in range(4))
 NARROWED_MAX_ROWS = 1_000
 TIME_COLUMNS = ("time", "timestamp")
 RCINFO_SQL = ("json_object('protocolFamily', ip_family, 'protocol', protocol, 'srcIp', src_ip, 'dstIp', dst_ip, "
@@ -3757,8 +3774,9 @@ RCINFO_SQL = ("json_object('protocolFamily', ip_family, 'protocol', protocol, 's
 # files); `method` is its first request's.  `status` is the first 2xx to an INVITE, otherwise the last
 # final answer to the request that opened the dialog (BYE, ACK, CANCEL, PRACK, UPDATE and INFO answers do
 # not count), NULL when none came.  `class` names it (CALL_CLASSES), or says an INVITE's call is still
-# `ringing` (no final answer yet) or `up` (answered, no BYE yet); NULL for another dialog with no answer.  `pdd_ms` is post-dial delay, the first INVITE to
-# the first 18x or final answer to it; `duration_s` is the answer to the first BYE (or the last message).
+# `ringing` (no final answer yet) or `up` (answered, no BYE yet); NULL for another dialog with no answer.
+# `pdd_ms` is post-dial delay, the first INVITE to the first 18x or final answer to it; `duration_s` is
+# the answer to the first BYE (or the last message).
 # The parties and addresses are the first request's; `reason` the first Reason header of a BYE, CANCEL or
 # failure, `q850_cause` its Q.850 cause; `node` the capture node of the first message.
 # ASR is then `avg((status BETWEEN 200 AND 299)::INT)` and ACD `avg(duration_s)`, over any GROUP BY.
@@ -4693,7 +4711,8 @@ class QueryRun:
                 break
             self.engine.create_views(self.cursor, files, window, True, since_us=since_us, picking=picking)
             narrowed = True
-            answer = self._calls_begun_since(job) if calls else self.cursor.sql(job.sql, params=job.params).to_arrow_table()
+            answer = (self._calls_begun_since(job) if calls else
+                      self.cursor.sql(job.sql, params=job.params).to_arrow_table())
             if answer is None:
                 break
             if len(answer) >= rows_asked:

@@ -5246,6 +5246,20 @@ def test_call_records_of_several_files_are_written_as_one_and_at_a_stop(servers,
     assert not [line for line in server.lines if "making them again" in line]
     assert server.stop() == 0
 
+def test_call_records_waiting_to_be_written_are_bounded_by_rows_too(servers, tmp_path):
+    """A new Call-ID in every message makes a record of each: at most 5 x FLUSH_ROWS wait, whatever
+    CALL_RECORDS_INTERVAL_S says (a flood of them held every record for the whole interval)."""
+    server = servers(CALL_RECORDS_INTERVAL_S="300", FLUSH_ROWS="100")
+    server.udp([hep3(sip(f"flood-{i}")) for i in range(1500)], pace_every=100)
+    wait_for_rows(server, 1500)
+    deadline = time.monotonic() + 10
+    sql = "SELECT count(*) AS n FROM calls WHERE time > now() - INTERVAL 1 HOUR"
+    while count_of(server, sql) < 1500 - 5 * 100:
+        assert time.monotonic() < deadline, f"{count_of(server, sql)} calls of 1,500 after 10 s"
+        time.sleep(0.1)
+    assert server.stop() == 0
+    assert len(record_files(tmp_path / "data")) >= 2
+
 def restart_and_check_records(servers, **settings):
     server = servers(**settings)
     server.wait_for_log("call records checked: every hour")
