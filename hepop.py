@@ -1562,6 +1562,9 @@ CALL_REQUEST_FIELDS = ("sip_method", "from_user", "to_user", "ruri_user", "user_
                        "dst_port")
 OUTSIDE_DIALOG_ANSWERS = pa.array(["ACK", "BYE", "CANCEL", "PRACK", "UPDATE", "INFO"])  # their answers end no call
 REASON_HEADER = r"(?i)\nReason:[ \t]*(?P<reason>[^\r\n]+)"
+# The SIP columns call_records reads (a rebuild reads these only).
+CALL_SOURCE_COLUMNS = ("time", "call_id", "sip_status", "cseq", "correlation_id", "node_name", "capture_id", "payload",
+                       *CALL_REQUEST_FIELDS)
 # A record's columns, from the aggregates of its Call-ID's messages in a table (see call_records).
 RECORD_COLUMNS = {"time": "time_min", "last_time": "time_max", "messages": "time_count", "node": "node_first",
                   "invite_time": "invite_time_min", "progress_time": "progress_time_min",
@@ -2795,9 +2798,6 @@ class ListedEntry(NamedTuple):
     entry: dict
 
 
-CALL_SOURCE_COLUMNS = ("time", "call_id", "sip_method", "sip_status", "from_user", "to_user", "ruri_user",
-                       "user_agent", "src_ip", "src_port", "dst_ip", "dst_port", "cseq", "correlation_id",
-                       "node_name", "capture_id", "payload")
 REBUILD_BATCH_ROWS = 65_536             # SIP rows read at a time when records are made again
 REBUILD_FILE_ROWS = 1_000_000           # records gathered before they are written
 
